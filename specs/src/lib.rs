@@ -1,0 +1,22 @@
+//! The agentops resource model.
+//!
+//! One source of truth for the Project, Task, Agent and Tool resources, whether they come from
+//! YAML files in Git or (later) from Kubernetes custom resources: the types ([`model`]), the
+//! YAML reader with `path:line:column` errors ([`parse_file`]) and the checks across objects
+//! ([`validate()`]).
+
+pub mod diagnostic;
+pub mod model;
+pub mod names;
+pub mod parse;
+pub mod validate;
+
+pub use diagnostic::Diagnostic;
+pub use model::*;
+pub use parse::{ParsedFile, parse_file};
+pub use validate::{Validation, validate, validate_with_known};
+
+/// Whether a repository path is one the Git source reads.
+pub fn is_spec_path(path: &str) -> bool {
+    path.ends_with(".yaml") || path.ends_with(".yml")
+}

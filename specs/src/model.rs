@@ -1,0 +1,500 @@
+//! The resource types, as they are stored and exchanged once parsed and validated.
+//!
+//! These are the clean shapes: no source positions. The YAML parser reads a positioned twin of
+//! [`TaskSpec`] (see `parse.rs`) and converts it, so that validation can point at the line of
+//! an offending field while everything downstream works with plain values.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The only apiVersion this build understands.
+pub const API_VERSION: &str = "agentops.dev/v1alpha1";
+/// Documents whose apiVersion is in another group are not ours and are ignored.
+pub const API_GROUP: &str = "agentops.dev";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Project,
+    Task,
+    Agent,
+    Tool,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Project, Kind::Task, Kind::Agent, Kind::Tool];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Project => "Project",
+            Kind::Task => "Task",
+            Kind::Agent => "Agent",
+            Kind::Tool => "Tool",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Task and project priority: 0–100, or one of the words `critical` (90), `high` (70),
+/// `medium` (50) and `low` (30). Stored as the number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Priority(u8);
+
+impl Priority {
+    pub const MAX: u8 = 100;
+    pub const WORDS: [(&'static str, u8); 4] =
+        [("critical", 90), ("high", 70), ("medium", 50), ("low", 30)];
+
+    pub fn new(value: i64) -> Option<Priority> {
+        (0..=i64::from(Self::MAX))
+            .contains(&value)
+            .then(|| Priority(value as u8))
+    }
+
+    pub fn from_word(word: &str) -> Option<Priority> {
+        Self::WORDS
+            .iter()
+            .find(|(w, _)| *w == word)
+            .map(|(_, v)| Priority(*v))
+    }
+
+    pub fn value(self) -> u8 {
+        self.0
+    }
+}
+
+impl Default for Priority {
+    fn default() -> Self {
+        Priority(50)
+    }
+}
+
+impl Serialize for Priority {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Priority {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PriorityVisitor;
+        const EXPECTED: &str = "an integer 0-100 or one of critical, high, medium, low";
+
+        impl serde::de::Visitor<'_> for PriorityVisitor {
+            type Value = Priority;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Priority, E> {
+                Priority::new(v).ok_or_else(|| {
+                    E::custom(format!("priority {v} is out of range: expected {EXPECTED}"))
+                })
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Priority, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Priority, E> {
+                if let Ok(n) = v.parse::<i64>() {
+                    return self.visit_i64(n);
+                }
+                Priority::from_word(v).ok_or_else(|| {
+                    E::custom(format!("unknown priority `{v}`: expected {EXPECTED}"))
+                })
+            }
+        }
+
+        d.deserialize_any(PriorityVisitor)
+    }
+}
+
+impl JsonSchema for Priority {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Priority".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "0-100, or critical (90), high (70), medium (50), low (30)",
+            "x-kubernetes-int-or-string": true,
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": 100},
+                {"type": "string", "enum": ["critical", "high", "medium", "low"]}
+            ]
+        })
+    }
+}
+
+/// A duration written the human way (`30s`, `30m`, `1h 30m`), kept to whole seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn as_secs(self) -> u64 {
+        self.0.as_secs()
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let duration = humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration `{text}`: {e} (write it like 45s, 30m or 1h30m)"
+            ))
+        })?;
+        if duration.is_zero() {
+            return Err(serde::de::Error::custom(format!(
+                "invalid duration `{text}`: must be longer than zero"
+            )));
+        }
+        Ok(HumanDuration(Duration::from_secs(
+            duration.as_secs().max(1),
+        )))
+    }
+}
+
+impl JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "description": "a duration such as 45s, 30m or 1h30m"})
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProjectSpec {
+    pub title: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    #[serde(default)]
+    pub priority: Priority,
+    /// The agent accountable for the project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// When true, nothing of this project is dispatched.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Always set once parsed: taken from `projects/<p>/tasks/` when the file omits it.
+    pub project: String,
+    pub title: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// A role (`cos`, `seed`) or the name of an Agent.
+    #[serde(default = "default_assignee")]
+    pub assignee: String,
+    /// An agent must have all of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub priority: Priority,
+    /// `task` (same project) or `project/task`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+    pub action: Action,
+    #[serde(default)]
+    pub output: Output,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<HumanDuration>,
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acceptance_criteria: Vec<String>,
+}
+
+pub fn default_assignee() -> String {
+    "seed".to_owned()
+}
+
+pub fn default_retries() -> u32 {
+    2
+}
+
+/// What a task asks its agent to do. Exactly one kind per task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Action {
+    /// LLM work, done by a Seed.
+    Prompt(String),
+    /// A command run in a fresh checkout.
+    Run(RunAction),
+    /// A registered tool.
+    Tool(ToolAction),
+    /// Chief of Staff: decompose into sub-tasks.
+    Plan(PlanAction),
+}
+
+impl Action {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Prompt(_) => "prompt",
+            Action::Run(_) => "run",
+            Action::Tool(_) => "tool",
+            Action::Plan(_) => "plan",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunAction {
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolAction {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub with: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanAction {
+    /// The request to plan from; the task's description when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Output {
+    #[serde(default)]
+    pub mode: OutputMode,
+    /// Where the agent may write, relative to the repository root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputMode {
+    #[default]
+    PullRequest,
+    Commit,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentType {
+    Cos,
+    Seed,
+    Specialist,
+    Meta,
+}
+
+impl AgentType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentType::Cos => "cos",
+            AgentType::Seed => "seed",
+            AgentType::Specialist => "specialist",
+            AgentType::Meta => "meta",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentSpec {
+    #[serde(rename = "type")]
+    pub agent_type: AgentType,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    /// Tried in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instructions: String,
+}
+
+pub fn default_concurrency() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolType {
+    Function,
+    Api,
+    Script,
+    Service,
+}
+
+impl ToolType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ToolType::Function => "function",
+            ToolType::Api => "api",
+            ToolType::Script => "script",
+            ToolType::Service => "service",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ToolSpec {
+    #[serde(rename = "type")]
+    pub tool_type: ToolType,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// Arguments in `{braces}` are filled from the task's `with`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default = "default_assignee")]
+    pub created_by: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "spec")]
+pub enum Spec {
+    Project(ProjectSpec),
+    Task(TaskSpec),
+    Agent(AgentSpec),
+    Tool(ToolSpec),
+}
+
+impl Spec {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Spec::Project(_) => Kind::Project,
+            Spec::Task(_) => Kind::Task,
+            Spec::Agent(_) => Kind::Agent,
+            Spec::Tool(_) => Kind::Tool,
+        }
+    }
+}
+
+/// How objects are identified across the repository: tasks by project and name, the others
+/// by name alone.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ObjectKey {
+    Project(String),
+    Task { project: String, name: String },
+    Agent(String),
+    Tool(String),
+}
+
+impl ObjectKey {
+    pub fn kind(&self) -> Kind {
+        match self {
+            ObjectKey::Project(_) => Kind::Project,
+            ObjectKey::Task { .. } => Kind::Task,
+            ObjectKey::Agent(_) => Kind::Agent,
+            ObjectKey::Tool(_) => Kind::Tool,
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ObjectKey::Project(n) => write!(f, "Project {n}"),
+            ObjectKey::Task { project, name } => write!(f, "Task {project}/{name}"),
+            ObjectKey::Agent(n) => write!(f, "Agent {n}"),
+            ObjectKey::Tool(n) => write!(f, "Tool {n}"),
+        }
+    }
+}
+
+/// A 1-based line and column in a source file.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Pos {
+    pub line: u32,
+    pub column: u32,
+}
+
+impl Pos {
+    pub const START: Pos = Pos { line: 1, column: 1 };
+}
+
+/// Where an object was declared, with the positions validation needs to point at.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// Relative to the synced root, with `/` separators.
+    pub path: String,
+    pub document: Pos,
+    pub name: Pos,
+    /// The task's `project` field, or the document when the project came from the path.
+    pub project: Pos,
+    /// One per `dependsOn` entry, in order.
+    pub depends_on: Vec<Pos>,
+    pub action: Pos,
+}
+
+/// One declared resource, parsed and checked on its own (not yet against its neighbours).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object {
+    pub metadata: ObjectMeta,
+    pub spec: Spec,
+    pub origin: Origin,
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        self.spec.kind()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.metadata.name
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        let name = self.metadata.name.clone();
+        match &self.spec {
+            Spec::Project(_) => ObjectKey::Project(name),
+            Spec::Task(t) => ObjectKey::Task {
+                project: t.project.clone(),
+                name,
+            },
+            Spec::Agent(_) => ObjectKey::Agent(name),
+            Spec::Tool(_) => ObjectKey::Tool(name),
+        }
+    }
+}
