@@ -1,0 +1,128 @@
+//! The `agentops` command line: one function per subcommand, each taking its typed
+//! configuration and returning an exit code.
+
+mod bench;
+mod reconcile;
+mod status;
+mod validate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{GlobalConfig, SourceConfig, StoreConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agentops",
+    version,
+    about = "A GitOps control plane for a team of AI agents"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalConfig,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TableFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check spec files; print every error as path:line:column: message. Exit 1 if any.
+    Validate {
+        /// A spec file or a directory of them.
+        path: std::path::PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// One full pass: sync the source into the store, then exit.
+    Reconcile {
+        /// Run one pass and exit (the only mode; `up` is the long-running controller).
+        #[arg(long, required = true)]
+        once: bool,
+        #[command(flatten)]
+        source: SourceConfig,
+        #[command(flatten)]
+        store: StoreConfig,
+    },
+    /// Run the controller: sync on every change of the source.
+    Up {
+        #[command(flatten)]
+        source: SourceConfig,
+        #[command(flatten)]
+        store: StoreConfig,
+        /// Exit 0 once no task is pending or in progress.
+        #[arg(long)]
+        exit_when_idle: bool,
+    },
+    /// Show projects and tasks with phase, agent, attempt and age.
+    Status {
+        #[command(flatten)]
+        store: StoreConfig,
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: TableFormat,
+    },
+    /// Apply the database migrations.
+    Migrate {
+        #[command(flatten)]
+        store: StoreConfig,
+    },
+    /// Generate a workload and print performance figures.
+    Bench {
+        #[command(subcommand)]
+        bench: bench::Bench,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let global = cli.global;
+    match cli.command {
+        Command::Validate { path, format } => validate::run(&path, format),
+        Command::Reconcile { source, store, .. } => reconcile::once(&global, &source, &store).await,
+        Command::Up {
+            source,
+            store,
+            exit_when_idle,
+        } => reconcile::up(&global, &source, &store, exit_when_idle).await,
+        Command::Status {
+            store,
+            project,
+            format,
+        } => status::run(&global, &store, project.as_deref(), format).await,
+        Command::Migrate { store } => {
+            let url = store.url(&global);
+            let store = crate::store::AnyStore::connect(&url).await?;
+            crate::with_store!(store, s => crate::store::Store::migrate(&s).await)?;
+            eprintln!("migrations applied to {}", redact(&url));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { bench } => bench::run(&global, bench).await,
+    }
+}
+
+/// A database URL fit for a log line: the password replaced.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,69 @@
+//! The controller's configuration: one typed struct per concern, each built from flags or
+//! `AGENTOPS_*` environment variables by clap, and shared by every command that needs it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalConfig {
+    /// Where the controller keeps its mirrors, imports and the default SQLite file.
+    #[arg(long, global = true, env = "AGENTOPS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl GlobalConfig {
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| {
+            dirs::data_dir()
+                .unwrap_or_else(std::env::temp_dir)
+                .join("agentops")
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StoreConfig {
+    /// `postgres://…` or `sqlite://FILE`; an SQLite file in the data directory by default.
+    #[arg(long = "database", env = "AGENTOPS_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+impl StoreConfig {
+    pub fn url(&self, global: &GlobalConfig) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}",
+                global.data_dir().join("agentops.db").display()
+            )
+        })
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SourceConfig {
+    /// The spec repository: a local path (a repository, or a plain folder that is imported
+    /// into one), or a `file://`, `https://` or `ssh://` URL.
+    #[arg(long, env = "AGENTOPS_REPO", default_value = ".")]
+    pub repo: String,
+    /// The branch to follow; for a local repository, the one it has checked out.
+    #[arg(long, env = "AGENTOPS_BRANCH")]
+    pub branch: Option<String>,
+    /// The directory inside the repository that holds the specs.
+    #[arg(long = "path", env = "AGENTOPS_PATH", default_value = "")]
+    pub subpath: String,
+    /// The name this source's objects are recorded under in the store.
+    #[arg(long, env = "AGENTOPS_SOURCE_NAME", default_value = "default")]
+    pub source_name: String,
+    /// Token for `https://` remotes.
+    #[arg(long, env = "AGENTOPS_GIT_TOKEN", hide_env_values = true)]
+    pub git_token: Option<String>,
+    /// How often to poll the remote, jittered by ±10 %.
+    #[arg(long, env = "AGENTOPS_POLL_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("invalid duration `{text}`: {e}"))
+}

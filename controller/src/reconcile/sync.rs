@@ -1,0 +1,415 @@
+//! The sync loop's one step: fetch the source, read what changed, decide (`plan`), apply.
+//!
+//! The syncer keeps two things in memory between steps: an index of the parsed spec files (so
+//! a new revision parses only the files whose blobs changed) and the store's current view (so
+//! deciding needs no query). Both are dropped after a failed apply and rebuilt on the next
+//! step, which makes a failure cost one full pass, never a missed change.
+
+use std::collections::{HashMap, HashSet};
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use agentops_specs::{Diagnostic, Object, ObjectKey, parse_file, validate_with_known};
+use git2::{Oid, Repository};
+use sha2::{Digest, Sha256};
+
+use super::plan::{self, Current, Desired};
+use crate::source::SourceError;
+use crate::source::git::{self, FileChange, GitSource, Snapshot};
+use crate::store::{SourceInfo, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What one step did, for logs, `reconcile --once` and benchmarks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SyncReport {
+    pub revision: String,
+    /// Spec files read and parsed in this step.
+    pub files_parsed: usize,
+    /// Rows created, updated, pruned or flagged.
+    pub object_writes: usize,
+    pub events: usize,
+    pub cursor_moved: bool,
+    /// Every problem in the source at this revision.
+    pub diagnostics: Vec<Diagnostic>,
+    /// Where the time went: fetching and parsing, deciding, writing.
+    pub read: Duration,
+    pub decide: Duration,
+    pub apply: Duration,
+}
+
+/// One parsed spec file.
+#[derive(Debug, Default)]
+struct FileEntry {
+    blob: Option<Oid>,
+    /// The file's objects with their spec hashes; empty while the file is broken.
+    objects: Vec<(Object, String)>,
+    errors: Vec<Diagnostic>,
+    /// While broken: the objects of its last good version, which stay in effect.
+    last_good: Vec<(Object, String)>,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    tree: Option<Oid>,
+    files: HashMap<String, FileEntry>,
+}
+
+pub fn spec_hash(object: &Object) -> String {
+    let json = serde_json::to_vec(&(&object.metadata, &object.spec))
+        .expect("specs serialize to JSON: they came from YAML");
+    hex::encode(&Sha256::digest(&json)[..16])
+}
+
+/// Show a long sync's progress: in place on a terminal, as a log line every few seconds
+/// otherwise.
+struct Progress {
+    total: usize,
+    done: usize,
+    last: Instant,
+    started: Instant,
+    terminal: bool,
+}
+
+const PROGRESS_FROM: usize = 2_000;
+
+impl Progress {
+    fn new(total: usize) -> Progress {
+        Progress {
+            total,
+            done: 0,
+            last: Instant::now(),
+            started: Instant::now(),
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn tick(&mut self) {
+        self.done += 1;
+        if self.total < PROGRESS_FROM {
+            return;
+        }
+        let every = if self.terminal {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        };
+        if self.last.elapsed() >= every {
+            self.last = Instant::now();
+            self.print();
+        }
+    }
+
+    fn print(&self) {
+        let line = format!("syncing: {}/{} files", self.done, self.total);
+        if self.terminal {
+            eprint!("\r{line}");
+        } else {
+            tracing::info!("{line}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.total >= PROGRESS_FROM {
+            if self.terminal {
+                eprintln!(
+                    "\rsynced: {}/{} files in {:.1} s",
+                    self.done,
+                    self.total,
+                    self.started.elapsed().as_secs_f64()
+                );
+            } else {
+                self.print();
+            }
+        }
+    }
+}
+
+impl Index {
+    /// Read and parse the changed files. Parsing runs on every core while this thread reads
+    /// blobs, since a cold sync of a large repository is mostly parsing. Returns the number of
+    /// files parsed and the number removed from the index.
+    fn apply(
+        &mut self,
+        repo: &Repository,
+        changes: Vec<FileChange>,
+    ) -> Result<(usize, usize), SourceError> {
+        let mut progress = Progress::new(changes.len());
+        let mut to_parse = Vec::new();
+        let mut removed = 0;
+        for change in changes {
+            match change.blob {
+                None => {
+                    if self.files.remove(&change.path).is_some() {
+                        removed += 1;
+                    }
+                    progress.tick();
+                }
+                Some(blob) => {
+                    if self.files.get(&change.path).and_then(|f| f.blob) == Some(blob) {
+                        progress.tick();
+                        continue;
+                    }
+                    to_parse.push((change.path, blob));
+                }
+            }
+        }
+        let parsed_count = to_parse.len();
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<(String, Oid, Vec<u8>)>(256);
+        let work_rx = std::sync::Mutex::new(work_rx);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let files = &mut self.files;
+        std::thread::scope(|scope| -> Result<(), SourceError> {
+            for _ in 0..workers {
+                let done_tx = done_tx.clone();
+                let work_rx = &work_rx;
+                scope.spawn(move || {
+                    loop {
+                        let item = work_rx.lock().map(|rx| rx.recv());
+                        let Ok(Ok((path, blob, bytes))) = item else {
+                            break;
+                        };
+                        let parsed = parse_file(&path, &bytes);
+                        let objects: Vec<(Object, String)> = parsed
+                            .objects
+                            .into_iter()
+                            .map(|o| {
+                                let hash = spec_hash(&o);
+                                (o, hash)
+                            })
+                            .collect();
+                        let _ = done_tx.send((path, blob, objects, parsed.errors));
+                    }
+                });
+            }
+            drop(done_tx);
+            let collector = scope.spawn(move || {
+                for (path, blob, objects, errors) in done_rx {
+                    record(files, path, blob, objects, errors);
+                    progress.tick();
+                }
+                progress.finish();
+            });
+            // git2's Repository is not Sync, so this thread does all the reading.
+            let read = to_parse.into_iter().try_for_each(|(path, blob)| {
+                let bytes = repo
+                    .find_blob(blob)
+                    .map_err(|source| SourceError::Git {
+                        doing: "reading a spec file",
+                        source,
+                    })?
+                    .content()
+                    .to_vec();
+                // The workers only stop when this sender is dropped.
+                let _ = work_tx.send((path, blob, bytes));
+                Ok(())
+            });
+            drop(work_tx);
+            let _ = collector.join();
+            read
+        })?;
+        Ok((parsed_count, removed))
+    }
+}
+
+fn record(
+    files: &mut HashMap<String, FileEntry>,
+    path: String,
+    blob: Oid,
+    objects: Vec<(Object, String)>,
+    errors: Vec<Diagnostic>,
+) {
+    let previous = files.remove(&path).unwrap_or_default();
+    let last_good = if errors.is_empty() {
+        Vec::new()
+    } else if previous.errors.is_empty() {
+        previous.objects
+    } else {
+        previous.last_good
+    };
+    files.insert(
+        path,
+        FileEntry {
+            blob: Some(blob),
+            objects,
+            errors,
+            last_good,
+        },
+    );
+}
+
+pub struct Syncer<S> {
+    source: GitSource,
+    info: SourceInfo,
+    store: S,
+    index: Option<Index>,
+    current: Option<Current>,
+}
+
+impl<S: Store> Syncer<S> {
+    pub fn new(source: GitSource, source_name: &str, store: S) -> Syncer<S> {
+        let info = SourceInfo {
+            name: source_name.to_owned(),
+            url: source.location.url(),
+            branch: source.branch.clone(),
+            path: source.subpath.clone(),
+        };
+        Syncer {
+            source,
+            info,
+            store,
+            index: None,
+            current: None,
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn source(&self) -> &GitSource {
+        &self.source
+    }
+
+    /// Fetch, read what changed, decide and apply. Returns what it did.
+    pub async fn sync(&mut self) -> Result<SyncReport, SyncError> {
+        let result = self.step().await;
+        if result.is_err() {
+            // Whether the store took the last writes is unknown: start the next step afresh.
+            self.index = None;
+            self.current = None;
+        }
+        result
+    }
+
+    async fn step(&mut self) -> Result<SyncReport, SyncError> {
+        if self.current.is_none() {
+            self.current = Some(self.store.load(&self.info.name).await?);
+        }
+        let started = Instant::now();
+        let warm = self.index.is_some();
+        let mut index = self.index.take().unwrap_or_default();
+        let source = self.source.clone();
+        let (index, snapshot, files_parsed, files_removed) = tokio::task::spawn_blocking(
+            move || -> Result<(Index, Snapshot, usize, usize), SourceError> {
+                let repo = source.open()?;
+                let snapshot = source.fetch(&repo)?;
+                let (mut parsed, mut removed) = (0, 0);
+                if index.tree != Some(snapshot.tree) {
+                    let changes = git::changes(&repo, index.tree, snapshot.tree)?;
+                    (parsed, removed) = index.apply(&repo, changes)?;
+                    index.tree = Some(snapshot.tree);
+                }
+                Ok((index, snapshot, parsed, removed))
+            },
+        )
+        .await
+        .map_err(SourceError::Worker)??;
+        let index = self.index.insert(index);
+        let current = self.current.as_mut().expect("loaded above");
+
+        let tree = snapshot.tree.to_string();
+        let mut report = SyncReport {
+            revision: snapshot.revision.clone(),
+            files_parsed,
+            read: started.elapsed(),
+            ..SyncReport::default()
+        };
+
+        if warm && files_parsed == 0 && files_removed == 0 {
+            // No spec file changed or went away since the last step, which the store already
+            // reflects: at most the cursor moves.
+            if let Some(cursor) = current
+                .cursor
+                .as_ref()
+                .filter(|c| c.revision != snapshot.revision)
+            {
+                let mut cursor = cursor.clone();
+                cursor.revision = snapshot.revision.clone();
+                cursor.tree = tree;
+                report.diagnostics = cursor.errors.clone();
+                let plan = plan::Plan {
+                    revision: snapshot.revision.clone(),
+                    cursor: Some(cursor),
+                    ..plan::Plan::default()
+                };
+                self.store.apply(&self.info, &plan).await?;
+                plan::apply_to_current(current, &plan);
+                report.cursor_moved = true;
+            } else if let Some(cursor) = &current.cursor {
+                report.diagnostics = cursor.errors.clone();
+            }
+            return Ok(report);
+        }
+
+        let started = Instant::now();
+        let desired_plan = decide(index, current, &snapshot.revision, &tree);
+        report.decide = started.elapsed();
+        let started = Instant::now();
+        self.store.apply(&self.info, &desired_plan).await?;
+        report.apply = started.elapsed();
+        plan::apply_to_current(current, &desired_plan);
+        report.object_writes = desired_plan.object_writes();
+        report.events = desired_plan.events.len();
+        report.cursor_moved = desired_plan.cursor.is_some();
+        report.diagnostics = current
+            .cursor
+            .as_ref()
+            .map(|c| c.errors.clone())
+            .unwrap_or_default();
+        Ok(report)
+    }
+}
+
+/// Build the desired state from the index and plan against the current one.
+fn decide<'a>(index: &'a Index, current: &Current, revision: &str, tree: &str) -> plan::Plan<'a> {
+    let mut objects: Vec<&'a Object> = Vec::new();
+    let mut hashes: Vec<&'a str> = Vec::new();
+    let mut desired = Desired::default();
+    let mut known: HashSet<ObjectKey> = HashSet::new();
+    for (path, file) in &index.files {
+        desired.diagnostics.extend(file.errors.iter().cloned());
+        if file.errors.is_empty() {
+            for (object, hash) in &file.objects {
+                objects.push(object);
+                hashes.push(hash);
+            }
+        } else {
+            desired.broken_paths.insert(path.as_str());
+            known.extend(file.last_good.iter().map(|(o, _)| o.key()));
+        }
+    }
+    if !desired.broken_paths.is_empty() {
+        // What the store holds from a broken file stays in effect, so it can be referred to.
+        known.extend(
+            current
+                .objects
+                .iter()
+                .filter(|(_, row)| {
+                    !row.pruned
+                        && row
+                            .path
+                            .as_deref()
+                            .is_some_and(|p| desired.broken_paths.contains(p))
+                })
+                .map(|(key, _)| key.clone()),
+        );
+    }
+    let validation = validate_with_known(&objects, &known);
+    desired.diagnostics.extend(validation.diagnostics);
+    for (i, object) in objects.into_iter().enumerate() {
+        if validation.invalid[i] {
+            desired.invalid.push(object);
+        } else {
+            desired.objects.push((object, hashes[i]));
+        }
+    }
+    plan::plan(&desired, current, revision, tree, uuid::Uuid::new_v4)
+}

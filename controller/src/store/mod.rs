@@ -1,0 +1,274 @@
+//! The store: Postgres in production, an SQLite file on one machine. Both carry the schema of
+//! the original AgentOps system (see `migrations/`) and apply reconcile plans the same way:
+//! each batch of rows goes to the database as one JSON array parameter, which both engines
+//! turn back into rows in SQL (`jsonb_to_recordset`, `json_each`). One statement per batch,
+//! whatever its size, and one row shape (`rows.rs`) shared by both.
+
+mod postgres;
+mod rows;
+mod sql;
+mod sqlite;
+
+use std::future::Future;
+
+use agentops_specs::Diagnostic;
+use serde::Serialize;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use crate::reconcile::plan::{Current, Plan};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to the database {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("cannot apply the migrations")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("database error while {doing}")]
+    Query {
+        doing: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("the database holds a value the controller cannot read: {0}")]
+    Corrupt(String),
+    #[error("unsupported database URL `{0}`: expected postgres://… or sqlite://FILE")]
+    UnsupportedUrl(String),
+}
+
+pub(crate) fn query_error(doing: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Query { doing, source }
+}
+
+/// The source a plan belongs to, as recorded in `sync_sources`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceInfo {
+    pub name: String,
+    pub url: String,
+    pub branch: String,
+    pub path: String,
+}
+
+/// One project with its tasks, for `agentops status`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProjectStatus {
+    pub name: String,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub tasks: Vec<TaskStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TaskStatus {
+    pub name: String,
+    pub status: String,
+    pub agent: Option<String>,
+    pub attempt: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Seconds since the task was created.
+    #[serde(skip)]
+    pub age_seconds: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SourceStatus {
+    pub name: String,
+    pub url: String,
+    pub revision: Option<String>,
+    pub errors: Vec<Diagnostic>,
+}
+
+/// The operations reconcile needs. Each method is one transaction.
+pub trait Store: Send + Sync + 'static {
+    fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Everything the store holds that came from `source`, and how far it was synced.
+    fn load(&self, source: &str) -> impl Future<Output = Result<Current, StoreError>> + Send;
+
+    /// Apply a plan atomically: either every write lands and the cursor moves, or nothing.
+    fn apply(
+        &self,
+        source: &SourceInfo,
+        plan: &Plan<'_>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    fn project_status(
+        &self,
+        project: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<ProjectStatus>, StoreError>> + Send;
+
+    fn source_status(&self) -> impl Future<Output = Result<Vec<SourceStatus>, StoreError>> + Send;
+
+    /// Tasks that are pending or in progress.
+    fn open_tasks(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
+}
+
+pub(crate) const OPEN_TASKS: &str =
+    "SELECT count(*) FROM tasks WHERE status IN ('pending', 'in_progress')";
+
+/// Either backend, chosen by the URL's scheme.
+pub enum AnyStore {
+    Postgres(PgStore),
+    Sqlite(SqliteStore),
+}
+
+impl AnyStore {
+    pub async fn connect(url: &str) -> Result<AnyStore, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(AnyStore::Postgres(PgStore::connect(url).await?))
+        } else if url.starts_with("sqlite:") {
+            Ok(AnyStore::Sqlite(SqliteStore::connect(url).await?))
+        } else {
+            Err(StoreError::UnsupportedUrl(url.to_owned()))
+        }
+    }
+}
+
+/// Run `$body` with `$store` bound to the concrete backend, so generic code is monomorphised
+/// once per backend instead of going through a boxed trait object.
+#[macro_export]
+macro_rules! with_store {
+    ($any:expr, $store:ident => $body:expr) => {
+        match $any {
+            $crate::store::AnyStore::Postgres($store) => $body,
+            $crate::store::AnyStore::Sqlite($store) => $body,
+        }
+    };
+}
+
+/// One `load` row, the same for both backends.
+#[derive(sqlx::FromRow)]
+struct LoadRow {
+    kind: String,
+    id: String,
+    name: Option<String>,
+    project: Option<String>,
+    path: Option<String>,
+    spec_hash: Option<String>,
+    generation: i64,
+    status_message: Option<String>,
+    pruned: bool,
+}
+
+#[derive(sqlx::FromRow)]
+struct CursorRow {
+    revision: Option<String>,
+    tree_oid: Option<String>,
+    errors: sqlx::types::Json<Vec<Diagnostic>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ProjectRow {
+    name: String,
+    status: String,
+    status_message: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct TaskRow {
+    project: String,
+    name: String,
+    status: String,
+    agent: Option<String>,
+    attempt: i32,
+    status_message: Option<String>,
+    age_seconds: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct SourceRow {
+    name: String,
+    url: String,
+    revision: Option<String>,
+    errors: sqlx::types::Json<Vec<Diagnostic>>,
+}
+
+fn current_from(rows: Vec<LoadRow>, cursor: Option<CursorRow>) -> Result<Current, StoreError> {
+    use crate::reconcile::plan::{CurrentObject, Cursor};
+    use agentops_specs::ObjectKey;
+
+    let mut current = Current::default();
+    current.objects.reserve(rows.len());
+    for row in rows {
+        let id = row
+            .id
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("id `{}` is not a uuid", row.id)))?;
+        // Rows of the compatible API have no Git name; the reconciler does not own them.
+        let Some(name) = row.name else { continue };
+        let key = match (row.kind.as_str(), row.project) {
+            ("project", _) => ObjectKey::Project(name),
+            ("task", Some(project)) => ObjectKey::Task { project, name },
+            ("agent", _) => ObjectKey::Agent(name),
+            ("tool", _) => ObjectKey::Tool(name),
+            (kind, _) => return Err(StoreError::Corrupt(format!("unknown kind `{kind}`"))),
+        };
+        current.objects.insert(
+            key,
+            CurrentObject {
+                id,
+                path: row.path,
+                spec_hash: row.spec_hash,
+                generation: row.generation,
+                status_message: row.status_message,
+                pruned: row.pruned,
+            },
+        );
+    }
+    current.cursor = cursor.and_then(|c| {
+        Some(Cursor {
+            revision: c.revision?,
+            tree: c.tree_oid?,
+            errors: c.errors.0,
+        })
+    });
+    Ok(current)
+}
+
+fn status_from(projects: Vec<ProjectRow>, tasks: Vec<TaskRow>) -> Vec<ProjectStatus> {
+    let mut out: Vec<ProjectStatus> = projects
+        .into_iter()
+        .map(|p| ProjectStatus {
+            name: p.name,
+            status: p.status,
+            message: p.status_message,
+            tasks: Vec::new(),
+        })
+        .collect();
+    let index: std::collections::HashMap<String, usize> = out
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.name.clone(), i))
+        .collect();
+    for t in tasks {
+        if let Some(&i) = index.get(&t.project) {
+            out[i].tasks.push(TaskStatus {
+                name: t.name,
+                status: t.status,
+                agent: t.agent,
+                attempt: t.attempt,
+                message: t.status_message,
+                age_seconds: t.age_seconds,
+            });
+        }
+    }
+    out
+}
+
+impl SourceRow {
+    fn into_status(self) -> SourceStatus {
+        SourceStatus {
+            name: self.name,
+            url: self.url,
+            revision: self.revision,
+            errors: self.errors.0,
+        }
+    }
+}

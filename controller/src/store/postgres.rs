@@ -1,0 +1,125 @@
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::types::Json;
+
+use super::sql::{POSTGRES_SQL, Sql};
+use super::*;
+use crate::reconcile::plan::{Current, Plan};
+
+pub struct PgStore {
+    pool: PgPool,
+    sql: &'static Sql,
+}
+
+impl PgStore {
+    pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|source| StoreError::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
+        Ok(PgStore {
+            pool,
+            sql: &POSTGRES_SQL,
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("../migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(StoreError::Migrate)
+    }
+
+    async fn load(&self, source: &str) -> Result<Current, StoreError> {
+        let rows: Vec<LoadRow> = sqlx::query_as(self.sql.load.as_str())
+            .bind(source)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("loading the synced objects"))?;
+        let cursor: Option<CursorRow> = sqlx::query_as(self.sql.load_cursor.as_str())
+            .bind(source)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("loading the sync cursor"))?;
+        current_from(rows, cursor)
+    }
+
+    async fn apply(&self, source: &SourceInfo, plan: &Plan<'_>) -> Result<(), StoreError> {
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_error("starting a transaction"))?;
+        for (statement, rows) in rows::batches(plan, &source.name, self.sql) {
+            sqlx::query(statement)
+                .bind(rows)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_error("applying the plan"))?;
+        }
+        if let Some(cursor) = &plan.cursor {
+            sqlx::query(self.sql.cursor.as_str())
+                .bind(&source.name)
+                .bind(&source.url)
+                .bind(&source.branch)
+                .bind(&source.path)
+                .bind(&cursor.revision)
+                .bind(&cursor.tree)
+                .bind(Json(&cursor.errors))
+                .execute(&mut *tx)
+                .await
+                .map_err(query_error("moving the sync cursor"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(query_error("committing the sync"))
+    }
+
+    async fn project_status(
+        &self,
+        project: Option<&str>,
+    ) -> Result<Vec<ProjectStatus>, StoreError> {
+        let projects: Vec<ProjectRow> = sqlx::query_as(self.sql.project_status.as_str())
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("reading projects"))?;
+        let tasks: Vec<TaskRow> = sqlx::query_as(self.sql.task_status.as_str())
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("reading tasks"))?;
+        Ok(status_from(projects, tasks))
+    }
+
+    async fn source_status(&self) -> Result<Vec<SourceStatus>, StoreError> {
+        let rows: Vec<SourceRow> = sqlx::query_as(self.sql.source_status.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("reading sources"))?;
+        Ok(rows.into_iter().map(SourceRow::into_status).collect())
+    }
+
+    async fn open_tasks(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar(OPEN_TASKS)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_error("counting open tasks"))
+    }
+}

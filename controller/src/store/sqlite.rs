@@ -1,0 +1,143 @@
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+use super::sql::{SQLITE_SQL, Sql};
+use super::*;
+use crate::reconcile::plan::{Current, Plan};
+
+/// The embedded store: one SQLite file, for one controller process on one machine.
+pub struct SqliteStore {
+    pool: SqlitePool,
+    sql: &'static Sql,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> Result<SqliteStore, StoreError> {
+        let connect_error = |source| StoreError::Connect {
+            url: url.to_owned(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(connect_error)?
+            .create_if_missing(true)
+            .foreign_keys(true)
+            // WAL lets `status` read while the controller writes.
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30));
+        if let Some(dir) = options.get_filename().parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| connect_error(sqlx::Error::Io(e)))?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(connect_error)?;
+        Ok(SqliteStore {
+            pool,
+            sql: &SQLITE_SQL,
+        })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&self.pool)
+            .await
+            .map_err(StoreError::Migrate)
+    }
+
+    async fn load(&self, source: &str) -> Result<Current, StoreError> {
+        let rows: Vec<LoadRow> = sqlx::query_as(self.sql.load.as_str())
+            .bind(source)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("loading the synced objects"))?;
+        let cursor: Option<CursorRow> = sqlx::query_as(self.sql.load_cursor.as_str())
+            .bind(source)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_error("loading the sync cursor"))?;
+        current_from(rows, cursor)
+    }
+
+    async fn apply(&self, source: &SourceInfo, plan: &Plan<'_>) -> Result<(), StoreError> {
+        if plan.is_empty() {
+            return Ok(());
+        }
+        // IMMEDIATE takes the write lock up front, so a concurrent writer waits on
+        // busy_timeout instead of failing when a read lock cannot be upgraded.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(query_error("starting a transaction"))?;
+        for (statement, rows) in rows::batches(plan, &source.name, self.sql) {
+            sqlx::query(statement)
+                .bind(rows)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_error("applying the plan"))?;
+        }
+        if let Some(cursor) = &plan.cursor {
+            let errors = serde_json::to_string(&cursor.errors)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            sqlx::query(self.sql.cursor.as_str())
+                .bind(&source.name)
+                .bind(&source.url)
+                .bind(&source.branch)
+                .bind(&source.path)
+                .bind(&cursor.revision)
+                .bind(&cursor.tree)
+                .bind(errors)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_error("moving the sync cursor"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(query_error("committing the sync"))
+    }
+
+    async fn project_status(
+        &self,
+        project: Option<&str>,
+    ) -> Result<Vec<ProjectStatus>, StoreError> {
+        let projects: Vec<ProjectRow> = sqlx::query_as(self.sql.project_status.as_str())
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("reading projects"))?;
+        let tasks: Vec<TaskRow> = sqlx::query_as(self.sql.task_status.as_str())
+            .bind(project)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("reading tasks"))?;
+        Ok(status_from(projects, tasks))
+    }
+
+    async fn source_status(&self) -> Result<Vec<SourceStatus>, StoreError> {
+        let rows: Vec<SourceRow> = sqlx::query_as(self.sql.source_status.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_error("reading sources"))?;
+        Ok(rows.into_iter().map(SourceRow::into_status).collect())
+    }
+
+    async fn open_tasks(&self) -> Result<i64, StoreError> {
+        sqlx::query_scalar(OPEN_TASKS)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_error("counting open tasks"))
+    }
+}

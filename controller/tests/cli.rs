@@ -1,0 +1,332 @@
+//! The `agentops` binary end to end: validate, reconcile --once, status, migrate.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::{Value, json};
+
+both_backends!(reconcile_once_then_status, migrate_a_fresh_database);
+
+/// The binary with a clean environment: no `AGENTOPS_*` from the caller, its data directory
+/// set through `AGENTOPS_DATA_DIR`.
+fn agentops(data_dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agentops"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AGENTOPS_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("AGENTOPS_DATA_DIR", data_dir)
+        .env("AGENTOPS_LOG", "warn")
+        .current_dir(data_dir);
+    command
+}
+
+fn run(command: &mut Command) -> (i32, String, String) {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = command.output().expect("run agentops");
+    (
+        status.code().expect("exit code"),
+        String::from_utf8(stdout).unwrap(),
+        String::from_utf8(stderr).unwrap(),
+    )
+}
+
+/// An examples-like spec repository: two projects with dependent tasks (one across
+/// projects), an agent, a tool, and files that are not specs.
+fn good_fixture() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "projects/site/project.yaml",
+            format!(
+                "{API}\nkind: Project\nmetadata:\n  name: site\n  labels: {{area: marketing}}\nspec:\n  title: Launch the site\n  priority: high\n  owner: cos\n"
+            ),
+        ),
+        (
+            "projects/site/tasks/draft.yaml",
+            format!(
+                "{API}\nkind: Task\nmetadata:\n  name: draft\nspec:\n  title: Draft the copy\n  assignee: writer\n  capabilities: [writing]\n  action:\n    prompt: Write the copy.\n  output: {{mode: pull-request, paths: [site/]}}\n"
+            ),
+        ),
+        (
+            "projects/site/tasks/build.yaml",
+            format!(
+                "{API}\nkind: Task\nmetadata:\n  name: build\nspec:\n  title: Build the page\n  dependsOn: [draft]\n  action:\n    run:\n      command: [make, site]\n  timeout: 5m\n"
+            ),
+        ),
+        (
+            "projects/report/project.yaml",
+            project("report", "Weekly report"),
+        ),
+        (
+            "projects/report/tasks/gather.yml",
+            format!(
+                "{API}\nkind: Task\nmetadata:\n  name: gather\nspec:\n  title: Gather status\n  dependsOn: [site/build]\n  action:\n    prompt: Gather.\n"
+            ),
+        ),
+        ("agents/writer.yaml", agent("writer", "writing")),
+        (
+            "tools/fetch.yaml",
+            format!(
+                "{API}\nkind: Tool\nmetadata:\n  name: fetch\nspec:\n  type: script\n  command: [python3, tools/fetch.py, \"{{url}}\"]\n"
+            ),
+        ),
+        ("tools/fetch.py", "print('fetch')\n".to_owned()),
+        ("README.md", "# specs\n".to_owned()),
+    ]
+}
+
+/// The good fixture plus two errors, each in a file of its own.
+fn bad_fixture() -> Vec<(&'static str, String)> {
+    let mut files = good_fixture();
+    files.push((
+        "projects/site/tasks/extra.yaml",
+        format!(
+            "{API}\nkind: Task\nmetadata:\n  name: extra\nspec:\n  title: Extra\n  colour: red\n  action:\n    prompt: Extra.\n"
+        ),
+    ));
+    for (path, content) in &mut files {
+        if *path == "projects/report/tasks/gather.yml" {
+            *content = content.replace("[site/build]", "[site/missing]");
+        }
+    }
+    files
+}
+
+fn write_folder(dir: &Path, files: &[(&str, String)]) {
+    for (path, content) in files {
+        let full = dir.join(path);
+        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+        std::fs::write(full, content).unwrap();
+    }
+}
+
+fn commit_all(repo: &GitRepo, files: &[(&str, String)]) -> String {
+    let changes: Vec<(&str, Option<&str>)> =
+        files.iter().map(|(p, c)| (*p, Some(c.as_str()))).collect();
+    repo.commit("specs", &changes)
+}
+
+#[test]
+fn validate_a_good_folder_exits_0() {
+    let specs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    write_folder(specs.path(), &good_fixture());
+    let (code, stdout, stderr) = run(agentops(data.path()).arg("validate").arg(specs.path()));
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(stdout, "");
+    assert!(stderr.contains("7 objects, no errors"), "{stderr}");
+
+    let (code, stdout, _) = run(agentops(data.path())
+        .args(["validate", "--format", "json"])
+        .arg(specs.path()));
+    assert_eq!(code, 0);
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap(), json!([]));
+}
+
+#[test]
+fn validate_prints_each_error_and_exits_1() {
+    let specs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    write_folder(specs.path(), &bad_fixture());
+
+    // Run from elsewhere: paths are relative to the PATH argument, not the working directory.
+    let (code, stdout, stderr) = run(agentops(data.path()).arg("validate").arg(specs.path()));
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with("projects/report/tasks/gather.yml:7:15: ")
+            && lines[0].contains("site/missing"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with("projects/site/tasks/extra.yaml:7:3: ") && lines[1].contains("colour"),
+        "{}",
+        lines[1]
+    );
+    assert!(stderr.contains("2 errors"), "{stderr}");
+
+    let (code, json_out, _) = run(agentops(data.path())
+        .args(["validate", "--format", "json"])
+        .arg(specs.path()));
+    assert_eq!(code, 1);
+    let list: Vec<serde_json::Map<String, Value>> = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(list.len(), 2, "{json_out}");
+    for (entry, line) in list.iter().zip(&lines) {
+        let keys: Vec<&str> = entry.keys().map(String::as_str).collect();
+        assert_eq!(keys.len(), 4, "{entry:?}");
+        for key in ["path", "line", "column", "message"] {
+            assert!(entry.contains_key(key), "{entry:?}");
+        }
+        let text = format!(
+            "{}:{}:{}: {}",
+            entry["path"].as_str().unwrap(),
+            entry["line"],
+            entry["column"],
+            entry["message"].as_str().unwrap()
+        );
+        assert_eq!(&text, line);
+    }
+
+    // A single file given as PATH is reported under the path as given.
+    let file = specs.path().join("projects/site/tasks/extra.yaml");
+    let (code, stdout, _) = run(agentops(data.path()).arg("validate").arg(&file));
+    assert_eq!(code, 1);
+    assert!(
+        stdout.starts_with(&format!("{}:7:3: ", file.display())),
+        "{stdout}"
+    );
+}
+
+/// The projects and tasks `status --format json` must show for the bad fixture (whose
+/// invalid task `extra` is never created) or the good one.
+fn expected_status() -> Value {
+    json!({"projects": [
+        {"name": "report", "status": "active", "tasks": [
+            {"name": "gather", "status": "pending", "agent": "seed", "attempt": 0},
+        ]},
+        {"name": "site", "status": "active", "tasks": [
+            {"name": "build", "status": "pending", "agent": "seed", "attempt": 0},
+            {"name": "draft", "status": "pending", "agent": "writer", "attempt": 0},
+        ]},
+    ]})
+}
+
+/// Tasks in a stable order, so the comparison does not depend on how ties sort.
+fn sorted(mut status: Value) -> Value {
+    for project in status["projects"].as_array_mut().unwrap() {
+        project["tasks"]
+            .as_array_mut()
+            .unwrap()
+            .sort_by_key(|t| t["name"].as_str().unwrap().to_owned());
+    }
+    status
+}
+
+async fn reconcile_once_then_status<S: TestStore>() {
+    let db = TestDb::new(S::BACKEND).await;
+    let data = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new();
+    // gather depends on a task that does not exist, extra has an unknown field.
+    let revision = commit_all(&repo, &bad_fixture());
+
+    let (code, stdout, stderr) = run(agentops(data.path())
+        .args(["reconcile", "--once", "--repo"])
+        .arg(repo.path())
+        .args(["--database", &db.url]));
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stderr.contains("projects/site/tasks/extra.yaml:7:3: "),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&format!("synced {revision}")), "{stderr}");
+    assert!(
+        data.path().join("mirrors").is_dir(),
+        "the mirror lives in --data-dir"
+    );
+
+    let (code, stdout, stderr) =
+        run(agentops(data.path()).args(["status", "--format", "json", "--database", &db.url]));
+    assert_eq!(code, 0, "{stderr}");
+    let status: Value = serde_json::from_str(&stdout).unwrap();
+    let mut expected = expected_status();
+    // gather is invalid and was never synced: its project has no task yet.
+    expected["projects"][0]["tasks"] = json!([]);
+    assert_eq!(sorted(status), expected);
+
+    // Fix gather and drop extra: the next pass creates gather.
+    let fixed = repo.commit(
+        "fix",
+        &[
+            (
+                "projects/report/tasks/gather.yml",
+                Some(&good_fixture()[4].1),
+            ),
+            ("projects/site/tasks/extra.yaml", None),
+        ],
+    );
+    let (code, _, stderr) = run(agentops(data.path())
+        .args(["--data-dir"])
+        .arg(data.path())
+        .args(["reconcile", "--once", "--repo"])
+        .arg(repo.path())
+        .args(["--database", &db.url]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains(&format!("synced {fixed}")), "{stderr}");
+    assert!(stderr.contains(", 0 errors"), "{stderr}");
+    let (code, stdout, _) =
+        run(agentops(data.path()).args(["status", "--format", "json", "--database", &db.url]));
+    assert_eq!(code, 0);
+    assert_eq!(
+        sorted(serde_json::from_str(&stdout).unwrap()),
+        expected_status()
+    );
+    assert_eq!(db.source().await.revision.as_deref(), Some(fixed.as_str()));
+}
+
+#[test]
+fn reconcile_defaults_to_sqlite_in_the_data_dir_and_imports_a_folder() {
+    let specs = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    write_folder(specs.path(), &good_fixture());
+
+    let (code, _, stderr) = run(agentops(data.path())
+        .args(["reconcile", "--once", "--repo"])
+        .arg(specs.path()));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("is not the top of a Git repository: importing it into"),
+        "{stderr}"
+    );
+    assert!(data.path().join("agentops.db").is_file());
+    assert!(data.path().join("imports").is_dir());
+    assert!(!specs.path().join(".git").exists());
+
+    let (code, stdout, stderr) = run(agentops(data.path()).args(["status", "--format", "json"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        sorted(serde_json::from_str(&stdout).unwrap()),
+        expected_status()
+    );
+}
+
+async fn migrate_a_fresh_database<S: TestStore>() {
+    let db = TestDb::new(S::BACKEND).await;
+    let data = tempfile::tempdir().unwrap();
+    for _ in 0..2 {
+        // Twice: the second run finds everything applied.
+        let (code, stdout, stderr) =
+            run(agentops(data.path()).args(["migrate", "--database", &db.url]));
+        assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+        assert!(stderr.contains("migrations applied"), "{stderr}");
+    }
+    let migrations = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(
+        match S::BACKEND {
+            Backend::Postgres => "../migrations/postgres",
+            Backend::Sqlite => "../migrations/sqlite",
+        },
+    ))
+    .unwrap()
+    .count() as i64;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+            .await,
+        migrations
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM sync_sources").await, 0);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM agents WHERE name IN ('cos', 'seed')")
+            .await,
+        2
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM project_progress").await, 0);
+}

@@ -1,0 +1,781 @@
+//! Shared helpers for the integration tests: scratch databases (Postgres and SQLite), real Git
+//! repositories in temporary directories, a syncer wired to both, and direct SQL assertions
+//! that read the same way on either backend.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+
+use agentops::reconcile::sync::{SyncReport, Syncer};
+use agentops::source::git::{GitSource, Location};
+use agentops::store::{PgStore, SqliteStore, Store};
+use git2::{Repository, RepositoryInitOptions, Signature};
+use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
+use tempfile::TempDir;
+
+pub const BRANCH: &str = "main";
+pub const SOURCE: &str = "default";
+const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Generate `mod $name { postgres, sqlite }` running the generic scenario `$name::<S>()` on
+/// each backend. A module and a function may share a name: they live in different namespaces.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn postgres() {
+                super::$name::<agentops::store::PgStore>().await;
+            }
+            #[tokio::test]
+            async fn sqlite() {
+                super::$name::<agentops::store::SqliteStore>().await;
+            }
+        }
+    )+};
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A store the tests can open by URL on a scratch database of its backend.
+pub trait TestStore: Store + Sized {
+    const BACKEND: Backend;
+    fn open(url: &str) -> impl Future<Output = Self>;
+}
+
+impl TestStore for PgStore {
+    const BACKEND: Backend = Backend::Postgres;
+    async fn open(url: &str) -> Self {
+        let store = PgStore::connect(url).await.expect("connect to Postgres");
+        store.migrate().await.expect("migrate Postgres");
+        store
+    }
+}
+
+impl TestStore for SqliteStore {
+    const BACKEND: Backend = Backend::Sqlite;
+    async fn open(url: &str) -> Self {
+        let store = SqliteStore::connect(url).await.expect("connect to SQLite");
+        store.migrate().await.expect("migrate SQLite");
+        store
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scratch databases
+// ---------------------------------------------------------------------------------------------
+
+pub fn admin_url() -> String {
+    std::env::var("AGENTOPS_TEST_POSTGRES").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
+}
+
+/// `url` with its database name replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    match base[authority..].find('/') {
+        Some(slash) => format!("{}/{database}{query}", &base[..authority + slash]),
+        None => format!("{base}/{database}{query}"),
+    }
+}
+
+/// A database of its own for one test: `agentops_t_<random>` on Postgres (dropped WITH (FORCE)
+/// when this value is dropped), a file in a temporary directory for SQLite. Holds a small pool
+/// of its own for assertions, apart from the store under test.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    pub pool: Pool,
+    pg_name: Option<String>,
+    _dir: Option<TempDir>,
+}
+
+pub enum Pool {
+    Pg(PgPool),
+    Sqlite(SqlitePool),
+}
+
+impl TestDb {
+    /// An empty database (no migrations applied).
+    pub async fn new(backend: Backend) -> TestDb {
+        match backend {
+            Backend::Postgres => {
+                let admin = admin_url();
+                let name = format!("agentops_t_{}", uuid::Uuid::new_v4().simple());
+                let admin_pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&admin)
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("connect to {admin} (set AGENTOPS_TEST_POSTGRES): {e}")
+                    });
+                sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&admin_pool)
+                    .await
+                    .expect("create the scratch database");
+                admin_pool.close().await;
+                let url = with_database(&admin, &name);
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect(&url)
+                    .await
+                    .expect("connect to the scratch database");
+                TestDb {
+                    backend,
+                    url,
+                    pool: Pool::Pg(pool),
+                    pg_name: Some(name),
+                    _dir: None,
+                }
+            }
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite://{}", dir.path().join("agentops.db").display());
+                let options: sqlx::sqlite::SqliteConnectOptions = url.parse().expect("sqlite url");
+                let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(
+                        options
+                            .create_if_missing(true)
+                            .busy_timeout(std::time::Duration::from_secs(30)),
+                    )
+                    .await
+                    .expect("open the SQLite file");
+                TestDb {
+                    backend,
+                    url,
+                    pool: Pool::Sqlite(pool),
+                    pg_name: None,
+                    _dir: Some(dir),
+                }
+            }
+        }
+    }
+
+    pub async fn rows<T>(&self, sql: &str) -> Vec<T>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>
+            + for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow>
+            + Send
+            + Unpin,
+    {
+        let sql = AssertSqlSafe(sql.to_owned());
+        match &self.pool {
+            Pool::Pg(pool) => sqlx::query_as(sql).fetch_all(pool).await,
+            Pool::Sqlite(pool) => sqlx::query_as(sql).fetch_all(pool).await,
+        }
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub async fn execute(&self, sql: &str) -> u64 {
+        let q = AssertSqlSafe(sql.to_owned());
+        match &self.pool {
+            Pool::Pg(pool) => sqlx::query(q)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+            Pool::Sqlite(pool) => sqlx::query(q)
+                .execute(pool)
+                .await
+                .map(|r| r.rows_affected()),
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let q = AssertSqlSafe(sql.to_owned());
+        match &self.pool {
+            Pool::Pg(pool) => sqlx::query_scalar(q).fetch_one(pool).await,
+            Pool::Sqlite(pool) => sqlx::query_scalar(q).fetch_one(pool).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub async fn text(&self, sql: &str) -> Option<String> {
+        let q = AssertSqlSafe(sql.to_owned());
+        match &self.pool {
+            Pool::Pg(pool) => sqlx::query_scalar(q).fetch_one(pool).await,
+            Pool::Sqlite(pool) => sqlx::query_scalar(q).fetch_one(pool).await,
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub async fn projects(&self) -> Vec<ProjectRow> {
+        self.rows(
+            "SELECT CAST(id AS text) AS id, name, title, status, generation, path, revision, \
+             spec_hash, status_message, CAST(pruned_at AS text) AS pruned_at, \
+             CAST(updated_at AS text) AS updated_at \
+             FROM projects WHERE source IS NOT NULL ORDER BY name",
+        )
+        .await
+    }
+
+    pub async fn project(&self, name: &str) -> ProjectRow {
+        let rows = self.projects().await;
+        rows.iter()
+            .find(|p| p.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no project `{name}` in {rows:#?}"))
+    }
+
+    pub async fn tasks(&self) -> Vec<TaskRow> {
+        self.rows(
+            "SELECT CAST(t.id AS text) AS id, p.name AS project, t.name, t.title, t.status, \
+             t.generation, t.path, t.revision, t.spec_hash, t.status_message, \
+             CAST(t.pruned_at AS text) AS pruned_at, CAST(t.updated_at AS text) AS updated_at, \
+             CAST(t.attempt AS bigint) AS attempt, CAST(t.depends_on AS text) AS depends_on \
+             FROM tasks t JOIN projects p ON p.id = t.project_id \
+             WHERE t.source IS NOT NULL ORDER BY p.name, t.name",
+        )
+        .await
+    }
+
+    pub async fn task(&self, project: &str, name: &str) -> TaskRow {
+        let rows = self.tasks().await;
+        rows.iter()
+            .find(|t| t.project == project && t.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no task `{project}/{name}` in {rows:#?}"))
+    }
+
+    pub async fn task_names(&self) -> Vec<String> {
+        self.tasks()
+            .await
+            .into_iter()
+            .map(|t| format!("{}/{}", t.project, t.name))
+            .collect()
+    }
+
+    /// Agents declared in Git (the seeded `cos` and `seed` rows have no source).
+    pub async fn agents(&self) -> Vec<AgentRow> {
+        self.rows(
+            "SELECT CAST(id AS text) AS id, name, type, status, generation, path, revision, \
+             spec_hash, status_message, CAST(pruned_at AS text) AS pruned_at \
+             FROM agents WHERE source IS NOT NULL ORDER BY name",
+        )
+        .await
+    }
+
+    pub async fn agent(&self, name: &str) -> AgentRow {
+        let rows = self.agents().await;
+        rows.iter()
+            .find(|a| a.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no agent `{name}` in {rows:#?}"))
+    }
+
+    pub async fn sources(&self) -> Vec<SourceRow> {
+        self.rows(
+            "SELECT name, url, branch, revision, tree_oid, CAST(synced_at AS text) AS synced_at, \
+             CAST(errors AS text) AS errors FROM sync_sources ORDER BY name",
+        )
+        .await
+    }
+
+    pub async fn source(&self) -> SourceRow {
+        let rows = self.sources().await;
+        assert_eq!(rows.len(), 1, "one sync source expected: {rows:#?}");
+        rows.into_iter().next().unwrap()
+    }
+
+    /// Events as (type, payload), oldest first.
+    pub async fn events(&self) -> Vec<(String, serde_json::Value)> {
+        let rows: Vec<EventRow> = self
+            .rows(
+                "SELECT event_type, CAST(payload AS text) AS payload FROM events \
+                 ORDER BY created_at, event_type",
+            )
+            .await;
+        rows.into_iter()
+            .map(|e| {
+                let payload = serde_json::from_str(&e.payload).expect("event payload is JSON");
+                (e.event_type, payload)
+            })
+            .collect()
+    }
+
+    pub async fn events_of(&self, event_type: &str) -> Vec<serde_json::Value> {
+        self.events()
+            .await
+            .into_iter()
+            .filter(|(t, _)| t == event_type)
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    pub async fn event_counts(&self) -> BTreeMap<String, i64> {
+        let mut counts = BTreeMap::new();
+        for (t, _) in self.events().await {
+            *counts.entry(t).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Postgres only: `sum(xmin)` per table, which moves with any write to a row, even one
+    /// that leaves every value as it was.
+    pub async fn xmin(&self, tables: &[&str]) -> Option<Vec<i64>> {
+        if self.backend != Backend::Postgres {
+            return None;
+        }
+        let mut sums = Vec::new();
+        for table in tables {
+            sums.push(
+                self.scalar(&format!(
+                    "SELECT CAST(coalesce(sum(xmin::text::bigint), 0) AS bigint) FROM {table}"
+                ))
+                .await,
+            );
+        }
+        Some(sums)
+    }
+
+    /// Everything a no-op sync must leave untouched.
+    pub async fn snapshot(&self) -> DbSnapshot {
+        DbSnapshot {
+            projects: self.projects().await,
+            tasks: self.tasks().await,
+            agents: self.agents().await,
+            events: self.event_counts().await,
+            sources: self.sources().await,
+            xmin_objects: self.xmin(&["projects", "tasks", "agents", "events"]).await,
+            xmin_sources: self.xmin(&["sync_sources"]).await,
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
+        // Drop may run inside the test's runtime: do the async work on a thread of its own.
+        let admin = admin_url();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&admin)
+                    .await?;
+                sqlx::raw_sql(AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&pool)
+                .await?;
+                pool.close().await;
+                Ok::<(), sqlx::Error>(())
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = dropped {
+            eprintln!("could not drop the scratch database: {e}");
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ProjectRow {
+    pub id: String,
+    pub name: String,
+    pub title: Option<String>,
+    pub status: String,
+    pub generation: i64,
+    pub path: Option<String>,
+    pub revision: Option<String>,
+    pub spec_hash: Option<String>,
+    pub status_message: Option<String>,
+    pub pruned_at: Option<String>,
+    pub updated_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct TaskRow {
+    pub id: String,
+    pub project: String,
+    pub name: String,
+    pub title: String,
+    pub status: String,
+    pub generation: i64,
+    pub path: Option<String>,
+    pub revision: Option<String>,
+    pub spec_hash: Option<String>,
+    pub status_message: Option<String>,
+    pub pruned_at: Option<String>,
+    pub updated_at: Option<String>,
+    pub attempt: i64,
+    pub depends_on: String,
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct AgentRow {
+    pub id: String,
+    pub name: String,
+    #[sqlx(rename = "type")]
+    pub agent_type: String,
+    pub status: String,
+    pub generation: i64,
+    pub path: Option<String>,
+    pub revision: Option<String>,
+    pub spec_hash: Option<String>,
+    pub status_message: Option<String>,
+    pub pruned_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct SourceRow {
+    pub name: String,
+    pub url: String,
+    pub branch: String,
+    pub revision: Option<String>,
+    pub tree_oid: Option<String>,
+    pub synced_at: Option<String>,
+    pub errors: String,
+}
+
+impl SourceRow {
+    pub fn errors(&self) -> serde_json::Value {
+        serde_json::from_str(&self.errors).expect("sync_sources.errors is JSON")
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    event_type: String,
+    payload: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DbSnapshot {
+    pub projects: Vec<ProjectRow>,
+    pub tasks: Vec<TaskRow>,
+    pub agents: Vec<AgentRow>,
+    pub events: BTreeMap<String, i64>,
+    pub sources: Vec<SourceRow>,
+    pub xmin_objects: Option<Vec<i64>>,
+    pub xmin_sources: Option<Vec<i64>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Git repositories
+// ---------------------------------------------------------------------------------------------
+
+/// A non-bare repository in a temporary directory, on branch `main`.
+pub struct GitRepo {
+    pub dir: TempDir,
+    repo: Repository,
+}
+
+impl Default for GitRepo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GitRepo {
+    pub fn new() -> GitRepo {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let repo = Repository::init_opts(
+            dir.path(),
+            RepositoryInitOptions::new().initial_head(BRANCH),
+        )
+        .expect("git init");
+        GitRepo { dir, repo }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Write (`Some`) or delete (`None`) files, relative to the top, and commit them all.
+    /// Returns the revision as the controller spells it.
+    pub fn commit(&self, message: &str, changes: &[(&str, Option<&str>)]) -> String {
+        let mut index = self.repo.index().expect("index");
+        for (path, content) in changes {
+            let full = self.path().join(path);
+            match content {
+                Some(content) => {
+                    std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+                    std::fs::write(&full, content).unwrap();
+                    index.add_path(Path::new(path)).expect("git add");
+                }
+                None => {
+                    std::fs::remove_file(&full).unwrap_or_else(|e| panic!("rm {path}: {e}"));
+                    index.remove_path(Path::new(path)).expect("git rm");
+                }
+            }
+        }
+        index.write().expect("write index");
+        let tree = self
+            .repo
+            .find_tree(index.write_tree().expect("write tree"))
+            .unwrap();
+        let signature = Signature::now("Test", "test@example.com").unwrap();
+        let parent = self.repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+        let oid = self
+            .repo
+            .commit(
+                Some("HEAD"),
+                &signature,
+                &signature,
+                message,
+                &tree,
+                &parents,
+            )
+            .expect("git commit");
+        format!("{BRANCH}@sha1:{oid}")
+    }
+
+    /// `git mv` with the content unchanged, committed.
+    pub fn rename(&self, from: &str, to: &str) -> String {
+        let content = std::fs::read_to_string(self.path().join(from)).unwrap();
+        self.commit(
+            &format!("mv {from} {to}"),
+            &[(from, None), (to, Some(&content))],
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A syncer on a repository and a scratch database
+// ---------------------------------------------------------------------------------------------
+
+pub fn git_source(location: &Path, data_dir: &Path) -> GitSource {
+    let location = Location::resolve(location.to_str().unwrap()).expect("resolve the location");
+    GitSource::new(location, BRANCH, "", data_dir, None)
+}
+
+/// Fields drop in order: the syncer (and its pool) before the database it points at.
+pub struct Env<S: TestStore> {
+    pub syncer: Syncer<S>,
+    pub db: TestDb,
+    pub repo: GitRepo,
+    /// Set when the source is a plain folder rather than `repo`.
+    pub folder: Option<TempDir>,
+    pub data: TempDir,
+    /// Revisions made by `commit`, for `label`.
+    revisions: Vec<String>,
+    events_seen: BTreeMap<String, i64>,
+}
+
+impl<S: TestStore> Env<S> {
+    /// A syncer on a new, empty Git repository.
+    pub async fn new() -> Env<S> {
+        Self::build(None).await
+    }
+
+    /// A syncer on a folder that is not a Git repository.
+    pub async fn folder() -> Env<S> {
+        Self::build(Some(tempfile::tempdir().expect("temp dir"))).await
+    }
+
+    async fn build(folder: Option<TempDir>) -> Env<S> {
+        let repo = GitRepo::new();
+        let db = TestDb::new(S::BACKEND).await;
+        let data = tempfile::tempdir().expect("temp dir");
+        let store = S::open(&db.url).await;
+        let location = folder.as_ref().map_or(repo.path(), |f| f.path());
+        let source = git_source(location, data.path());
+        Env {
+            syncer: Syncer::new(source, SOURCE, store),
+            db,
+            repo,
+            folder,
+            data,
+            revisions: Vec::new(),
+            events_seen: BTreeMap::new(),
+        }
+    }
+
+    pub async fn sync(&mut self) -> SyncReport {
+        self.syncer.sync().await.expect("sync")
+    }
+
+    /// A syncer as a new controller process would have it: its own store connection, nothing
+    /// in memory, the same database, repository and data directory.
+    pub async fn fresh_syncer(&self) -> Syncer<S> {
+        let store = S::open(&self.db.url).await;
+        Syncer::new(self.syncer.source().clone(), SOURCE, store)
+    }
+
+    /// Commit to the repository; the revision is remembered as `c1`, `c2`, … for `label`.
+    pub fn commit(&mut self, message: &str, changes: &[(&str, Option<&str>)]) -> String {
+        let revision = self.repo.commit(message, changes);
+        self.revisions.push(revision.clone());
+        revision
+    }
+
+    pub fn rename(&mut self, from: &str, to: &str) -> String {
+        let revision = self.repo.rename(from, to);
+        self.revisions.push(revision.clone());
+        revision
+    }
+
+    /// `c<N>` for the N-th commit made through this env, the revision itself otherwise.
+    pub fn label(&self, revision: Option<&str>) -> String {
+        let Some(revision) = revision else {
+            return "@-".to_owned();
+        };
+        match self.revisions.iter().position(|r| r == revision) {
+            Some(i) => format!("@c{}", i + 1),
+            None => format!("@{revision}"),
+        }
+    }
+
+    /// Every Git-managed task as one line:
+    /// `project/name status gN path @cN "title"[ pruned][ ! message]`.
+    pub async fn task_lines(&self) -> Vec<String> {
+        self.db
+            .tasks()
+            .await
+            .iter()
+            .map(|t| {
+                let mut line = format!(
+                    "{}/{} {} g{} {} {} {:?}",
+                    t.project,
+                    t.name,
+                    t.status,
+                    t.generation,
+                    t.path.as_deref().unwrap_or("-"),
+                    self.label(t.revision.as_deref()),
+                    t.title
+                );
+                flags(
+                    &mut line,
+                    t.pruned_at.as_deref(),
+                    t.status_message.as_deref(),
+                );
+                line
+            })
+            .collect()
+    }
+
+    /// Every Git-managed project as `name status gN path @cN "title"[ pruned][ ! message]`.
+    pub async fn project_lines(&self) -> Vec<String> {
+        self.db
+            .projects()
+            .await
+            .iter()
+            .map(|p| {
+                let mut line = format!(
+                    "{} {} g{} {} {} {:?}",
+                    p.name,
+                    p.status,
+                    p.generation,
+                    p.path.as_deref().unwrap_or("-"),
+                    self.label(p.revision.as_deref()),
+                    p.title.as_deref().unwrap_or("")
+                );
+                flags(
+                    &mut line,
+                    p.pruned_at.as_deref(),
+                    p.status_message.as_deref(),
+                );
+                line
+            })
+            .collect()
+    }
+
+    /// Every Git-managed agent as `name type status gN path @cN[ pruned][ ! message]`.
+    pub async fn agent_lines(&self) -> Vec<String> {
+        self.db
+            .agents()
+            .await
+            .iter()
+            .map(|a| {
+                let mut line = format!(
+                    "{} {} {} g{} {} {}",
+                    a.name,
+                    a.agent_type,
+                    a.status,
+                    a.generation,
+                    a.path.as_deref().unwrap_or("-"),
+                    self.label(a.revision.as_deref()),
+                );
+                flags(
+                    &mut line,
+                    a.pruned_at.as_deref(),
+                    a.status_message.as_deref(),
+                );
+                line
+            })
+            .collect()
+    }
+
+    /// Events written since the last call, counted by type.
+    pub async fn new_events(&mut self) -> BTreeMap<String, i64> {
+        let now = self.db.event_counts().await;
+        let mut delta = BTreeMap::new();
+        for (t, n) in &now {
+            let before = self.events_seen.get(t).copied().unwrap_or(0);
+            if *n != before {
+                delta.insert(t.clone(), n - before);
+            }
+        }
+        self.events_seen = now;
+        delta
+    }
+}
+
+fn flags(line: &mut String, pruned_at: Option<&str>, message: Option<&str>) {
+    if pruned_at.is_some() {
+        line.push_str(" pruned");
+    }
+    if let Some(message) = message {
+        line.push_str(" ! ");
+        line.push_str(message);
+    }
+}
+
+/// `{"type": count, …}` from pairs, to compare with `Env::new_events`.
+pub fn counts(pairs: &[(&str, i64)]) -> BTreeMap<String, i64> {
+    pairs.iter().map(|(t, n)| ((*t).to_owned(), *n)).collect()
+}
+
+/// Assert a report of a step that wrote nothing at all.
+pub fn assert_noop(report: &SyncReport) {
+    assert_eq!(report.object_writes, 0, "{report:?}");
+    assert_eq!(report.events, 0, "{report:?}");
+    assert!(!report.cursor_moved, "{report:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Spec fixtures
+// ---------------------------------------------------------------------------------------------
+
+pub const API: &str = "apiVersion: agentops.dev/v1alpha1";
+
+pub fn project(name: &str, title: &str) -> String {
+    format!("{API}\nkind: Project\nmetadata:\n  name: {name}\nspec:\n  title: {title}\n")
+}
+
+/// A task for `projects/<p>/tasks/`, its project taken from the folder.
+pub fn task(name: &str, title: &str) -> String {
+    format!(
+        "{API}\nkind: Task\nmetadata:\n  name: {name}\nspec:\n  title: {title}\n  action:\n    prompt: Do {name}\n"
+    )
+}
+
+/// A task naming its project, for files outside `projects/<p>/tasks/`.
+pub fn task_in(project: &str, name: &str, title: &str) -> String {
+    format!(
+        "{API}\nkind: Task\nmetadata:\n  name: {name}\nspec:\n  project: {project}\n  title: {title}\n  action:\n    prompt: Do {name}\n"
+    )
+}
+
+pub fn agent(name: &str, capabilities: &str) -> String {
+    format!(
+        "{API}\nkind: Agent\nmetadata:\n  name: {name}\nspec:\n  type: specialist\n  capabilities: [{capabilities}]\n"
+    )
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The test command: starts (and if needed installs) PostgreSQL, Redis and NATS JetStream,
+# then runs formatting and lint checks and every test of the workspace against them.
+# Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need_packages=()
+command -v git >/dev/null || need_packages+=(git)
+command -v cc >/dev/null || need_packages+=(build-essential)
+command -v pkg-config >/dev/null || need_packages+=(pkg-config)
+dpkg -s libssl-dev >/dev/null 2>&1 || need_packages+=(libssl-dev)
+command -v pg_ctlcluster >/dev/null || need_packages+=(postgresql)
+command -v redis-server >/dev/null || need_packages+=(redis-server)
+command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || need_packages+=(nats-server)
+if [ ${#need_packages[@]} -gt 0 ]; then
+  echo "installing: ${need_packages[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_packages[@]}"
+fi
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() {
+  for _ in $(seq 1 50); do port_open "$1" && return 0; sleep 0.2; done
+  echo "$2 did not start on port $1" >&2; return 1
+}
+
+if ! port_open 5432; then
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start
+  wait_port 5432 PostgreSQL
+  # A fresh package install only lets the postgres user in with a password over TCP; the
+  # tests log in as postgres/postgres (a trust-auth server ignores the password).
+  as_root su postgres -c "psql -qc \"ALTER USER postgres PASSWORD 'postgres'\"" || true
+fi
+if ! port_open 6379; then
+  as_root mkdir -p /var/lib/redis /var/log/redis
+  as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/agentops-test.log
+  wait_port 6379 Redis
+fi
+if ! port_open 4222; then
+  nats=$(command -v nats-server || echo /usr/sbin/nats-server)
+  as_root mkdir -p /var/lib/nats-server
+  as_root start-stop-daemon --start --oknodo --background --exec "$nats" -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log
+  wait_port 4222 NATS
+fi
+
+export AGENTOPS_TEST_POSTGRES="${AGENTOPS_TEST_POSTGRES:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked "$@"
