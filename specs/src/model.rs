@@ -70,7 +70,7 @@ impl Priority {
     pub fn new(value: i64) -> Option<Priority> {
         (0..=i64::from(Self::MAX))
             .contains(&value)
-            .then(|| Priority(value as u8))
+            .then_some(Priority(value as u8))
     }
 
     pub fn from_word(word: &str) -> Option<Priority> {

@@ -4,7 +4,11 @@
 //! A file is read in two passes. The first reads only each document's `apiVersion` and `kind`,
 //! tolerating anything else, so that files (and documents) of other tools are ignored rather
 //! than reported. The second reads the documents that are ours with the strict, typed shape of
-//! their kind, so that unknown fields and wrong types are errors at their own position.
+//! their kind, so that unknown fields and wrong types are errors at their own position. Each
+//! document of the second pass is read on its own: the first problem of one document is
+//! reported and the next document is still read. YAML that cannot be read at all (syntax, size,
+//! encoding, alias bombs, nesting) gives one error for the file, and only when a line of it
+//! names our `apiVersion`.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -44,7 +48,7 @@ impl ParsedFile {
 /// Parse one file. `path` is relative to the synced root, with `/` separators; it is used in
 /// diagnostics and to infer a task's project from `projects/<p>/tasks/`.
 pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
-    let mentions_us = contains(bytes, API_GROUP.as_bytes());
+    let mentions_us = mentions_us(bytes);
     let fail = |pos: Pos, message: String| ParsedFile {
         objects: Vec::new(),
         errors: vec![Diagnostic::new(path, pos, message)],
@@ -116,10 +120,10 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
                 continue;
             }
             Ok(AnyDoc::Skip) => continue,
-            Ok(AnyDoc::Project(d)) => finish_project(path, at, d, &mut file.errors),
-            Ok(AnyDoc::Agent(d)) => finish_agent(path, at, d, &mut file.errors),
-            Ok(AnyDoc::Tool(d)) => finish_tool(path, at, d, &mut file.errors),
-            Ok(AnyDoc::Task(d)) => finish_task(path, at, d, &mut file.errors),
+            Ok(AnyDoc::Project(d)) => finish_project(path, at, *d, &mut file.errors),
+            Ok(AnyDoc::Agent(d)) => finish_agent(path, at, *d, &mut file.errors),
+            Ok(AnyDoc::Tool(d)) => finish_tool(path, at, *d, &mut file.errors),
+            Ok(AnyDoc::Task(d)) => finish_task(path, at, *d, &mut file.errors),
         };
         if let Some(object) = object {
             file.objects.push(object);
@@ -264,7 +268,11 @@ fn yaml_lines(text: &str) -> impl Iterator<Item = &str> {
                 Some(s)
             }
             Some(i) => {
-                let next = if s[i..].starts_with("\r\n") { i + 2 } else { i + 1 };
+                let next = if s[i..].starts_with("\r\n") {
+                    i + 2
+                } else {
+                    i + 1
+                };
                 rest = Some(&s[next..]);
                 Some(&s[..i])
             }
@@ -302,8 +310,17 @@ fn pos_of_byte(bytes: &[u8], offset: usize) -> Pos {
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+/// Whether a file says it holds our resources: a line naming `apiVersion` and then our group.
+/// Only a file that does gets its unreadable YAML (or size, or encoding) reported; a Helm
+/// template or a Role that merely mentions `agentops.dev` is someone else's.
+fn mentions_us(bytes: &[u8]) -> bool {
+    bytes.split(|b| *b == b'\n' || *b == b'\r').any(|line| {
+        find(line, b"apiVersion").is_some_and(|i| find(&line[i..], API_GROUP.as_bytes()).is_some())
+    })
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Decide from the envelope how the second pass reads a document: `None` skips it.
@@ -493,10 +510,10 @@ thread_local! {
 /// The second pass: one document, read with the strict shape of its kind.
 enum AnyDoc {
     Skip,
-    Project(RawDoc<RawProjectSpec>),
-    Task(RawDoc<RawTaskSpec>),
-    Agent(RawDoc<RawAgentSpec>),
-    Tool(RawDoc<RawToolSpec>),
+    Project(Box<RawDoc<RawProjectSpec>>),
+    Task(Box<RawDoc<RawTaskSpec>>),
+    Agent(Box<RawDoc<RawAgentSpec>>),
+    Tool(Box<RawDoc<RawToolSpec>>),
 }
 
 impl<'de> Deserialize<'de> for AnyDoc {
@@ -507,10 +524,10 @@ impl<'de> Deserialize<'de> for AnyDoc {
                 IgnoredAny::deserialize(d)?;
                 AnyDoc::Skip
             }
-            Some(Kind::Project) => AnyDoc::Project(RawDoc::deserialize(d)?),
-            Some(Kind::Task) => AnyDoc::Task(RawDoc::deserialize(d)?),
-            Some(Kind::Agent) => AnyDoc::Agent(RawDoc::deserialize(d)?),
-            Some(Kind::Tool) => AnyDoc::Tool(RawDoc::deserialize(d)?),
+            Some(Kind::Project) => AnyDoc::Project(Box::deserialize(d)?),
+            Some(Kind::Task) => AnyDoc::Task(Box::deserialize(d)?),
+            Some(Kind::Agent) => AnyDoc::Agent(Box::deserialize(d)?),
+            Some(Kind::Tool) => AnyDoc::Tool(Box::deserialize(d)?),
         })
     }
 }
@@ -778,6 +795,10 @@ fn bounded(
     }
 }
 
+/// The metadata with the name's position, and the spec with its key's position; `None` for
+/// either when it is missing or unusable (and reported).
+type Header<S> = (Option<(ObjectMeta, Pos)>, Option<(S, Pos)>);
+
 /// The metadata and spec of a document, each reported where it is missing or empty.
 fn header<S>(
     path: &str,
@@ -785,7 +806,7 @@ fn header<S>(
     kind: Kind,
     doc: RawDoc<S>,
     errors: &mut Vec<Diagnostic>,
-) -> (Option<(ObjectMeta, Pos)>, Option<(S, Pos)>) {
+) -> Header<S> {
     let metadata = match doc.metadata {
         None => {
             errors.push(Diagnostic::new(path, at, "missing field `metadata`"));
@@ -807,7 +828,7 @@ fn header<S>(
                 }
                 Some(name) => {
                     let pos = pos_of(&name.referenced);
-                    check_name(path, pos, "name", &name.value, errors).then(|| {
+                    check_name(path, pos, "name", &name.value, errors).then_some({
                         (
                             ObjectMeta {
                                 name: name.value,

@@ -145,14 +145,14 @@ pub fn validate_with_known<O: Borrow<Object>>(
     for cycle in find_cycles(&order, &edges) {
         let (at, pos) = cycle.closing;
         let label = |i: usize| match objects[i].key() {
-            ObjectKey::Task { project, name } if project == task_project(&objects[at]) => name,
+            ObjectKey::Task { project, name } if project == task_project(objects[at]) => name,
             ObjectKey::Task { project, name } => format!("{project}/{name}"),
             other => other.to_string(),
         };
         let mut path: Vec<String> = cycle.members.iter().map(|&i| label(i)).collect();
         path.push(label(cycle.members[0]));
         v.report(
-            &objects[at],
+            objects[at],
             pos,
             format!("dependency cycle: {}", path.join(" → ")),
             &cycle.members,

@@ -55,6 +55,35 @@ struct FileEntry {
     last_good: Vec<(Object, String)>,
 }
 
+/// What of a file can change the verdict of validation on other objects: the objects it
+/// declares and what they depend on. `None` while the file is broken.
+type Shape = Option<Vec<(ObjectKey, Vec<String>)>>;
+
+impl FileEntry {
+    fn shape(&self) -> Shape {
+        self.errors.is_empty().then(|| {
+            self.objects
+                .iter()
+                .map(|(o, _)| {
+                    let deps = match &o.spec {
+                        agentops_specs::Spec::Task(t) => t.depends_on.clone(),
+                        _ => Vec::new(),
+                    };
+                    (o.key(), deps)
+                })
+                .collect()
+        })
+    }
+}
+
+/// A file a step parsed or removed.
+#[derive(Debug)]
+struct Touched {
+    path: String,
+    /// Its shape before the step; `None` when it is new.
+    before: Option<Shape>,
+}
+
 #[derive(Debug, Default)]
 struct Index {
     tree: Option<Oid>,
@@ -133,34 +162,42 @@ impl Progress {
 
 impl Index {
     /// Read and parse the changed files. Parsing runs on every core while this thread reads
-    /// blobs, since a cold sync of a large repository is mostly parsing. Returns the number of
-    /// files parsed and the number removed from the index.
+    /// blobs, since a cold sync of a large repository is mostly parsing. Returns the files
+    /// that were parsed or removed, each with its shape before the change (`None` for a file
+    /// that was not in the index).
     fn apply(
         &mut self,
         repo: &Repository,
         changes: Vec<FileChange>,
-    ) -> Result<(usize, usize), SourceError> {
+    ) -> Result<Vec<Touched>, SourceError> {
         let mut progress = Progress::new(changes.len());
         let mut to_parse = Vec::new();
-        let mut removed = 0;
+        let mut touched = Vec::new();
         for change in changes {
             match change.blob {
                 None => {
-                    if self.files.remove(&change.path).is_some() {
-                        removed += 1;
+                    if let Some(old) = self.files.remove(&change.path) {
+                        touched.push(Touched {
+                            path: change.path,
+                            before: Some(old.shape()),
+                        });
                     }
                     progress.tick();
                 }
                 Some(blob) => {
-                    if self.files.get(&change.path).and_then(|f| f.blob) == Some(blob) {
+                    let old = self.files.get(&change.path);
+                    if old.and_then(|f| f.blob) == Some(blob) {
                         progress.tick();
                         continue;
                     }
+                    touched.push(Touched {
+                        path: change.path.clone(),
+                        before: old.map(FileEntry::shape),
+                    });
                     to_parse.push((change.path, blob));
                 }
             }
         }
-        let parsed_count = to_parse.len();
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<(String, Oid, Vec<u8>)>(256);
         let work_rx = std::sync::Mutex::new(work_rx);
@@ -215,7 +252,7 @@ impl Index {
             let _ = collector.join();
             read
         })?;
-        Ok((parsed_count, removed))
+        Ok(touched)
     }
 }
 
@@ -251,6 +288,8 @@ pub struct Syncer<S> {
     store: S,
     index: Option<Index>,
     current: Option<Current>,
+    /// Objects the last full decision found invalid.
+    invalid: HashSet<ObjectKey>,
 }
 
 impl<S: Store> Syncer<S> {
@@ -267,6 +306,7 @@ impl<S: Store> Syncer<S> {
             store,
             index: None,
             current: None,
+            invalid: HashSet::new(),
         }
     }
 
@@ -297,17 +337,17 @@ impl<S: Store> Syncer<S> {
         let warm = self.index.is_some();
         let mut index = self.index.take().unwrap_or_default();
         let source = self.source.clone();
-        let (index, snapshot, files_parsed, files_removed) = tokio::task::spawn_blocking(
-            move || -> Result<(Index, Snapshot, usize, usize), SourceError> {
+        let (index, snapshot, touched) = tokio::task::spawn_blocking(
+            move || -> Result<(Index, Snapshot, Vec<Touched>), SourceError> {
                 let repo = source.open()?;
                 let snapshot = source.fetch(&repo)?;
-                let (mut parsed, mut removed) = (0, 0);
+                let mut touched = Vec::new();
                 if index.tree != Some(snapshot.tree) {
                     let changes = git::changes(&repo, index.tree, snapshot.tree)?;
-                    (parsed, removed) = index.apply(&repo, changes)?;
+                    touched = index.apply(&repo, changes)?;
                     index.tree = Some(snapshot.tree);
                 }
-                Ok((index, snapshot, parsed, removed))
+                Ok((index, snapshot, touched))
             },
         )
         .await
@@ -316,6 +356,10 @@ impl<S: Store> Syncer<S> {
         let current = self.current.as_mut().expect("loaded above");
 
         let tree = snapshot.tree.to_string();
+        let files_parsed = touched
+            .iter()
+            .filter(|t| index.files.contains_key(&t.path))
+            .count();
         let mut report = SyncReport {
             revision: snapshot.revision.clone(),
             files_parsed,
@@ -323,7 +367,7 @@ impl<S: Store> Syncer<S> {
             ..SyncReport::default()
         };
 
-        if warm && files_parsed == 0 && files_removed == 0 {
+        if warm && touched.is_empty() {
             // No spec file changed or went away since the last step, which the store already
             // reflects: at most the cursor moves.
             if let Some(cursor) = current
@@ -350,7 +394,26 @@ impl<S: Store> Syncer<S> {
         }
 
         let started = Instant::now();
-        let desired_plan = decide(index, current, &snapshot.revision, &tree);
+        let desired_plan = match warm
+            .then(|| {
+                decide_touched(
+                    index,
+                    &touched,
+                    &self.invalid,
+                    current,
+                    &snapshot.revision,
+                    &tree,
+                )
+            })
+            .flatten()
+        {
+            Some(plan) => plan,
+            None => {
+                let (plan, invalid) = decide(index, current, &snapshot.revision, &tree);
+                self.invalid = invalid;
+                plan
+            }
+        };
         report.decide = started.elapsed();
         let started = Instant::now();
         self.store.apply(&self.info, &desired_plan).await?;
@@ -368,8 +431,14 @@ impl<S: Store> Syncer<S> {
     }
 }
 
-/// Build the desired state from the index and plan against the current one.
-fn decide<'a>(index: &'a Index, current: &Current, revision: &str, tree: &str) -> plan::Plan<'a> {
+/// Build the desired state from the whole index, validate it, and plan against the current
+/// state. Also returns the objects found invalid.
+fn decide<'a>(
+    index: &'a Index,
+    current: &Current,
+    revision: &str,
+    tree: &str,
+) -> (plan::Plan<'a>, HashSet<ObjectKey>) {
     let mut objects: Vec<&'a Object> = Vec::new();
     let mut hashes: Vec<&'a str> = Vec::new();
     let mut desired = Desired::default();
@@ -411,5 +480,74 @@ fn decide<'a>(index: &'a Index, current: &Current, revision: &str, tree: &str) -
             desired.objects.push((object, hashes[i]));
         }
     }
-    plan::plan(&desired, current, revision, tree, uuid::Uuid::new_v4)
+    let invalid = desired.invalid.iter().map(|o| o.key()).collect();
+    (
+        plan::plan(&desired, current, revision, tree, uuid::Uuid::new_v4),
+        invalid,
+    )
+}
+
+/// The common edit, decided without looking at the rest of the repository: files whose
+/// objects keep their names and dependencies, none of which was invalid. Validation would
+/// reach the same verdict as last time for every object, so only the touched objects need
+/// planning, against their own rows. `None` when the step changes more than that.
+fn decide_touched<'a>(
+    index: &'a Index,
+    touched: &[Touched],
+    invalid: &HashSet<ObjectKey>,
+    current: &Current,
+    revision: &str,
+    tree: &str,
+) -> Option<plan::Plan<'a>> {
+    let cursor = current.cursor.as_ref()?;
+    let mut desired = Desired {
+        diagnostics: cursor.errors.clone(),
+        ..Desired::default()
+    };
+    let mut scope = Current {
+        objects: HashMap::new(),
+        cursor: Some(cursor.clone()),
+    };
+    let mut projects = HashSet::new();
+    for t in touched {
+        let file = index.files.get(&t.path)?;
+        let before = t.before.as_ref()?.as_ref()?;
+        if file.shape().as_ref() != Some(before) {
+            return None;
+        }
+        for (object, hash) in &file.objects {
+            let key = object.key();
+            if invalid.contains(&key) {
+                return None;
+            }
+            let row = current.objects.get(&key)?;
+            scope.objects.insert(key, row.clone());
+            desired.objects.push((object, hash.as_str()));
+            if let agentops_specs::Spec::Task(task) = &object.spec {
+                projects.insert(ObjectKey::Project(task.project.clone()));
+            }
+        }
+    }
+    // A task's row needs its project's: bring the (unchanged) project into scope as declared,
+    // so the plan resolves the id and sees nothing to write for it.
+    for project in projects {
+        if scope.objects.contains_key(&project) {
+            continue;
+        }
+        if invalid.contains(&project) {
+            return None;
+        }
+        let row = current.objects.get(&project)?;
+        let file = index.files.get(row.path.as_deref()?)?;
+        let (object, hash) = file.objects.iter().find(|(o, _)| o.key() == project)?;
+        scope.objects.insert(project, row.clone());
+        desired.objects.push((object, hash.as_str()));
+    }
+    Some(plan::plan(
+        &desired,
+        &scope,
+        revision,
+        tree,
+        uuid::Uuid::new_v4,
+    ))
 }
