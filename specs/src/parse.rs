@@ -76,6 +76,16 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
         Err(_) => return ParsedFile::default(),
     };
 
+    single_document_fast_path(path, text).unwrap_or_else(|| parse_text(path, text, mentions_us))
+}
+
+/// The general path: any number of documents, ours or not, in any YAML style.
+fn parse_text(path: &str, text: &str, mentions_us: bool) -> ParsedFile {
+    let fail = |pos: Pos, message: String| ParsedFile {
+        objects: Vec::new(),
+        errors: vec![Diagnostic::new(path, pos, message)],
+        ours: true,
+    };
     let envelopes = match saphyr_multi::<Spanned<Envelope>>(text) {
         Ok(envelopes) => envelopes,
         Err(d) if mentions_us => return fail(d.0, d.1),
@@ -130,6 +140,76 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
         }
     }
     file
+}
+
+/// Most spec files hold one block-style document that starts with its `apiVersion` and
+/// `kind` lines. For those, the envelope pass can be read off the lines, and the file parsed
+/// once instead of twice, which halves the cost of a cold sync. Anything unusual (several
+/// documents, flow style, quoting, an error) returns `None` and takes the general path, so
+/// the result, errors included, is always the general path's.
+fn single_document_fast_path(path: &str, text: &str) -> Option<ParsedFile> {
+    let mut api_version = None;
+    let mut kind = None;
+    let mut first_content = None;
+    for (n, line) in text.split('\n').enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.starts_with("---") || line.starts_with("...") || line.contains('\r') {
+            return None;
+        }
+        let content = line.trim_start();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        if first_content.is_none() {
+            if !line.starts_with(|c: char| c.is_ascii_alphabetic()) {
+                return None;
+            }
+            first_content = Some(n);
+        }
+        let value = |key: &str| {
+            line.strip_prefix(key)
+                .map(|rest| rest.split(" #").next().unwrap_or_default().trim())
+        };
+        if let Some(v) = value("apiVersion:") {
+            if api_version.replace(v).is_some() {
+                return None;
+            }
+        } else if let Some(v) = value("kind:")
+            && kind.replace(v).is_some()
+        {
+            return None;
+        }
+    }
+    if api_version? != API_VERSION {
+        return None;
+    }
+    let kind = Kind::parse(kind?)?;
+    let at = Pos {
+        line: u32::try_from(first_content? + 1).ok()?,
+        column: 1,
+    };
+    let doc = DOC_PLAN.with(|p| {
+        *p.borrow_mut() = VecDeque::from([Some(kind)]);
+        let doc = serde_saphyr::from_str_with_options::<AnyDoc>(text, options());
+        p.borrow_mut().clear();
+        doc
+    });
+    let mut errors = Vec::new();
+    let object = match doc.ok()? {
+        AnyDoc::Skip => return None,
+        AnyDoc::Project(d) => finish_project(path, at, *d, &mut errors),
+        AnyDoc::Agent(d) => finish_agent(path, at, *d, &mut errors),
+        AnyDoc::Tool(d) => finish_tool(path, at, *d, &mut errors),
+        AnyDoc::Task(d) => finish_task(path, at, *d, &mut errors),
+    };
+    if !errors.is_empty() {
+        return None;
+    }
+    Some(ParsedFile {
+        objects: vec![object?],
+        errors,
+        ours: true,
+    })
 }
 
 fn options() -> serde_saphyr::Options {
@@ -1255,5 +1335,39 @@ fn action(path: &str, pos: Pos, raw: RawAction, errors: &mut Vec<Diagnostic>) ->
             ));
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::*;
+
+    /// The fast path must give exactly what the general path gives, or nothing.
+    #[test]
+    fn fast_path_agrees_with_the_general_path() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let mut checked = 0;
+        for dir in ["examples", "specs/corpus/good", "specs/corpus/bad"] {
+            let mut stack = vec![std::path::PathBuf::from(root).join(dir)];
+            while let Some(dir) = stack.pop() {
+                for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                    let path = entry.path();
+                    if path.is_dir() {
+                        stack.push(path);
+                        continue;
+                    }
+                    let Ok(text) = std::fs::read_to_string(&path) else {
+                        continue;
+                    };
+                    let rel = path.to_string_lossy().replace(root, "");
+                    let rel = rel.trim_start_matches('/');
+                    if let Some(fast) = single_document_fast_path(rel, &text) {
+                        assert_eq!(fast, parse_text(rel, &text, true), "{rel}");
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked >= 10, "only {checked} files took the fast path");
     }
 }

@@ -339,12 +339,16 @@ impl<S: Store> Syncer<S> {
         let source = self.source.clone();
         let (index, snapshot, touched) = tokio::task::spawn_blocking(
             move || -> Result<(Index, Snapshot, Vec<Touched>), SourceError> {
+                let t0 = Instant::now();
                 let repo = source.open()?;
                 let snapshot = source.fetch(&repo)?;
+                tracing::debug!(ms = t0.elapsed().as_millis() as u64, "fetched");
                 let mut touched = Vec::new();
                 if index.tree != Some(snapshot.tree) {
                     let changes = git::changes(&repo, index.tree, snapshot.tree)?;
+                    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "diffed");
                     touched = index.apply(&repo, changes)?;
+                    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "parsed");
                     index.tree = Some(snapshot.tree);
                 }
                 Ok((index, snapshot, touched))
@@ -415,6 +419,7 @@ impl<S: Store> Syncer<S> {
             }
         };
         report.decide = started.elapsed();
+
         let started = Instant::now();
         self.store.apply(&self.info, &desired_plan).await?;
         report.apply = started.elapsed();

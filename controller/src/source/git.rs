@@ -9,8 +9,7 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use git2::{
-    Delta, DiffOptions, FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository, Tree,
-    TreeWalkMode, TreeWalkResult,
+    FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository, Tree, TreeWalkMode, TreeWalkResult,
 };
 
 use super::SourceError;
@@ -268,60 +267,120 @@ impl GitSource {
 }
 
 /// The spec files that differ between two trees; every spec file of `new` when there is no
-/// `old`. Unchanged subtrees are skipped by id, so a revision that touches no spec costs a
-/// walk of the changed directories only.
+/// `old`. Only subtrees whose ids differ are entered, so a revision that touches no spec
+/// costs a comparison of the changed directories, not a walk of the repository (libgit2's
+/// own tree diff visits every entry of both trees).
 pub fn changes(
     repo: &Repository,
     old: Option<Oid>,
     new: Oid,
 ) -> Result<Vec<FileChange>, SourceError> {
-    let git = |doing| move |source| SourceError::Git { doing, source };
-    let new_tree = repo.find_tree(new).map_err(git("reading the new tree"))?;
-    let Some(old) = old else {
-        return all_files(&new_tree);
-    };
-    let old_tree = match repo.find_tree(old) {
-        Ok(tree) => tree,
-        // The last synced tree is gone (history rewritten, mirror re-created): start over.
-        Err(_) => return all_files(&new_tree),
-    };
-    let mut options = DiffOptions::new();
-    options.skip_binary_check(true);
-    let diff = repo
-        .diff_tree_to_tree(Some(&old_tree), Some(&new_tree), Some(&mut options))
-        .map_err(git("comparing trees"))?;
+    let new_tree = repo
+        .find_tree(new)
+        .map_err(git_error("reading the new tree"))?;
     let mut out = Vec::new();
-    for delta in diff.deltas() {
-        let (old_file, new_file) = (delta.old_file(), delta.new_file());
-        let path_of = |f: &git2::DiffFile| f.path().and_then(|p| p.to_str()).map(str::to_owned);
-        match delta.status() {
-            Delta::Deleted => {
-                if let Some(path) = path_of(&old_file).filter(|p| is_spec_file(p)) {
-                    out.push(FileChange { path, blob: None });
-                }
-            }
-            Delta::Added | Delta::Modified | Delta::Typechange => {
-                if let Some(path) = path_of(&new_file).filter(|p| is_spec_file(p)) {
-                    let blob = (new_file.mode() != git2::FileMode::Link
-                        && new_file.mode() != git2::FileMode::Commit)
-                        .then(|| new_file.id());
-                    out.push(FileChange { path, blob });
-                }
-            }
-            _ => {}
-        }
+    match old.and_then(|old| repo.find_tree(old).ok()) {
+        Some(old_tree) => diff_trees(repo, &old_tree, &new_tree, "", &mut out)?,
+        // No previous tree, or it is gone (history rewritten, mirror re-created): start over.
+        None => all_files(&new_tree, "", &mut out)?,
     }
     Ok(out)
 }
 
-fn all_files(tree: &Tree<'_>) -> Result<Vec<FileChange>, SourceError> {
-    let mut out = Vec::new();
+fn git_error(doing: &'static str) -> impl Fn(git2::Error) -> SourceError {
+    move |source| SourceError::Git { doing, source }
+}
+
+/// What a tree entry is to the sync: a file that may be a spec, a directory, or neither
+/// (symlinks and submodules are never specs).
+#[derive(Clone, Copy, PartialEq)]
+enum Entry {
+    File(Oid),
+    Dir(Oid),
+}
+
+fn entries(tree: &Tree<'_>) -> std::collections::BTreeMap<String, Entry> {
+    tree.iter()
+        .filter_map(|e| {
+            let name = e.name().ok()?.to_owned();
+            let entry = match e.kind()? {
+                ObjectType::Tree => Entry::Dir(e.id()),
+                ObjectType::Blob if e.filemode() != i32::from(git2::FileMode::Link) => {
+                    Entry::File(e.id())
+                }
+                _ => return None,
+            };
+            Some((name, entry))
+        })
+        .collect()
+}
+
+fn diff_trees(
+    repo: &Repository,
+    old: &Tree<'_>,
+    new: &Tree<'_>,
+    prefix: &str,
+    out: &mut Vec<FileChange>,
+) -> Result<(), SourceError> {
+    let (old, new) = (entries(old), entries(new));
+    let names: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for name in names {
+        let path = format!("{prefix}{name}");
+        let (before, after) = (old.get(name).copied(), new.get(name).copied());
+        if before == after {
+            continue;
+        }
+        match before {
+            Some(Entry::File(_))
+                if !matches!(after, Some(Entry::File(_))) && is_spec_file(&path) =>
+            {
+                out.push(FileChange {
+                    path: path.clone(),
+                    blob: None,
+                });
+            }
+            Some(Entry::Dir(id)) if !matches!(after, Some(Entry::Dir(_))) => {
+                let tree = repo.find_tree(id).map_err(git_error("reading a tree"))?;
+                let mut gone = Vec::new();
+                all_files(&tree, &format!("{path}/"), &mut gone)?;
+                out.extend(gone.into_iter().map(|c| FileChange {
+                    path: c.path,
+                    blob: None,
+                }));
+            }
+            _ => {}
+        }
+        match (before, after) {
+            (Some(Entry::Dir(a)), Some(Entry::Dir(b))) => {
+                let a = repo.find_tree(a).map_err(git_error("reading a tree"))?;
+                let b = repo.find_tree(b).map_err(git_error("reading a tree"))?;
+                diff_trees(repo, &a, &b, &format!("{path}/"), out)?;
+            }
+            (_, Some(Entry::Dir(id))) => {
+                let tree = repo.find_tree(id).map_err(git_error("reading a tree"))?;
+                all_files(&tree, &format!("{path}/"), out)?;
+            }
+            (_, Some(Entry::File(id))) => {
+                if is_spec_file(&path) {
+                    out.push(FileChange {
+                        path,
+                        blob: Some(id),
+                    });
+                }
+            }
+            (_, None) => {}
+        }
+    }
+    Ok(())
+}
+
+fn all_files(tree: &Tree<'_>, prefix: &str, out: &mut Vec<FileChange>) -> Result<(), SourceError> {
     tree.walk(TreeWalkMode::PreOrder, |dir, entry| {
         if entry.kind() == Some(ObjectType::Blob)
             && entry.filemode() != i32::from(git2::FileMode::Link)
             && let Ok(name) = entry.name()
         {
-            let path = format!("{dir}{name}");
+            let path = format!("{prefix}{dir}{name}");
             if is_spec_file(&path) {
                 out.push(FileChange {
                     path,
@@ -335,5 +394,83 @@ fn all_files(tree: &Tree<'_>) -> Result<Vec<FileChange>, SourceError> {
         doing: "listing the tree",
         source,
     })?;
-    Ok(out)
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Build a tree from `path => content` pairs.
+    fn tree(repo: &Repository, files: &[(&str, &str)]) -> Oid {
+        let mut index = git2::Index::new().unwrap();
+        for (path, content) in files {
+            let blob = repo.blob(content.as_bytes()).unwrap();
+            let entry = git2::IndexEntry {
+                ctime: git2::IndexTime::new(0, 0),
+                mtime: git2::IndexTime::new(0, 0),
+                dev: 0,
+                ino: 0,
+                mode: 0o100644,
+                uid: 0,
+                gid: 0,
+                file_size: 0,
+                id: blob,
+                flags: path.len() as u16,
+                flags_extended: 0,
+                path: path.as_bytes().to_vec(),
+            };
+            index.add(&entry).unwrap();
+        }
+        index.write_tree_to(repo).unwrap()
+    }
+
+    fn sorted(mut changes: Vec<FileChange>) -> Vec<(String, bool)> {
+        changes.sort_by(|a, b| a.path.cmp(&b.path));
+        changes
+            .into_iter()
+            .map(|c| (c.path, c.blob.is_some()))
+            .collect()
+    }
+
+    #[test]
+    fn diff_enters_only_changed_directories_and_handles_type_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path()).unwrap();
+        let old = tree(
+            &repo,
+            &[
+                ("README.md", "a"),
+                ("a/x.yaml", "1"),
+                ("a/y.yaml", "2"),
+                ("b.yaml", "file"),
+                ("c/z.yaml", "3"),
+                (".agentops/status/a.yaml", "s"),
+            ],
+        );
+        let new = tree(
+            &repo,
+            &[
+                ("README.md", "b"),
+                ("a/x.yaml", "1"),
+                ("a/y.yaml", "changed"),
+                ("b.yaml/inner.yaml", "now a dir"),
+                ("c", "now a file"),
+                ("d/new.yml", "4"),
+                (".agentops/status/a.yaml", "t"),
+            ],
+        );
+        assert_eq!(
+            sorted(changes(&repo, Some(old), new).unwrap()),
+            [
+                ("a/y.yaml".to_owned(), true),
+                ("b.yaml".to_owned(), false),
+                ("b.yaml/inner.yaml".to_owned(), true),
+                ("c/z.yaml".to_owned(), false),
+                ("d/new.yml".to_owned(), true),
+            ]
+        );
+        assert_eq!(changes(&repo, Some(new), new).unwrap(), []);
+        assert_eq!(changes(&repo, None, new).unwrap().len(), 4);
+    }
 }

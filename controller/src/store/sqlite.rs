@@ -83,11 +83,19 @@ impl Store for SqliteStore {
             .await
             .map_err(query_error("starting a transaction"))?;
         for (statement, rows) in rows::batches(plan, &source.name, self.sql) {
+            let started = std::time::Instant::now();
+            let bytes = rows.len();
             sqlx::query(statement)
                 .bind(rows)
                 .execute(&mut *tx)
                 .await
                 .map_err(query_error("applying the plan"))?;
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                bytes,
+                "{}",
+                &statement[..statement.len().min(40)]
+            );
         }
         if let Some(cursor) = &plan.cursor {
             let errors = serde_json::to_string(&cursor.errors)
