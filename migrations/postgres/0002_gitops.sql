@@ -8,7 +8,8 @@
 --   revision        '<branch>@sha1:<commit>' it was last applied from
 --   generation      bumped by the controller each time the spec changes
 --   spec_hash       hash of the normalized spec, to skip no-op updates
---   spec            the spec as last applied (jsonb)
+--   (labels and annotations go to the original `metadata` column; every spec
+--   field has a column of its own, so no copy of the whole document is kept)
 --   status_message  last reconcile error or note (e.g. 'path:line:col: …')
 --
 -- Column order matches migrations/sqlite/0002_gitops.sql. Every ADD COLUMN
@@ -32,7 +33,6 @@ ALTER TABLE projects
     ADD COLUMN generation     bigint NOT NULL DEFAULT 0
                CONSTRAINT projects_generation_check CHECK (generation >= 0),
     ADD COLUMN spec_hash      text,
-    ADD COLUMN spec           jsonb,
     ADD COLUMN status_message text;
 
 -- Git-managed projects are unique by name; API-created rows (source NULL)
@@ -78,7 +78,6 @@ ALTER TABLE tasks
     ADD COLUMN generation          bigint NOT NULL DEFAULT 0
                CONSTRAINT tasks_generation_check CHECK (generation >= 0),
     ADD COLUMN spec_hash           text,
-    ADD COLUMN spec                jsonb,
     ADD COLUMN status_message      text;
 
 CREATE UNIQUE INDEX ux_tasks_project_name ON tasks (project_id, name) WHERE name IS NOT NULL;
@@ -111,7 +110,6 @@ ALTER TABLE agents
     ADD COLUMN generation     bigint NOT NULL DEFAULT 0
                CONSTRAINT agents_generation_check CHECK (generation >= 0),
     ADD COLUMN spec_hash      text,
-    ADD COLUMN spec           jsonb,
     ADD COLUMN status_message text;
 
 -- ---------------------------------------------------------------------------
@@ -125,7 +123,6 @@ ALTER TABLE tools
     ADD COLUMN generation     bigint NOT NULL DEFAULT 0
                CONSTRAINT tools_generation_check CHECK (generation >= 0),
     ADD COLUMN spec_hash      text,
-    ADD COLUMN spec           jsonb,
     ADD COLUMN status_message text;
 
 -- ---------------------------------------------------------------------------

@@ -25,7 +25,6 @@ ALTER TABLE projects ADD COLUMN revision       TEXT;
 ALTER TABLE projects ADD COLUMN generation     INTEGER NOT NULL DEFAULT 0
     CONSTRAINT projects_generation_check CHECK (generation >= 0);
 ALTER TABLE projects ADD COLUMN spec_hash      TEXT;
-ALTER TABLE projects ADD COLUMN spec           TEXT CHECK (spec IS NULL OR json_valid(spec));
 ALTER TABLE projects ADD COLUMN status_message TEXT;
 
 -- Git-managed projects are unique by name; API-created rows (source NULL)
@@ -69,7 +68,6 @@ ALTER TABLE tasks ADD COLUMN revision            TEXT;
 ALTER TABLE tasks ADD COLUMN generation          INTEGER NOT NULL DEFAULT 0
     CONSTRAINT tasks_generation_check CHECK (generation >= 0);
 ALTER TABLE tasks ADD COLUMN spec_hash           TEXT;
-ALTER TABLE tasks ADD COLUMN spec                TEXT CHECK (spec IS NULL OR json_valid(spec));
 ALTER TABLE tasks ADD COLUMN status_message      TEXT;
 
 CREATE UNIQUE INDEX ux_tasks_project_name ON tasks (project_id, name) WHERE name IS NOT NULL;
@@ -95,7 +93,6 @@ ALTER TABLE agents ADD COLUMN revision       TEXT;
 ALTER TABLE agents ADD COLUMN generation     INTEGER NOT NULL DEFAULT 0
     CONSTRAINT agents_generation_check CHECK (generation >= 0);
 ALTER TABLE agents ADD COLUMN spec_hash      TEXT;
-ALTER TABLE agents ADD COLUMN spec           TEXT CHECK (spec IS NULL OR json_valid(spec));
 ALTER TABLE agents ADD COLUMN status_message TEXT;
 
 -- ---------------------------------------------------------------------------
@@ -108,7 +105,6 @@ ALTER TABLE tools ADD COLUMN revision       TEXT;
 ALTER TABLE tools ADD COLUMN generation     INTEGER NOT NULL DEFAULT 0
     CONSTRAINT tools_generation_check CHECK (generation >= 0);
 ALTER TABLE tools ADD COLUMN spec_hash      TEXT;
-ALTER TABLE tools ADD COLUMN spec           TEXT CHECK (spec IS NULL OR json_valid(spec));
 ALTER TABLE tools ADD COLUMN status_message TEXT;
 
 -- ---------------------------------------------------------------------------

@@ -13,11 +13,14 @@ use crate::reconcile::plan::{Flag, Plan, Prune, Write};
 /// statements, small enough that one statement's JSON stays a few megabytes.
 pub const BATCH: usize = 2_000;
 
+/// The original `metadata` column: labels and annotations. Every spec field has a column of
+/// its own, so no copy of the whole document is stored (it cost 15 % of a cold sync).
 #[derive(Serialize)]
-struct SpecJson<'a> {
-    metadata: &'a ObjectMeta,
-    #[serde(flatten)]
-    spec: &'a Spec,
+struct MetadataJson<'a> {
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    labels: &'a std::collections::BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    annotations: &'a std::collections::BTreeMap<String, String>,
 }
 
 /// Columns every reconciled object has.
@@ -30,7 +33,7 @@ struct Common<'a> {
     path: &'a str,
     generation: i64,
     spec_hash: &'a str,
-    spec: SpecJson<'a>,
+    metadata: MetadataJson<'a>,
     revive: bool,
 }
 
@@ -87,6 +90,13 @@ struct ToolColumns<'a> {
     implementation: serde_json::Value,
 }
 
+fn metadata(meta: &ObjectMeta) -> MetadataJson<'_> {
+    MetadataJson {
+        labels: &meta.labels,
+        annotations: &meta.annotations,
+    }
+}
+
 fn write_row(out: &mut Vec<u8>, write: &Write<'_>, source: &str, revision: &str) {
     let object = write.object;
     let common = Common {
@@ -97,10 +107,7 @@ fn write_row(out: &mut Vec<u8>, write: &Write<'_>, source: &str, revision: &str)
         path: &object.origin.path,
         generation: write.generation,
         spec_hash: write.spec_hash,
-        spec: SpecJson {
-            metadata: &object.metadata,
-            spec: &object.spec,
-        },
+        metadata: metadata(&object.metadata),
         revive: write.revive,
     };
     // Serializing plain structs of strings and numbers into a Vec cannot fail.

@@ -97,7 +97,7 @@ const OBJECT: [(&str, Ty); 9] = [
     ("path", Ty::Text),
     ("generation", Ty::BigInt),
     ("spec_hash", Ty::Text),
-    ("spec", Ty::Json),
+    ("metadata", Ty::Json),
     ("revive", Ty::Bool),
 ];
 
@@ -107,7 +107,7 @@ fn with(extra: &[(&'static str, Ty)]) -> Vec<(&'static str, Ty)> {
 
 /// Columns every reconciled object carries, set from the row.
 const OBJECT_SET: &str = "source = r.source, path = r.path, revision = r.revision, \
-     generation = r.generation, spec_hash = r.spec_hash, spec = r.spec, status_message = NULL";
+     generation = r.generation, spec_hash = r.spec_hash, metadata = r.metadata, status_message = NULL";
 
 pub struct Statements {
     pub insert: String,
@@ -128,9 +128,9 @@ fn project(d: &Dialect) -> Statements {
     Statements {
         insert: d.render(
             "INSERT INTO projects (id, name, title, description, priority, owner, labels, suspend, \
-             source, path, revision, generation, spec_hash, spec) \
+             source, path, revision, generation, spec_hash, metadata) \
              SELECT r.id, r.name, r.title, r.description, r.priority, r.owner, r.labels, r.suspend, \
-             r.source, r.path, r.revision, r.generation, r.spec_hash, r.spec FROM {rows}",
+             r.source, r.path, r.revision, r.generation, r.spec_hash, r.metadata FROM {rows}",
             &cols,
         ),
         update: d.render(
@@ -194,11 +194,11 @@ fn task(d: &Dialect) -> Statements {
         insert: d.render(
             "INSERT INTO tasks (id, project_id, name, title, description, assigned_to, assignee, \
              priority, capabilities, depends_on, action, output, acceptance_criteria, \
-             timeout_seconds, retries, source, path, revision, generation, spec_hash, spec) \
+             timeout_seconds, retries, source, path, revision, generation, spec_hash, metadata) \
              SELECT r.id, r.project_id, r.name, r.title, r.description, r.assignee, r.assignee, \
              r.priority, r.capabilities, r.depends_on, r.action, r.output, r.acceptance_criteria, \
              r.timeout_seconds, r.retries, r.source, r.path, r.revision, r.generation, \
-             r.spec_hash, r.spec FROM {rows}",
+             r.spec_hash, r.metadata FROM {rows}",
             &cols,
         ),
         update: d.render(
@@ -242,14 +242,14 @@ fn agent(d: &Dialect) -> Statements {
     // registered through the API), so declaring one adopts the row.
     let upsert = d.render(
         "INSERT INTO agents (id, name, type, capabilities, models, concurrency, instructions, \
-         source, path, revision, generation, spec_hash, spec) \
+         source, path, revision, generation, spec_hash, metadata) \
          SELECT r.id, r.name, r.type, r.capabilities, r.models, r.concurrency, r.instructions, \
-         r.source, r.path, r.revision, r.generation, r.spec_hash, r.spec FROM {rows} WHERE true \
+         r.source, r.path, r.revision, r.generation, r.spec_hash, r.metadata FROM {rows} WHERE true \
          ON CONFLICT (name) DO UPDATE SET type = excluded.type, \
          capabilities = excluded.capabilities, models = excluded.models, \
          concurrency = excluded.concurrency, instructions = excluded.instructions, \
          source = excluded.source, path = excluded.path, revision = excluded.revision, \
-         generation = excluded.generation, spec_hash = excluded.spec_hash, spec = excluded.spec, \
+         generation = excluded.generation, spec_hash = excluded.spec_hash, metadata = excluded.metadata, \
          status_message = NULL, \
          status = CASE WHEN agents.pruned_at IS NULL THEN agents.status ELSE 'offline' END, \
          pruned_at = NULL",
@@ -279,14 +279,14 @@ fn tool(d: &Dialect) -> Statements {
     ]);
     let upsert = d.render(
         "INSERT INTO tools (id, name, description, created_by, tool_type, implementation, \
-         source, path, revision, generation, spec_hash, spec) \
+         source, path, revision, generation, spec_hash, metadata) \
          SELECT r.id, r.name, r.description, r.created_by, r.tool_type, r.implementation, \
-         r.source, r.path, r.revision, r.generation, r.spec_hash, r.spec FROM {rows} WHERE true \
+         r.source, r.path, r.revision, r.generation, r.spec_hash, r.metadata FROM {rows} WHERE true \
          ON CONFLICT (name) DO UPDATE SET description = excluded.description, \
          created_by = excluded.created_by, tool_type = excluded.tool_type, \
          implementation = excluded.implementation, source = excluded.source, \
          path = excluded.path, revision = excluded.revision, generation = excluded.generation, \
-         spec_hash = excluded.spec_hash, spec = excluded.spec, status_message = NULL, \
+         spec_hash = excluded.spec_hash, metadata = excluded.metadata, status_message = NULL, \
          pruned_at = NULL",
         &cols,
     );
