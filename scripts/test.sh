@@ -5,21 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+source scripts/deps.sh
 
-need_packages=()
-command -v git >/dev/null || need_packages+=(git)
-command -v cc >/dev/null || need_packages+=(build-essential)
-command -v pkg-config >/dev/null || need_packages+=(pkg-config)
-dpkg -s libssl-dev >/dev/null 2>&1 || need_packages+=(libssl-dev)
-command -v pg_ctlcluster >/dev/null || need_packages+=(postgresql)
-command -v redis-server >/dev/null || need_packages+=(redis-server)
-command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || need_packages+=(nats-server)
-if [ ${#need_packages[@]} -gt 0 ]; then
-  echo "installing: ${need_packages[*]}"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_packages[@]}"
-fi
+service_packages=()
+command -v pg_ctlcluster >/dev/null || service_packages+=(postgresql)
+command -v redis-server >/dev/null || service_packages+=(redis-server)
+command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || service_packages+=(nats-server)
+apt_install "${service_packages[@]}"
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_port() {
