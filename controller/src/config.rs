@@ -64,6 +64,30 @@ pub struct SourceConfig {
     pub poll_interval: Duration,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct DispatchArgs {
+    /// Where the HTTP API (agents, health, metrics) listens.
+    #[arg(long, env = "AGENTOPS_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: std::net::SocketAddr,
+    /// How long a claim holds a task without a heartbeat.
+    #[arg(long, env = "AGENTOPS_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub lease: Duration,
+    /// How often agents are asked to heartbeat.
+    #[arg(long, env = "AGENTOPS_HEARTBEAT", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat: Duration,
+}
+
+impl DispatchArgs {
+    pub fn config(&self) -> crate::dispatch::DispatchConfig {
+        let mut config = crate::dispatch::DispatchConfig::default();
+        config.policy.lease = self.lease;
+        config.heartbeat = self.heartbeat;
+        // Sweep well within a lease so an expired one is noticed promptly.
+        config.sweep = (self.lease / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        config
+    }
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("invalid duration `{text}`: {e}"))
 }

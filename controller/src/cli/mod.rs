@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{GlobalConfig, SourceConfig, StoreConfig};
+use crate::config::{DispatchArgs, GlobalConfig, SourceConfig, StoreConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,12 +56,15 @@ pub enum Command {
         #[command(flatten)]
         store: StoreConfig,
     },
-    /// Run the controller: sync on every change of the source.
+    /// Run the controller: sync on every change of the source and dispatch ready tasks to
+    /// agents over the HTTP API.
     Up {
         #[command(flatten)]
         source: SourceConfig,
         #[command(flatten)]
         store: StoreConfig,
+        #[command(flatten)]
+        dispatch: DispatchArgs,
         /// Exit 0 once no task is pending or in progress.
         #[arg(long)]
         exit_when_idle: bool,
@@ -95,8 +98,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up {
             source,
             store,
+            dispatch,
             exit_when_idle,
-        } => reconcile::up(&global, &source, &store, exit_when_idle).await,
+        } => reconcile::up(&global, &source, &store, &dispatch, exit_when_idle).await,
         Command::Status {
             store,
             project,

@@ -1,8 +1,11 @@
 use std::process::ExitCode;
+use std::sync::atomic::Ordering::Relaxed;
 
 use anyhow::Context;
 
-use crate::config::{GlobalConfig, SourceConfig, StoreConfig};
+use crate::api::ApiState;
+use crate::config::{DispatchArgs, GlobalConfig, SourceConfig, StoreConfig};
+use crate::dispatch::Dispatcher;
 use crate::reconcile::sync::{SyncReport, Syncer};
 use crate::source::git::{GitSource, Location};
 use crate::source::watch::{Reason, Triggers};
@@ -83,6 +86,7 @@ pub async fn up(
     global: &GlobalConfig,
     source_cfg: &SourceConfig,
     store_cfg: &StoreConfig,
+    dispatch_args: &DispatchArgs,
     exit_when_idle: bool,
 ) -> anyhow::Result<ExitCode> {
     let source = git_source(global, source_cfg)?;
@@ -95,13 +99,35 @@ pub async fn up(
             }
         }
     }
+    let listener = tokio::net::TcpListener::bind(dispatch_args.listen)
+        .await
+        .with_context(|| format!("listening on {}", dispatch_args.listen))?;
+    eprintln!("listening on http://{}", listener.local_addr()?);
     let store = AnyStore::connect(&store_cfg.url(global)).await?;
     with_store!(store, store => {
         store.migrate().await?;
+        let dispatcher = Dispatcher::new(store.clone(), dispatch_args.config());
+        let api = ApiState::new(dispatcher.clone());
+        let server = axum::serve(listener, crate::api::router(api.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!("HTTP server stopped: {e}");
+            }
+        });
+        tokio::spawn(dispatcher.clone().run_sweeper());
         let mut syncer = Syncer::new(source, &source_cfg.source_name, store);
+        // Agents finish work between syncs, so idleness is checked on its own clock.
+        let mut idle_check = tokio::time::interval(std::time::Duration::from_millis(500));
         loop {
             let reason = tokio::select! {
                 reason = triggers.next() => reason,
+                _ = idle_check.tick(), if exit_when_idle && api.ready.load(Relaxed) => {
+                    if syncer.store().open_tasks().await? == 0 {
+                        eprintln!("idle: no task is pending or in progress");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    continue;
+                }
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("stopping");
                     return Ok(ExitCode::SUCCESS);
@@ -109,15 +135,15 @@ pub async fn up(
             };
             match syncer.sync().await {
                 Ok(report) => {
+                    api.ready.store(true, Relaxed);
+                    if report.object_writes > 0 {
+                        dispatcher.wake();
+                    }
                     if reason == Reason::Start || report.files_parsed > 0 || report.cursor_moved {
                         print_report(&report);
                     }
                 }
-                Err(e) => tracing::error!("sync failed: {:#}", anyhow::Error::from(e)),
-            }
-            if exit_when_idle && syncer.store().open_tasks().await? == 0 {
-                eprintln!("idle: no task is pending or in progress");
-                return Ok(ExitCode::SUCCESS);
+                Err(e) => tracing::error!("sync failed: {}", crate::error_chain(&e)),
             }
         }
     })

@@ -5,6 +5,9 @@
 //! whatever its size, and one row shape (`rows.rs`) shared by both.
 
 mod postgres;
+pub mod queue;
+mod queue_postgres;
+mod queue_sqlite;
 mod rows;
 mod sql;
 mod sqlite;

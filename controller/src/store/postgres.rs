@@ -8,6 +8,8 @@ use super::sql::{POSTGRES_SQL, Sql};
 use super::*;
 use crate::reconcile::plan::{Current, Plan};
 
+/// Cheap to clone: the pool is shared, so the syncer and the dispatcher each hold one.
+#[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
     sql: &'static Sql,

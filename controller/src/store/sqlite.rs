@@ -9,6 +9,7 @@ use super::*;
 use crate::reconcile::plan::{Current, Plan};
 
 /// The embedded store: one SQLite file, for one controller process on one machine.
+#[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
     sql: &'static Sql,

@@ -36,6 +36,23 @@ macro_rules! both_backends {
     )+};
 }
 
+/// `both_backends!` on the multi-threaded runtime, for scenarios about concurrency.
+#[macro_export]
+macro_rules! both_backends_multi_thread {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name::<agentops::store::PgStore>().await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name::<agentops::store::SqliteStore>().await;
+            }
+        }
+    )+};
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Postgres,
@@ -206,6 +223,28 @@ impl TestDb {
             Pool::Sqlite(pool) => sqlx::query_scalar(q).fetch_one(pool).await,
         }
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// SQL for the time `seconds` from now (negative: ago), as the backend stores times.
+    pub fn time_from_now(&self, seconds: i64) -> String {
+        match self.backend {
+            Backend::Postgres => format!("(now() + interval '{seconds} seconds')"),
+            Backend::Sqlite => {
+                format!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '{seconds:+} seconds')")
+            }
+        }
+    }
+
+    /// SQL for the whole seconds from now until the time `expr` (negative when past).
+    pub fn seconds_until(&self, expr: &str) -> String {
+        match self.backend {
+            Backend::Postgres => {
+                format!("CAST(round(EXTRACT(EPOCH FROM ({expr} - now()))) AS bigint)")
+            }
+            Backend::Sqlite => {
+                format!("CAST(round((julianday({expr}) - julianday('now')) * 86400) AS INTEGER)")
+            }
+        }
     }
 
     pub async fn projects(&self) -> Vec<ProjectRow> {

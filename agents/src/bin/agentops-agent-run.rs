@@ -1,0 +1,87 @@
+//! An agent that runs `run` actions: each task's command in a temporary directory with only
+//! `PATH` in its environment. SIGTERM or SIGINT hands its tasks back and exits; a second one
+//! exits at once.
+
+use std::io::IsTerminal;
+use std::num::NonZeroUsize;
+use std::process::ExitCode;
+
+use agentops_agents::command::RunCommand;
+use agentops_agents::error_chain;
+use agentops_agents::runtime::{Agent, AgentConfig, AgentType};
+use clap::Parser;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// An agentops agent that completes tasks by running their `run` action's command.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The controller's base URL.
+    #[arg(long, env = "AGENTOPS_API")]
+    api: String,
+    #[arg(long, env = "AGENTOPS_AGENT_NAME", default_value = "runner")]
+    name: String,
+    /// cos, seed, specialist or meta.
+    #[arg(long = "type", env = "AGENTOPS_AGENT_TYPE", default_value = "seed")]
+    agent_type: AgentType,
+    /// Capabilities this agent offers, comma-separated.
+    #[arg(long, env = "AGENTOPS_AGENT_CAPABILITIES", value_delimiter = ',')]
+    capabilities: Vec<String>,
+    /// Tasks run at once.
+    #[arg(long, env = "AGENTOPS_AGENT_CONCURRENCY", default_value = "4")]
+    concurrency: NonZeroUsize,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let args = Args::parse();
+
+    // Installed before registering, so a signal that comes early is not the default death.
+    let signals = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("cannot handle signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(signals, shutdown.clone()));
+
+    let config = AgentConfig {
+        agent_type: args.agent_type,
+        capabilities: args.capabilities,
+        concurrency: args.concurrency.get(),
+        ..AgentConfig::new(args.api, args.name)
+    };
+    match Agent::new(config, RunCommand).run(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn stop_on_signal((mut term, mut int): (Signal, Signal), shutdown: CancellationToken) {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting without waiting for held tasks");
+    std::process::exit(1);
+}

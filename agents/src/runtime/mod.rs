@@ -1,0 +1,490 @@
+//! The agent runtime: what every agent does around its own work.
+//!
+//! An [`Agent`] registers with the controller, long-polls for tasks while it has free slots,
+//! runs each task's [`Handler`] under the task's timeout, heartbeats every task it holds,
+//! stops a handler whose lease was lost or whose task was cancelled, and reports the
+//! [`Outcome`]. On shutdown it stops claiming, cancels its handlers and hands their tasks
+//! back. The protocol is `agents/PROTOCOL.md`.
+//!
+//! ```no_run
+//! use agentops_agents::runtime::{Agent, AgentConfig, Assignment, Outcome, TaskContext};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # async fn example() -> Result<(), agentops_agents::runtime::Error> {
+//! let config = AgentConfig {
+//!     concurrency: 4,
+//!     ..AgentConfig::new("http://127.0.0.1:8080", "echo")
+//! };
+//! let agent = Agent::new(config, |task: Assignment, _ctx: TaskContext| async move {
+//!     Outcome::complete(task.action)
+//! });
+//! agent.run(CancellationToken::new()).await
+//! # }
+//! ```
+
+mod client;
+mod leases;
+mod protocol;
+mod reports;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use client::Error;
+pub use protocol::{AgentType, Artifact, Assignment, UnknownAgentType};
+
+use crate::error_chain;
+use client::{CALL_TIMEOUT, Client};
+use leases::{Leases, Verdict};
+use protocol::{ClaimRequest, ClaimResponse, Completion, HeartbeatRequest, HeartbeatResponse};
+use protocol::{RegisterRequest, Report};
+use reports::{Backoff, Pending};
+
+/// Who the agent is and how much it takes on.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The controller's base URL, e.g. `http://agentops:8080`.
+    pub api: String,
+    pub name: String,
+    pub agent_type: AgentType,
+    pub capabilities: Vec<String>,
+    /// Tasks run at once; at least 1.
+    pub concurrency: usize,
+    /// How long one claim may wait for work (the protocol caps it at 60 s).
+    pub claim_wait: Duration,
+}
+
+impl AgentConfig {
+    /// A `seed` agent with no capabilities that runs one task at a time.
+    pub fn new(api: impl Into<String>, name: impl Into<String>) -> AgentConfig {
+        AgentConfig {
+            api: api.into(),
+            name: name.into(),
+            agent_type: AgentType::Seed,
+            capabilities: Vec::new(),
+            concurrency: 1,
+            claim_wait: Duration::from_secs(20),
+        }
+    }
+}
+
+/// What an agent does with a task. Implemented for any
+/// `Fn(Assignment, TaskContext) -> impl Future<Output = Outcome>`.
+///
+/// The future is dropped when the task must stop (lease lost, task cancelled, timeout,
+/// shutdown); a handler that runs work outside it (a thread, a child process) should stop
+/// that work on drop or when [`TaskContext::cancelled`] fires.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, task: Assignment, ctx: TaskContext) -> impl Future<Output = Outcome> + Send;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Assignment, TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    fn handle(&self, task: Assignment, ctx: TaskContext) -> impl Future<Output = Outcome> + Send {
+        self(task, ctx)
+    }
+}
+
+/// How a task ended, as the handler reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Complete {
+        result: serde_json::Value,
+        artifacts: Vec<Artifact>,
+    },
+    /// A retryable failure goes back to ready (attempt + 1) until the task's retries are
+    /// spent; any other fails the task.
+    Fail { error: String, retryable: bool },
+    /// Blocks the task until a person answers.
+    Question { text: String },
+}
+
+impl Outcome {
+    pub fn complete(result: serde_json::Value) -> Outcome {
+        Outcome::Complete {
+            result,
+            artifacts: Vec::new(),
+        }
+    }
+
+    pub fn fail(error: impl Into<String>, retryable: bool) -> Outcome {
+        Outcome::Fail {
+            error: error.into(),
+            retryable,
+        }
+    }
+
+    pub fn question(text: impl Into<String>) -> Outcome {
+        Outcome::Question { text: text.into() }
+    }
+}
+
+/// A handler's line to the runtime while it works on one task.
+#[derive(Clone)]
+pub struct TaskContext {
+    shared: Arc<Shared>,
+    id: String,
+    run_lease: i64,
+    cancel: CancellationToken,
+}
+
+impl TaskContext {
+    pub fn task_id(&self) -> &str {
+        &self.id
+    }
+
+    /// Fires when the task must stop: its lease was lost, it was cancelled, it timed out, or
+    /// the agent is shutting down; and once the handler has returned. Nothing the handler
+    /// returns after it fired is reported.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Records a progress update on the task. Sent once, not retried: a lost update is
+    /// cheaper than a handler stalled behind an unreachable controller.
+    pub async fn progress(&self, message: impl Into<String>) -> Result<(), Error> {
+        let body = Report::Progress {
+            run_lease: self.run_lease,
+            message: message.into(),
+        };
+        let path = format!("/api/v1/tasks/{}/progress", self.id);
+        self.shared
+            .client
+            .post::<_, serde::de::IgnoredAny>(&path, &body, CALL_TIMEOUT)
+            .await
+            .map(drop)
+    }
+}
+
+impl std::fmt::Debug for TaskContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskContext")
+            .field("id", &self.id)
+            .field("run_lease", &self.run_lease)
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+/// What the loops and the task runners share.
+pub(crate) struct Shared {
+    client: Client,
+    leases: Leases,
+    completions: mpsc::Sender<Pending>,
+}
+
+pub struct Agent<H> {
+    config: AgentConfig,
+    handler: Arc<H>,
+}
+
+impl<H: Handler> Agent<H> {
+    pub fn new(config: AgentConfig, handler: H) -> Agent<H> {
+        Agent {
+            config,
+            handler: Arc::new(handler),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops claiming, cancels the handlers, releases
+    /// their tasks, waits for reports still in flight, and returns.
+    ///
+    /// Fails only when the first registration is refused (a bad name, type or URL); an
+    /// unreachable controller is waited for.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let concurrency = self.config.concurrency.max(1);
+        let client = Client::new(
+            &self.config.api,
+            RegisterRequest {
+                name: self.config.name.clone(),
+                kind: self.config.agent_type,
+                capabilities: self.config.capabilities.clone(),
+                concurrency,
+            },
+        )?;
+        let Some(registered) = shutdown.run_until_cancelled(register(&client)).await else {
+            return Ok(());
+        };
+        let session = registered?;
+        tracing::info!(
+            agent = %self.config.name,
+            api = %self.config.api,
+            concurrency,
+            lease = ?session.lease,
+            heartbeat = ?session.heartbeat,
+            "registered"
+        );
+
+        let (completions, queue) = reports::channel(concurrency);
+        let shared = Arc::new(Shared {
+            client,
+            leases: Leases::default(),
+            completions,
+        });
+        // Heartbeats and the batcher outlive the claim loop: reports of finished tasks may
+        // still be in flight, and their leases must stay alive meanwhile.
+        let stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(heartbeat(shared.clone(), stop.clone()));
+        let batcher = tokio::spawn(reports::batch_completions(
+            shared.clone(),
+            queue,
+            stop.clone(),
+        ));
+
+        let tasks = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(concurrency));
+        self.claim(&shared, &slots, &tasks, &shutdown).await;
+
+        tracing::info!("shutting down: handing back held tasks");
+        tasks.close();
+        tasks.wait().await;
+        stop.cancel();
+        let _ = tokio::join!(heartbeat, batcher);
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    /// Claims as many tasks as there are free slots, one long-poll at a time, until shutdown.
+    async fn claim(
+        &self,
+        shared: &Arc<Shared>,
+        slots: &Arc<Semaphore>,
+        tasks: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        let wait_ms = self.config.claim_wait.as_millis().min(60_000) as u64;
+        let timeout = Duration::from_millis(wait_ms) + CALL_TIMEOUT;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let Some(first) = shutdown
+                .run_until_cancelled(slots.clone().acquire_owned())
+                .await
+            else {
+                return;
+            };
+            let mut free = vec![first.expect("the slots are never closed")];
+            while let Ok(slot) = slots.clone().try_acquire_owned() {
+                free.push(slot);
+            }
+
+            let claim = ClaimRequest {
+                max: free.len(),
+                wait_ms,
+            };
+            let sent_at = Instant::now();
+            // Dropping a claim in flight at shutdown may strand a task the controller had
+            // just leased to us; it is re-dispatched when that lease expires.
+            let answer = shutdown
+                .run_until_cancelled(shared.client.post::<_, ClaimResponse>(
+                    "/api/v1/claim",
+                    &claim,
+                    timeout,
+                ))
+                .await;
+            let tasks_claimed = match answer {
+                None => return,
+                Some(Ok(answer)) => {
+                    backoff.reset();
+                    answer.tasks
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %error_chain(&e), "claim failed");
+                    let pause = tokio::time::sleep(backoff.next());
+                    if shutdown.run_until_cancelled(pause).await.is_none() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+
+            let lease = shared.client.session().lease;
+            for task in tasks_claimed {
+                let cancel = shutdown.child_token();
+                shared
+                    .leases
+                    .insert(&task.id, task.run_lease, sent_at + lease, cancel.clone());
+                match free.pop() {
+                    Some(slot) => {
+                        tasks.spawn(run_task(
+                            shared.clone(),
+                            self.handler.clone(),
+                            task,
+                            cancel,
+                            slot,
+                        ));
+                    }
+                    None => {
+                        tracing::warn!(
+                            task = %task.id,
+                            "the controller sent more tasks than asked for; handing it back"
+                        );
+                        let shared = shared.clone();
+                        tasks.spawn(async move {
+                            shared.release(&task.id, task.run_lease).await;
+                            shared.leases.remove(&task.id, task.run_lease);
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The first registration: waits out an unreachable controller, fails on a refusal.
+async fn register(client: &Client) -> Result<Arc<client::Session>, Error> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match client.register().await {
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %error_chain(&e), "cannot register yet");
+                tokio::time::sleep(backoff.next()).await;
+            }
+            registered => return registered,
+        }
+    }
+}
+
+/// Runs one task and reports it; the slot is freed only once the report is settled, so the
+/// controller never sees more than `concurrency` tasks held.
+async fn run_task<H: Handler>(
+    shared: Arc<Shared>,
+    handler: Arc<H>,
+    task: Assignment,
+    cancel: CancellationToken,
+    _slot: OwnedSemaphorePermit,
+) {
+    let (id, run_lease) = (task.id.clone(), task.run_lease);
+    let span = tracing::info_span!(
+        "task",
+        id = %id,
+        project = %task.project,
+        name = %task.name,
+        attempt = task.attempt
+    );
+    async {
+        let timeout = task.timeout();
+        let ctx = TaskContext {
+            shared: shared.clone(),
+            id: id.clone(),
+            run_lease,
+            cancel: cancel.clone(),
+        };
+        let work = std::panic::AssertUnwindSafe(handler.handle(task, ctx)).catch_unwind();
+        let deadline = async {
+            match timeout {
+                Some(timeout) => tokio::time::sleep(timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            biased;
+            () = cancel.cancelled() => None,
+            // A panic is a bug in the agent, which a retry would only repeat.
+            done = work => Some(done.unwrap_or_else(|panic| {
+                Outcome::fail(format!("the handler panicked: {}", panic_message(&*panic)), false)
+            })),
+            () = deadline => Some(Outcome::fail(
+                format!("timed out after {:?}", timeout.unwrap_or_default()),
+                true,
+            )),
+        };
+        // For work the handler started outside its future, which outlives the drop above.
+        cancel.cancel();
+        match outcome {
+            Some(Outcome::Complete { result, artifacts }) => {
+                shared
+                    .complete(Completion {
+                        id: id.clone(),
+                        run_lease,
+                        result,
+                        artifacts,
+                    })
+                    .await
+            }
+            Some(Outcome::Fail { error, retryable }) => {
+                tracing::info!(%error, retryable, "failed");
+                let report = Report::Fail {
+                    run_lease,
+                    error,
+                    retryable,
+                };
+                shared.deliver(&id, run_lease, report).await
+            }
+            Some(Outcome::Question { text }) => {
+                let report = Report::Question {
+                    run_lease,
+                    question: text,
+                };
+                shared.deliver(&id, run_lease, report).await
+            }
+            // Still held: cancelled by our own shutdown, so hand it back.
+            None if shared.leases.holds(&id, run_lease) => shared.release(&id, run_lease).await,
+            None => tracing::info!("stopped: the lease was lost or the task cancelled"),
+        }
+        shared.leases.remove(&id, run_lease);
+    }
+    .instrument(span)
+    .await
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a string)")
+}
+
+/// Heartbeats every held task (and none: it also says the agent is alive), and stops the
+/// handlers of tasks the controller says are no longer ours.
+async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let session = shared.client.session();
+        let tasks = shared.leases.snapshot();
+        let sent_at = Instant::now();
+        let request = HeartbeatRequest { tasks: &tasks };
+        let call =
+            shared
+                .client
+                .post::<_, HeartbeatResponse>("/api/v1/heartbeat", &request, CALL_TIMEOUT);
+        match stop.run_until_cancelled(call).await {
+            None => return,
+            Some(Ok(answer)) => {
+                let verdicts = shared
+                    .leases
+                    .apply(&tasks, &answer.tasks, sent_at, session.lease);
+                for (task, verdict) in verdicts {
+                    match verdict {
+                        Verdict::Renewed => {}
+                        Verdict::Lost => tracing::warn!(%task, "lease lost; stopping the task"),
+                        Verdict::Cancelled => tracing::info!(%task, "task cancelled; stopping it"),
+                    }
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %error_chain(&e), "heartbeat failed"),
+        }
+        let pause = tokio::time::sleep(session.heartbeat);
+        if stop.run_until_cancelled(pause).await.is_none() {
+            return;
+        }
+    }
+}

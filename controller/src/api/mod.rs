@@ -1,0 +1,427 @@
+//! The HTTP interface: health, metrics, and the agent protocol under `/api/v1`
+//! (`agents/PROTOCOL.md` is its contract).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::dispatch::Dispatcher;
+use crate::store::StoreError;
+use crate::store::queue::{AgentIdentity, Artifact, Completion, Lease, Queue, Refusal};
+
+pub struct ApiState<Q> {
+    pub dispatcher: Arc<Dispatcher<Q>>,
+    pub registry: Registry,
+    /// Set once the first sync has reached the store.
+    pub ready: AtomicBool,
+}
+
+impl<Q: Queue> ApiState<Q> {
+    pub fn new(dispatcher: Arc<Dispatcher<Q>>) -> Arc<ApiState<Q>> {
+        let mut registry = Registry::default();
+        dispatcher.metrics.register(&mut registry);
+        Arc::new(ApiState {
+            dispatcher,
+            registry,
+            ready: AtomicBool::new(false),
+        })
+    }
+}
+
+pub fn router<Q: Queue>(state: Arc<ApiState<Q>>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz::<Q>))
+        .route("/metrics", get(metrics::<Q>))
+        .route("/api/v1/agents/register", post(register::<Q>))
+        .route("/api/v1/claim", post(claim::<Q>))
+        .route("/api/v1/heartbeat", post(heartbeat::<Q>))
+        .route("/api/v1/complete", post(complete_many::<Q>))
+        .route("/api/v1/tasks/{id}/progress", post(progress::<Q>))
+        .route("/api/v1/tasks/{id}/complete", post(complete_one::<Q>))
+        .route("/api/v1/tasks/{id}/fail", post(fail::<Q>))
+        .route("/api/v1/tasks/{id}/question", post(question::<Q>))
+        .route("/api/v1/tasks/{id}/release", post(release::<Q>))
+        .with_state(state)
+}
+
+/// Errors as the protocol answers them.
+#[derive(Debug)]
+pub enum ApiError {
+    Unauthorized,
+    Refused(Refusal),
+    Store(StoreError),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Store(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown agent token".to_owned(),
+            ),
+            ApiError::Refused(Refusal::NoTask) => {
+                (StatusCode::NOT_FOUND, Refusal::NoTask.to_string())
+            }
+            ApiError::Refused(r @ Refusal::NotHeld) => (StatusCode::CONFLICT, r.to_string()),
+            ApiError::Store(e) => {
+                let message = crate::error_chain(&e);
+                tracing::error!("api: {message}");
+                (StatusCode::INTERNAL_SERVER_ERROR, message)
+            }
+        };
+        (status, Json(serde_json::json!({ "error": message }))).into_response()
+    }
+}
+
+/// The agent a request's bearer token belongs to.
+pub struct Authenticated(pub AgentIdentity);
+
+impl<Q: Queue> FromRequestParts<Arc<ApiState<Q>>> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState<Q>>,
+    ) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(ApiError::Unauthorized)?;
+        match state.dispatcher.authenticate(token.trim()).await? {
+            Some(agent) => Ok(Authenticated(agent)),
+            None => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
+async fn readyz<Q: Queue>(State(state): State<Arc<ApiState<Q>>>) -> StatusCode {
+    if state.ready.load(Ordering::Relaxed) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn metrics<Q: Queue>(State(state): State<Arc<ApiState<Q>>>) -> Response {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+pub struct RegisterRequest {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub agent_type: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default = "one")]
+    pub concurrency: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Serialize)]
+pub struct RegisterResponse {
+    pub agent: String,
+    pub token: String,
+    pub lease_seconds: u64,
+    pub heartbeat_seconds: u64,
+}
+
+const AGENT_TYPES: [&str; 4] = ["cos", "seed", "specialist", "meta"];
+
+async fn register<Q: Queue>(
+    State(state): State<Arc<ApiState<Q>>>,
+    Json(req): Json<RegisterRequest>,
+) -> Result<Response, ApiError> {
+    if let Err(why) = agentops_specs::names::check_dns_label(&req.name) {
+        return Ok(bad_request(format!(
+            "invalid agent name `{}`: {why}",
+            req.name
+        )));
+    }
+    if !AGENT_TYPES.contains(&req.agent_type.as_str()) {
+        return Ok(bad_request(format!(
+            "invalid agent type `{}`: expected one of {}",
+            req.agent_type,
+            AGENT_TYPES.join(", ")
+        )));
+    }
+    let agent = AgentIdentity {
+        name: req.name,
+        agent_type: req.agent_type,
+        capabilities: req.capabilities,
+        concurrency: req.concurrency.max(1),
+    };
+    let name = agent.name.clone();
+    let token = state.dispatcher.register(agent).await?;
+    let config = state.dispatcher.config();
+    Ok(Json(RegisterResponse {
+        agent: name,
+        token,
+        lease_seconds: config.policy.lease.as_secs(),
+        heartbeat_seconds: config.heartbeat.as_secs(),
+    })
+    .into_response())
+}
+
+fn bad_request(message: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct ClaimRequest {
+    #[serde(default = "one")]
+    max: u32,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+async fn claim<Q: Queue>(
+    State(state): State<Arc<ApiState<Q>>>,
+    Authenticated(agent): Authenticated,
+    Json(req): Json<ClaimRequest>,
+) -> Result<Response, ApiError> {
+    let max = req.max.clamp(1, 1_000);
+    let tasks = state
+        .dispatcher
+        .claim(&agent, max, Duration::from_millis(req.wait_ms))
+        .await?;
+    Ok(Json(serde_json::json!({ "tasks": tasks })).into_response())
+}
+
+#[derive(Deserialize)]
+struct HeartbeatRequest {
+    #[serde(default)]
+    tasks: Vec<LeaseBody>,
+}
+
+#[derive(Deserialize)]
+struct LeaseBody {
+    id: Uuid,
+    run_lease: i64,
+}
+
+async fn heartbeat<Q: Queue>(
+    State(state): State<Arc<ApiState<Q>>>,
+    Authenticated(agent): Authenticated,
+    Json(req): Json<HeartbeatRequest>,
+) -> Result<Response, ApiError> {
+    let leases: Vec<Lease> = req
+        .tasks
+        .iter()
+        .map(|t| Lease {
+            id: t.id,
+            run_lease: t.run_lease,
+        })
+        .collect();
+    let states = state.dispatcher.heartbeat(&agent, &leases).await?;
+    Ok(Json(serde_json::json!({ "tasks": states })).into_response())
+}
+
+#[derive(Deserialize)]
+struct RunLeaseBody {
+    run_lease: i64,
+}
+
+#[derive(Deserialize)]
+struct ProgressBody {
+    run_lease: i64,
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct CompleteBody {
+    run_lease: i64,
+    #[serde(default)]
+    result: serde_json::Value,
+    #[serde(default)]
+    artifacts: Vec<Artifact>,
+}
+
+#[derive(Deserialize)]
+struct FailBody {
+    run_lease: i64,
+    error: String,
+    #[serde(default)]
+    retryable: bool,
+}
+
+#[derive(Deserialize)]
+struct QuestionBody {
+    run_lease: i64,
+    question: String,
+}
+
+fn ok() -> Response {
+    Json(serde_json::json!({ "ok": true })).into_response()
+}
+
+fn answer(result: Result<(), Refusal>) -> Result<Response, ApiError> {
+    result.map(|()| ok()).map_err(ApiError::Refused)
+}
+
+async fn progress<Q: Queue>(
+    State(state): State<Arc<ApiState<Q>>>,
+    Authenticated(agent): Authenticated,
+    Path(id): Path<Uuid>,
+    Json(body): Json<ProgressBody>,
+) -> Result<Response, ApiError> {
+    let lease = Lease {
+        id,
+        run_lease: body.run_lease,
+    };
+    answer(
+        state
+            .dispatcher
+            .progress(&agent, lease, &body.message)
+            .await?,
+    )
+}
+
+async fn complete_one<Q: Queue>(
+    State(state): State<Arc<ApiState<Q>>>,
+    Authenticated(agent): Authenticated,
+    Path(id): Path<Uuid>,
+    Json(body): Json<CompleteBody>,
+) -> Result<Response, ApiError> {
+    let completion = Completion {
+        lease: Lease {
+            id,
+            run_lease: body.run_lease,
+        },
+        result: body.result,
+        artifacts: body.artifacts,
+    };
+    let mut answers = state.dispatcher.complete(&agent, &[completion]).await?;
+    answer(answers.pop().unwrap_or(Err(Refusal::NoTask)))
+}
+
+#[derive(Deserialize)]
+struct CompleteManyBody {
+    tasks: Vec<CompleteManyItem>,
+}
+
+#[derive(Deserialize)]
+struct CompleteManyItem {
+    id: Uuid,
+    run_lease: i64,
+    #[serde(default)]
+    result: serde_json::Value,
+    #[serde(default)]
+    artifacts: Vec<Artifact>,
+}
+
+async fn complete_many<Q: Queue>(
+    State(state): State<Arc<ApiState<Q>>>,
+    Authenticated(agent): Authenticated,
+    Json(body): Json<CompleteManyBody>,
+) -> Result<Response, ApiError> {
+    let ids: Vec<Uuid> = body.tasks.iter().map(|t| t.id).collect();
+    let completions: Vec<Completion> = body
+        .tasks
+        .into_iter()
+        .map(|t| Completion {
+            lease: Lease {
+                id: t.id,
+                run_lease: t.run_lease,
+            },
+            result: t.result,
+            artifacts: t.artifacts,
+        })
+        .collect();
+    let answers = state.dispatcher.complete(&agent, &completions).await?;
+    let tasks: Vec<serde_json::Value> = ids
+        .iter()
+        .zip(answers)
+        .map(|(id, a)| match a {
+            Ok(()) => serde_json::json!({"id": id, "ok": true}),
+            Err(r) => serde_json::json!({"id": id, "ok": false, "error": r.to_string()}),
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "tasks": tasks })).into_response())
+}
+
+async fn fail<Q: Queue>(
+    State(state): State<Arc<ApiState<Q>>>,
+    Authenticated(agent): Authenticated,
+    Path(id): Path<Uuid>,
+    Json(body): Json<FailBody>,
+) -> Result<Response, ApiError> {
+    let lease = Lease {
+        id,
+        run_lease: body.run_lease,
+    };
+    let outcome = state
+        .dispatcher
+        .fail(&agent, lease, &body.error, body.retryable)
+        .await?
+        .map_err(ApiError::Refused)?;
+    Ok(Json(serde_json::json!({ "ok": true, "outcome": outcome })).into_response())
+}
+
+async fn question<Q: Queue>(
+    State(state): State<Arc<ApiState<Q>>>,
+    Authenticated(agent): Authenticated,
+    Path(id): Path<Uuid>,
+    Json(body): Json<QuestionBody>,
+) -> Result<Response, ApiError> {
+    let lease = Lease {
+        id,
+        run_lease: body.run_lease,
+    };
+    answer(
+        state
+            .dispatcher
+            .question(&agent, lease, &body.question)
+            .await?,
+    )
+}
+
+async fn release<Q: Queue>(
+    State(state): State<Arc<ApiState<Q>>>,
+    Authenticated(agent): Authenticated,
+    Path(id): Path<Uuid>,
+    Json(body): Json<RunLeaseBody>,
+) -> Result<Response, ApiError> {
+    let lease = Lease {
+        id,
+        run_lease: body.run_lease,
+    };
+    answer(state.dispatcher.release(&agent, lease).await?)
+}

@@ -1,0 +1,365 @@
+//! The work queue: claiming tasks under a lease, and every report an agent makes about a task
+//! it holds. The database is the arbiter. A claim is one statement that picks ready tasks
+//! (`FOR UPDATE SKIP LOCKED` on Postgres; SQLite serializes writers) and bumps their
+//! `run_lease` fencing token; every later operation names `(task, run_lease, agent)` and
+//! matches no row when any of them is stale, so a task is never completed twice.
+//!
+//! Each operation is one transaction that also writes its `events` and `task_updates` rows.
+//! Operations take slices so callers can batch many agents' requests into one statement.
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// An agent, as registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentIdentity {
+    pub name: String,
+    /// `cos`, `seed`, `specialist` or `meta`: a task whose assignee is this role may go to it.
+    pub agent_type: String,
+    pub capabilities: Vec<String>,
+    pub concurrency: u32,
+}
+
+/// A task leased to an agent, with everything the agent needs to run it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub id: Uuid,
+    pub run_lease: i64,
+    pub attempt: i32,
+    pub project: String,
+    pub name: String,
+    pub title: String,
+    pub description: String,
+    pub action: serde_json::Value,
+    pub output: serde_json::Value,
+    pub acceptance_criteria: Vec<String>,
+    pub timeout_seconds: Option<i32>,
+    /// The source revision the task was dispatched at.
+    pub revision: Option<String>,
+    pub lease_expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `(task, run_lease)`: what every report carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: Uuid,
+    pub run_lease: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub lease: Lease,
+    pub result: serde_json::Value,
+    pub artifacts: Vec<Artifact>,
+}
+
+/// An output an agent stored somewhere (`key` is its object-storage key or branch path).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Artifact {
+    pub name: String,
+    #[serde(rename = "type", default = "default_artifact_type")]
+    pub artifact_type: String,
+    pub key: String,
+    #[serde(default)]
+    pub size_bytes: Option<i64>,
+    #[serde(default)]
+    pub mime_type: Option<String>,
+}
+
+fn default_artifact_type() -> String {
+    "other".to_owned()
+}
+
+/// The answer to a heartbeat, per task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseState {
+    pub id: Uuid,
+    /// The lease is still this agent's and was extended.
+    pub held: bool,
+    /// The task was cancelled (removed from the source, or by a person): stop.
+    pub cancel: bool,
+}
+
+/// What became of a failed task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailOutcome {
+    /// Ready again after the backoff, with attempt + 1.
+    Retry,
+    /// Retries spent, or the failure was not retryable.
+    Failed,
+}
+
+/// Why a report was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("no such task")]
+    NoTask,
+    #[error("the task is not held by this agent under this run lease")]
+    NotHeld,
+}
+
+/// Leases that ran out, as handled by one sweep.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Back to ready with attempt + 1.
+    pub retried: Vec<Uuid>,
+    /// Retries spent.
+    pub failed: Vec<Uuid>,
+}
+
+/// How long leases last and how retries back off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeasePolicy {
+    pub lease: Duration,
+    /// The first retry waits this long, each further one twice as long…
+    pub backoff_base: Duration,
+    /// …up to this.
+    pub backoff_max: Duration,
+}
+
+impl Default for LeasePolicy {
+    fn default() -> Self {
+        LeasePolicy {
+            lease: Duration::from_secs(30),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl LeasePolicy {
+    /// The wait before the retry that follows attempt `attempt` (0-based).
+    pub fn backoff(&self, attempt: i32) -> Duration {
+        let factor = 1u32 << attempt.clamp(0, 20);
+        self.backoff_base
+            .saturating_mul(factor)
+            .min(self.backoff_max)
+    }
+}
+
+pub trait Queue: Send + Sync + 'static {
+    /// Record the agent (upsert by name) and a session token for it; earlier tokens of the
+    /// same name stop working. Stores only a hash of the token.
+    fn register(
+        &self,
+        agent: &AgentIdentity,
+        token_hash: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The agent a token belongs to.
+    fn authenticate(
+        &self,
+        token_hash: &str,
+    ) -> impl Future<Output = Result<Option<AgentIdentity>, StoreError>> + Send;
+
+    /// Lease up to `max` ready tasks to `agent`.
+    fn claim(
+        &self,
+        agent: &AgentIdentity,
+        max: u32,
+        policy: &LeasePolicy,
+    ) -> impl Future<Output = Result<Vec<Assignment>, StoreError>> + Send;
+
+    /// Extend the given leases of `agent`; mark the agent alive, and `busy` or `idle` by
+    /// whether it holds any task.
+    fn heartbeat(
+        &self,
+        agent: &str,
+        leases: &[Lease],
+        policy: &LeasePolicy,
+    ) -> impl Future<Output = Result<Vec<LeaseState>, StoreError>> + Send;
+
+    fn progress(
+        &self,
+        agent: &str,
+        lease: Lease,
+        message: &str,
+    ) -> impl Future<Output = Result<Result<(), Refusal>, StoreError>> + Send;
+
+    /// Complete many tasks in one transaction; one answer per completion, in order.
+    fn complete(
+        &self,
+        agent: &str,
+        completions: &[Completion],
+    ) -> impl Future<Output = Result<Vec<Result<(), Refusal>>, StoreError>> + Send;
+
+    fn fail(
+        &self,
+        agent: &str,
+        lease: Lease,
+        error: &str,
+        retryable: bool,
+        policy: &LeasePolicy,
+    ) -> impl Future<Output = Result<Result<FailOutcome, Refusal>, StoreError>> + Send;
+
+    /// The task waits for a person: `blocked`, lease ended, a `question` task update.
+    fn question(
+        &self,
+        agent: &str,
+        lease: Lease,
+        question: &str,
+    ) -> impl Future<Output = Result<Result<(), Refusal>, StoreError>> + Send;
+
+    /// Hand a task back unstarted: ready at once, attempt unchanged.
+    fn release(
+        &self,
+        agent: &str,
+        lease: Lease,
+    ) -> impl Future<Output = Result<Result<(), Refusal>, StoreError>> + Send;
+
+    /// Return every task whose lease ran out to ready (attempt + 1, backoff) or fail it.
+    fn expire_leases(
+        &self,
+        policy: &LeasePolicy,
+    ) -> impl Future<Output = Result<Expired, StoreError>> + Send;
+
+    /// Mark pending tasks whose dependency failed or was cancelled as `blocked`, saying which.
+    /// Returns how many changed.
+    fn block_dependents(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Ready tasks per pool (the assignee: a role or an agent name), for metrics.
+    fn queue_depth(&self) -> impl Future<Output = Result<Vec<(String, i64)>, StoreError>> + Send;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared by both backends
+// ---------------------------------------------------------------------------------------------
+
+/// The artifact types the schema accepts (`artifacts_artifact_type_check`); anything else is
+/// stored as `other`.
+pub(super) fn artifact_type(kind: &str) -> &'static str {
+    match kind {
+        "code" => "code",
+        "document" => "document",
+        "image" => "image",
+        "data" => "data",
+        "log" => "log",
+        _ => "other",
+    }
+}
+
+/// Whole milliseconds, capped at 2^40 (35 years) so that the backoff arithmetic in SQL
+/// (`base << 20`) cannot overflow a bigint.
+pub(super) fn millis(duration: Duration) -> i64 {
+    duration.as_millis().min(1 << 40) as i64
+}
+
+/// The backoff base and cap in milliseconds, as the SQL twin of [`LeasePolicy::backoff`]
+/// takes them: `min(base << min(max(attempt, 0), 20), cap)`.
+pub(super) fn backoff_params(policy: &LeasePolicy) -> (i64, i64) {
+    (millis(policy.backoff_base), millis(policy.backoff_max))
+}
+
+/// A completion as one JSON row of the batch the store reads in SQL.
+#[derive(Serialize)]
+pub(super) struct CompletionRow<'a> {
+    /// Position in the caller's slice.
+    pub i: usize,
+    pub id: String,
+    pub run_lease: i64,
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    pub result: &'a serde_json::Value,
+    /// The `completion` task update's message.
+    pub message: String,
+    pub artifacts: Vec<ArtifactRow<'a>>,
+}
+
+#[derive(Serialize)]
+pub(super) struct ArtifactRow<'a> {
+    pub name: &'a str,
+    #[serde(rename = "type")]
+    pub artifact_type: &'static str,
+    pub key: &'a str,
+    pub size_bytes: Option<i64>,
+    pub mime_type: Option<&'a str>,
+}
+
+/// The completions to send to the database, and for each completion the earlier one with the
+/// same `(task, run_lease)` it repeats, if any. A repeat is not sent: the first one decides,
+/// and the repeat is refused once the first completed the task.
+pub(super) fn completion_rows(
+    completions: &[Completion],
+) -> (Vec<CompletionRow<'_>>, Vec<Option<usize>>) {
+    let mut seen = std::collections::HashMap::with_capacity(completions.len());
+    let mut rows = Vec::with_capacity(completions.len());
+    let mut repeats = Vec::with_capacity(completions.len());
+    for (i, c) in completions.iter().enumerate() {
+        if let Some(&first) = seen.get(&c.lease) {
+            repeats.push(Some(first));
+            continue;
+        }
+        seen.insert(c.lease, i);
+        repeats.push(None);
+        rows.push(CompletionRow {
+            i,
+            id: c.lease.id.hyphenated().to_string(),
+            run_lease: c.lease.run_lease,
+            result: &c.result,
+            message: completion_message(&c.result),
+            artifacts: c
+                .artifacts
+                .iter()
+                .map(|a| ArtifactRow {
+                    name: &a.name,
+                    artifact_type: artifact_type(&a.artifact_type),
+                    key: &a.key,
+                    size_bytes: a.size_bytes,
+                    mime_type: a.mime_type.as_deref(),
+                })
+                .collect(),
+        });
+    }
+    (rows, repeats)
+}
+
+/// One answer per completion: `sent[i]` for those sent, and for a repeat, refused when its
+/// first completed the task or refused like its first.
+pub(super) fn completion_answers(
+    sent: Vec<Option<Result<(), Refusal>>>,
+    repeats: &[Option<usize>],
+) -> Vec<Result<(), Refusal>> {
+    let mut answers: Vec<Result<(), Refusal>> = Vec::with_capacity(repeats.len());
+    for (i, repeat) in repeats.iter().enumerate() {
+        let answer = match repeat {
+            Some(first) => match answers[*first] {
+                Ok(()) => Err(Refusal::NotHeld),
+                refused => refused,
+            },
+            None => sent[i].unwrap_or(Err(Refusal::NotHeld)),
+        };
+        answers.push(answer);
+    }
+    answers
+}
+
+/// The `completion` task update's message: the result's `summary` when it has one.
+fn completion_message(result: &serde_json::Value) -> String {
+    match result.get("summary").and_then(serde_json::Value::as_str) {
+        Some(summary) if !summary.trim().is_empty() => summary.to_owned(),
+        _ => "completed".to_owned(),
+    }
+}
+
+/// A JSON array of strings as a list, skipping anything else.
+pub(super) fn strings(value: Option<serde_json::Value>) -> Vec<String> {
+    match value {
+        Some(serde_json::Value::Array(items)) => items
+            .into_iter()
+            .filter_map(|v| match v {
+                serde_json::Value::String(s) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// How long a session's `last_seen_at` may lag before `authenticate` writes it again: a token
+/// is checked on every request, and a write per request would be the busiest write there is.
+pub(super) const SEEN_EVERY_SECONDS: i64 = 30;

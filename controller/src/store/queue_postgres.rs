@@ -1,0 +1,649 @@
+//! [`Queue`] on Postgres. Every operation is one statement, hence one transaction: the task
+//! rows change in a data-modifying CTE, and the `events`, `task_updates`, `artifacts` and
+//! `agents` writes hang off its `RETURNING` rows in further CTEs. Batches arrive as one JSON
+//! array parameter (`jsonb_to_recordset`), so a batch of any size is one round trip.
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use uuid::Uuid;
+
+use super::postgres::PgStore;
+use super::queue::*;
+use super::{StoreError, query_error};
+
+/// Readiness of task `t`, apart from who may run it: pending, not pruned, past its backoff,
+/// its project not suspended, every dependency (`project/task`) completed.
+///
+/// Written so that the planner walks `idx_tasks_dispatch` in order and stops at the LIMIT
+/// instead of sorting every pending task: the project check is a scalar subquery (as
+/// `NOT EXISTS` it becomes an anti-join the planner estimates at one row), and the common
+/// "no dependencies" case is an equality the column statistics know to be almost always
+/// true. Dependencies are then looked up through `ux_tasks_project_name`.
+macro_rules! ready {
+    () => {
+        "t.status = 'pending' AND t.pruned_at IS NULL \
+         AND (t.not_before IS NULL OR t.not_before <= now()) \
+         AND NOT COALESCE((SELECT sp.suspend FROM projects sp WHERE sp.id = t.project_id), false) \
+         AND (t.depends_on = '[]' OR NOT EXISTS ( \
+             SELECT 1 FROM jsonb_array_elements_text(t.depends_on) AS d(dep) \
+             WHERE NOT EXISTS (SELECT 1 FROM tasks dt JOIN projects dp ON dp.id = dt.project_id \
+                 WHERE dp.name = split_part(d.dep, '/', 1) \
+                 AND dt.name = split_part(d.dep, '/', 2) AND dt.status = 'completed')))"
+    };
+}
+
+/// `(task $1, run_lease $2, agent $3)` still hold task `t`.
+macro_rules! fence {
+    () => {
+        "t.id = $1 AND t.run_lease = $2 AND t.lease_owner = $3 AND t.status = 'in_progress'"
+    };
+}
+
+/// The event payload every task event carries, for the task rows of `$rows` (with columns
+/// id, project_id, name, run_lease, attempt) and the agent `$agent`.
+macro_rules! payload {
+    ($rows:literal, $agent:literal) => {
+        concat!(
+            "jsonb_build_object('id', ",
+            $rows,
+            ".id, ",
+            "'project', (SELECT p.name FROM projects p WHERE p.id = ",
+            $rows,
+            ".project_id), ",
+            "'name', ",
+            $rows,
+            ".name, 'agent', ",
+            $agent,
+            ", ",
+            "'run_lease', ",
+            $rows,
+            ".run_lease, 'attempt', ",
+            $rows,
+            ".attempt)"
+        )
+    };
+}
+
+/// Agent `$agent` is seen now, and idle once it holds no task beyond those in CTE `$ended`.
+macro_rules! agent_idle {
+    ($agent:literal, $ended:literal) => {
+        concat!(
+            "agent AS (UPDATE agents SET last_active_at = now(), status = CASE ",
+            "WHEN status = 'busy' AND NOT EXISTS (SELECT 1 FROM tasks h ",
+            "WHERE h.status = 'in_progress' AND h.lease_owner = ",
+            $agent,
+            " AND h.id NOT IN (SELECT id FROM ",
+            $ended,
+            ")) THEN 'idle' ELSE status END WHERE name = ",
+            $agent,
+            ")"
+        )
+    };
+}
+
+/// The wait before the retry that follows the row's attempt (`LeasePolicy::backoff`), from
+/// the base `$base` and the cap `$max` in milliseconds, as a time from now.
+macro_rules! backoff {
+    ($base:literal, $max:literal) => {
+        concat!(
+            "now() + LEAST(",
+            $base,
+            " << LEAST(GREATEST(t.attempt, 0), 20), ",
+            $max,
+            ") * interval '1 millisecond'"
+        )
+    };
+}
+
+const REGISTER_AGENT: &str = "\
+    INSERT INTO agents (name, type, capabilities, concurrency, status, last_active_at) \
+    VALUES ($1, $2, CAST($3 AS text)::jsonb, $4, 'idle', now()) \
+    ON CONFLICT (name) DO UPDATE SET type = excluded.type, capabilities = excluded.capabilities, \
+    concurrency = excluded.concurrency, status = 'idle', last_active_at = now()";
+
+/// A token hash taken over from another agent would be a collision of SHA-256: drop it too.
+const DROP_SESSIONS: &str = "DELETE FROM agent_sessions WHERE agent_name = $1 OR token_hash = $2";
+
+const INSERT_SESSION: &str = "INSERT INTO agent_sessions (token_hash, agent_name) VALUES ($2, $1)";
+
+const AUTHENTICATE: &str = "\
+    WITH seen AS (UPDATE agent_sessions SET last_seen_at = now() WHERE token_hash = $1 \
+     AND (last_seen_at IS NULL OR last_seen_at < now() - $2 * interval '1 second')) \
+     SELECT a.name, a.type, a.capabilities, a.concurrency \
+     FROM agent_sessions s JOIN agents a ON a.name = s.agent_name WHERE s.token_hash = $1";
+
+/// $1 agent, $2 its type, $3 its capabilities, $4 how many, $5 the lease in milliseconds.
+const CLAIM: &str = concat!(
+    "WITH picked AS (SELECT t.id FROM tasks t WHERE ",
+    ready!(),
+    " AND (t.assignee = $1 OR t.assignee = $2) \
+     AND (t.capabilities = '[]' OR t.capabilities <@ CAST($3 AS text)::jsonb) \
+     ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT $4 \
+     FOR UPDATE OF t SKIP LOCKED), \
+     claimed AS (UPDATE tasks t SET status = 'in_progress', lease_owner = $1, assigned_to = $1, \
+         lease_expires_at = now() + $5 * interval '1 millisecond', \
+         run_lease = t.run_lease + 1, started_at = COALESCE(t.started_at, now()), \
+         claimed_at = now(), dispatch_revision = t.revision \
+     FROM picked WHERE t.id = picked.id \
+     RETURNING t.id, t.project_id, t.run_lease, t.attempt, t.priority, t.created_at, t.name, \
+         t.title, t.description, t.action, t.output, t.acceptance_criteria, t.timeout_seconds, \
+         t.revision, t.lease_expires_at), \
+     events AS (INSERT INTO events (event_type, source_agent, payload) \
+         SELECT 'task.claimed', $1, ",
+    payload!("c", "$1"),
+    " FROM claimed c), \
+     agent AS (UPDATE agents SET last_active_at = now(), \
+         status = CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN 'busy' ELSE status END \
+         WHERE name = $1) \
+     SELECT c.id, c.run_lease, c.attempt, \
+         COALESCE((SELECT p.name FROM projects p WHERE p.id = c.project_id), '') AS project, \
+         COALESCE(c.name, '') AS name, c.title, COALESCE(c.description, '') AS description, \
+         c.action, c.output, c.acceptance_criteria, c.timeout_seconds, c.revision, \
+         c.lease_expires_at \
+     FROM claimed c ORDER BY c.priority DESC NULLS LAST, c.created_at"
+);
+
+/// $1 leases as [{i, id, run_lease}], $2 agent, $3 the lease in milliseconds.
+///
+/// The agent's `busy`/`idle` is set again from what it holds. Reports keep it up to date one
+/// by one, but two reports of one agent that commit at the same moment each see the other's
+/// task still in progress (a statement sees the rows as they were when it started), so they
+/// can leave it `busy`; the next heartbeat puts that right.
+const HEARTBEAT: &str = "\
+    WITH input AS (SELECT * FROM jsonb_to_recordset(CAST($1 AS text)::jsonb) \
+        AS r(i integer, id uuid, run_lease bigint)), \
+    held AS (UPDATE tasks t SET lease_expires_at = now() + $3 * interval '1 millisecond' \
+        FROM input r WHERE t.id = r.id AND t.run_lease = r.run_lease AND t.lease_owner = $2 \
+        AND t.status = 'in_progress' RETURNING t.id, t.run_lease), \
+    agent AS (UPDATE agents SET last_active_at = now(), status = CASE \
+        WHEN status NOT IN ('busy', 'idle') THEN status \
+        WHEN EXISTS (SELECT 1 FROM tasks h WHERE h.status = 'in_progress' \
+            AND h.lease_owner = $2) THEN 'busy' ELSE 'idle' END \
+        WHERE name = $2) \
+    SELECT r.id, \
+        EXISTS (SELECT 1 FROM held h WHERE h.id = r.id AND h.run_lease = r.run_lease) AS held, \
+        EXISTS (SELECT 1 FROM tasks x WHERE x.id = r.id AND x.status = 'cancelled') AS cancel \
+    FROM input r ORDER BY r.i";
+
+/// $1 task, $2 run lease, $3 agent, $4 message.
+const PROGRESS: &str = concat!(
+    "WITH held AS (SELECT t.id, t.project_id, t.name, t.run_lease, t.attempt FROM tasks t \
+         WHERE ",
+    fence!(),
+    " FOR SHARE), \
+     updates AS (INSERT INTO task_updates (task_id, agent_name, update_type, message) \
+         SELECT h.id, $3, 'progress', $4 FROM held h), \
+     events AS (INSERT INTO events (event_type, source_agent, payload) \
+         SELECT 'task.progress', $3, ",
+    payload!("h", "$3"),
+    " || jsonb_build_object('message', $4) FROM held h), \
+     agent AS (UPDATE agents SET last_active_at = now() \
+         WHERE name = $3 AND EXISTS (SELECT 1 FROM held)) \
+     SELECT (SELECT 'in_progress' FROM held) AS status, \
+         EXISTS (SELECT 1 FROM tasks x WHERE x.id = $1) AS found"
+);
+
+/// $1 completions as [`CompletionRow`], $2 agent.
+const COMPLETE: &str = concat!(
+    "WITH input AS (SELECT * FROM jsonb_to_recordset(CAST($1 AS text)::jsonb) \
+         AS r(i integer, id uuid, run_lease bigint, result jsonb, message text, artifacts jsonb)), \
+     done AS (UPDATE tasks t SET status = 'completed', completed_at = now(), result = r.result, \
+         lease_owner = NULL, lease_expires_at = NULL, status_message = NULL \
+         FROM input r WHERE t.id = r.id AND t.run_lease = r.run_lease AND t.lease_owner = $2 \
+         AND t.status = 'in_progress' \
+         RETURNING r.i, t.id, t.project_id, t.name, t.run_lease, t.attempt), \
+     updates AS (INSERT INTO task_updates (task_id, agent_name, update_type, message) \
+         SELECT d.id, $2, 'completion', r.message FROM done d JOIN input r ON r.i = d.i), \
+     stored AS (INSERT INTO artifacts (task_id, agent_name, artifact_type, name, s3_key, \
+         size_bytes, mime_type) \
+         SELECT d.id, $2, a.type, a.name, a.key, a.size_bytes, a.mime_type \
+         FROM done d JOIN input r ON r.i = d.i \
+         CROSS JOIN LATERAL jsonb_to_recordset(r.artifacts) \
+             AS a(name text, type text, key text, size_bytes bigint, mime_type text)), \
+     events AS (INSERT INTO events (event_type, source_agent, payload) \
+         SELECT 'task.completed', $2, ",
+    payload!("d", "$2"),
+    " FROM done d), ",
+    agent_idle!("$2", "done"),
+    " SELECT r.i, CASE WHEN d.i IS NOT NULL THEN 0 \
+         WHEN EXISTS (SELECT 1 FROM tasks x WHERE x.id = r.id) THEN 1 ELSE 2 END AS outcome \
+     FROM input r LEFT JOIN done d ON d.i = r.i"
+);
+
+/// $1 task, $2 run lease, $3 agent, $4 error, $5 retryable, $6/$7 backoff base/cap (ms).
+/// `held` locks the task and decides once whether it is retried.
+const FAIL: &str = concat!(
+    "WITH held AS (SELECT t.id, t.attempt, ($5 AND t.attempt < t.retries) AS retry \
+         FROM tasks t WHERE ",
+    fence!(),
+    " FOR UPDATE), \
+     ended AS (UPDATE tasks t SET \
+         status = CASE WHEN h.retry THEN 'pending' ELSE 'failed' END, \
+         attempt = CASE WHEN h.retry THEN t.attempt + 1 ELSE t.attempt END, \
+         not_before = CASE WHEN h.retry THEN ",
+    backoff!("$6", "$7"),
+    " ELSE t.not_before END, \
+         completed_at = CASE WHEN h.retry THEN t.completed_at ELSE now() END, \
+         assigned_to = CASE WHEN h.retry THEN t.assignee ELSE t.assigned_to END, \
+         error = $4, lease_owner = NULL, lease_expires_at = NULL \
+     FROM held h WHERE t.id = h.id \
+     RETURNING t.id, t.project_id, t.name, t.run_lease, h.attempt, t.status, t.not_before), \
+     updates AS (INSERT INTO task_updates (task_id, agent_name, update_type, message) \
+         SELECT e.id, $3, 'error', $4 FROM ended e), \
+     events AS (INSERT INTO events (event_type, source_agent, payload) \
+         SELECT CASE WHEN e.status = 'pending' THEN 'task.retrying' ELSE 'task.failed' END, $3, ",
+    payload!("e", "$3"),
+    " || jsonb_build_object('error', $4, 'retryable', $5, 'not_before', \
+         CASE WHEN e.status = 'pending' THEN e.not_before END) FROM ended e), ",
+    agent_idle!("$3", "ended"),
+    " SELECT (SELECT status FROM ended) AS status, \
+         EXISTS (SELECT 1 FROM tasks x WHERE x.id = $1) AS found"
+);
+
+/// $1 task, $2 run lease, $3 agent, $4 question.
+const QUESTION: &str = concat!(
+    "WITH ended AS (UPDATE tasks t SET status = 'blocked', status_message = 'question: ' || $4, \
+         lease_owner = NULL, lease_expires_at = NULL \
+     WHERE ",
+    fence!(),
+    " \
+     RETURNING t.id, t.project_id, t.name, t.run_lease, t.attempt, t.status), \
+     updates AS (INSERT INTO task_updates (task_id, agent_name, update_type, message) \
+         SELECT e.id, $3, 'question', $4 FROM ended e), \
+     events AS (INSERT INTO events (event_type, source_agent, payload) \
+         SELECT 'task.question', $3, ",
+    payload!("e", "$3"),
+    " || jsonb_build_object('question', $4) FROM ended e), ",
+    agent_idle!("$3", "ended"),
+    " SELECT (SELECT status FROM ended) AS status, \
+         EXISTS (SELECT 1 FROM tasks x WHERE x.id = $1) AS found"
+);
+
+/// $1 task, $2 run lease, $3 agent.
+const RELEASE: &str = concat!(
+    "WITH ended AS (UPDATE tasks t SET status = 'pending', assigned_to = t.assignee, \
+         not_before = NULL, lease_owner = NULL, lease_expires_at = NULL \
+     WHERE ",
+    fence!(),
+    " \
+     RETURNING t.id, t.project_id, t.name, t.run_lease, t.attempt, t.status), \
+     events AS (INSERT INTO events (event_type, source_agent, payload) \
+         SELECT 'task.released', $3, ",
+    payload!("e", "$3"),
+    " FROM ended e), ",
+    agent_idle!("$3", "ended"),
+    " SELECT (SELECT status FROM ended) AS status, \
+         EXISTS (SELECT 1 FROM tasks x WHERE x.id = $1) AS found"
+);
+
+/// $1/$2 backoff base/cap (ms). The rows are locked first (`SKIP LOCKED`: a task whose report
+/// is being written right now is left to that report, and to the next sweep), and whether each
+/// is retried is decided there once.
+const EXPIRE: &str = concat!(
+    "WITH old AS (SELECT t.id, t.lease_owner, t.attempt, (t.attempt < t.retries) AS retry \
+         FROM tasks t WHERE t.status = 'in_progress' AND t.lease_expires_at < now() \
+         FOR UPDATE SKIP LOCKED), \
+     expired AS (UPDATE tasks t SET \
+         status = CASE WHEN old.retry THEN 'pending' ELSE 'failed' END, \
+         attempt = CASE WHEN old.retry THEN t.attempt + 1 ELSE t.attempt END, \
+         not_before = CASE WHEN old.retry THEN ",
+    backoff!("$1", "$2"),
+    " ELSE t.not_before END, \
+         completed_at = CASE WHEN old.retry THEN t.completed_at ELSE now() END, \
+         assigned_to = CASE WHEN old.retry THEN t.assignee ELSE t.assigned_to END, \
+         error = CASE WHEN old.retry THEN 'lease expired' \
+             ELSE 'lease expired; retries spent' END, \
+         lease_owner = NULL, lease_expires_at = NULL \
+     FROM old WHERE t.id = old.id \
+     RETURNING t.id, t.project_id, t.name, t.run_lease, old.attempt, t.status, t.error, \
+         t.not_before, old.lease_owner AS agent), \
+     updates AS (INSERT INTO task_updates (task_id, agent_name, update_type, message) \
+         SELECT x.id, COALESCE(x.agent, 'controller'), 'error', x.error FROM expired x), \
+     events AS (INSERT INTO events (event_type, source_agent, payload) \
+         SELECT CASE WHEN x.status = 'pending' THEN 'task.lease_expired' ELSE 'task.failed' END, \
+             'controller', ",
+    payload!("x", "x.agent"),
+    " || jsonb_build_object('error', x.error, 'not_before', \
+             CASE WHEN x.status = 'pending' THEN x.not_before END) FROM expired x) \
+     SELECT x.id, x.status FROM expired x ORDER BY x.id"
+);
+
+/// The first dependency (in `dependsOn` order) that failed or was cancelled, per pending task.
+const BLOCK: &str = "\
+    WITH dep AS (SELECT DISTINCT ON (t.id) t.id, d.dep, dt.status AS dep_status \
+        FROM tasks t \
+        CROSS JOIN LATERAL jsonb_array_elements_text(t.depends_on) WITH ORDINALITY AS d(dep, n) \
+        JOIN projects dp ON dp.name = split_part(d.dep, '/', 1) \
+        JOIN tasks dt ON dt.project_id = dp.id AND dt.name = split_part(d.dep, '/', 2) \
+        WHERE t.status = 'pending' AND t.pruned_at IS NULL \
+        AND dt.status IN ('failed', 'cancelled') \
+        ORDER BY t.id, d.n), \
+    blocked AS (UPDATE tasks t SET status = 'blocked', \
+        status_message = 'dependency ' || dep.dep || ' ' || dep.dep_status \
+        FROM dep WHERE t.id = dep.id AND t.status = 'pending' \
+        RETURNING t.id, t.project_id, t.name, t.status_message), \
+    events AS (INSERT INTO events (event_type, source_agent, payload) \
+        SELECT 'task.blocked', 'controller', jsonb_build_object('id', b.id, \
+            'project', (SELECT p.name FROM projects p WHERE p.id = b.project_id), \
+            'name', b.name, 'message', b.status_message) FROM blocked b) \
+    SELECT count(*) FROM blocked";
+
+const QUEUE_DEPTH: &str = concat!(
+    "SELECT t.assignee, count(*) FROM tasks t WHERE ",
+    ready!(),
+    " AND t.assignee IS NOT NULL GROUP BY t.assignee ORDER BY t.assignee"
+);
+
+#[derive(sqlx::FromRow)]
+struct AgentRow {
+    name: String,
+    #[sqlx(rename = "type")]
+    agent_type: String,
+    capabilities: Option<Json<serde_json::Value>>,
+    concurrency: i32,
+}
+
+#[derive(sqlx::FromRow)]
+struct AssignmentRow {
+    id: Uuid,
+    run_lease: i64,
+    attempt: i32,
+    project: String,
+    name: String,
+    title: String,
+    description: String,
+    action: Option<Json<serde_json::Value>>,
+    output: Option<Json<serde_json::Value>>,
+    acceptance_criteria: Json<serde_json::Value>,
+    timeout_seconds: Option<i32>,
+    revision: Option<String>,
+    lease_expires_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct HeartbeatRow {
+    id: Uuid,
+    held: bool,
+    cancel: bool,
+}
+
+/// What a fenced single-task operation did: the status it left the task in, if it matched.
+#[derive(sqlx::FromRow)]
+struct FencedRow {
+    status: Option<String>,
+    found: bool,
+}
+
+impl FencedRow {
+    fn answer(&self) -> Result<&str, Refusal> {
+        match (&self.status, self.found) {
+            (Some(status), _) => Ok(status),
+            (None, true) => Err(Refusal::NotHeld),
+            (None, false) => Err(Refusal::NoTask),
+        }
+    }
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+impl PgStore {
+    async fn fenced(
+        &self,
+        statement: &'static str,
+        agent: &str,
+        lease: Lease,
+        text: Option<&str>,
+        doing: &'static str,
+    ) -> Result<FencedRow, StoreError> {
+        let mut query = sqlx::query_as(statement)
+            .bind(lease.id)
+            .bind(lease.run_lease)
+            .bind(agent);
+        if let Some(text) = text {
+            query = query.bind(text);
+        }
+        query
+            .fetch_one(self.pool())
+            .await
+            .map_err(query_error(doing))
+    }
+}
+
+impl Queue for PgStore {
+    async fn register(&self, agent: &AgentIdentity, token_hash: &str) -> Result<(), StoreError> {
+        let capabilities = json_text(&agent.capabilities)?;
+        let concurrency = i32::try_from(agent.concurrency.max(1)).unwrap_or(i32::MAX);
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(query_error("starting a transaction"))?;
+        sqlx::query(REGISTER_AGENT)
+            .bind(&agent.name)
+            .bind(&agent.agent_type)
+            .bind(capabilities)
+            .bind(concurrency)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_error("registering an agent"))?;
+        for statement in [DROP_SESSIONS, INSERT_SESSION] {
+            sqlx::query(statement)
+                .bind(&agent.name)
+                .bind(token_hash)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_error("recording an agent session"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(query_error("committing a registration"))
+    }
+
+    async fn authenticate(&self, token_hash: &str) -> Result<Option<AgentIdentity>, StoreError> {
+        let row: Option<AgentRow> = sqlx::query_as(AUTHENTICATE)
+            .bind(token_hash)
+            .bind(SEEN_EVERY_SECONDS)
+            .fetch_optional(self.pool())
+            .await
+            .map_err(query_error("authenticating an agent"))?;
+        Ok(row.map(|a| AgentIdentity {
+            name: a.name,
+            agent_type: a.agent_type,
+            capabilities: strings(a.capabilities.map(|c| c.0)),
+            concurrency: u32::try_from(a.concurrency).unwrap_or(1),
+        }))
+    }
+
+    async fn claim(
+        &self,
+        agent: &AgentIdentity,
+        max: u32,
+        policy: &LeasePolicy,
+    ) -> Result<Vec<Assignment>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<AssignmentRow> = sqlx::query_as(CLAIM)
+            .bind(&agent.name)
+            .bind(&agent.agent_type)
+            .bind(json_text(&agent.capabilities)?)
+            .bind(i64::from(max))
+            .bind(millis(policy.lease))
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("claiming tasks"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Assignment {
+                id: r.id,
+                run_lease: r.run_lease,
+                attempt: r.attempt,
+                project: r.project,
+                name: r.name,
+                title: r.title,
+                description: r.description,
+                action: r.action.map_or(serde_json::Value::Null, |a| a.0),
+                output: r.output.map_or(serde_json::Value::Null, |o| o.0),
+                acceptance_criteria: strings(Some(r.acceptance_criteria.0)),
+                timeout_seconds: r.timeout_seconds,
+                revision: r.revision,
+                lease_expires_at: r.lease_expires_at,
+            })
+            .collect())
+    }
+
+    async fn heartbeat(
+        &self,
+        agent: &str,
+        leases: &[Lease],
+        policy: &LeasePolicy,
+    ) -> Result<Vec<LeaseState>, StoreError> {
+        let input: Vec<serde_json::Value> = leases
+            .iter()
+            .enumerate()
+            .map(|(i, l)| serde_json::json!({"i": i, "id": l.id, "run_lease": l.run_lease}))
+            .collect();
+        let rows: Vec<HeartbeatRow> = sqlx::query_as(HEARTBEAT)
+            .bind(json_text(&input)?)
+            .bind(agent)
+            .bind(millis(policy.lease))
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("extending leases"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| LeaseState {
+                id: r.id,
+                held: r.held,
+                cancel: r.cancel,
+            })
+            .collect())
+    }
+
+    async fn progress(
+        &self,
+        agent: &str,
+        lease: Lease,
+        message: &str,
+    ) -> Result<Result<(), Refusal>, StoreError> {
+        let row = self
+            .fenced(PROGRESS, agent, lease, Some(message), "recording progress")
+            .await?;
+        Ok(row.answer().map(|_| ()))
+    }
+
+    async fn complete(
+        &self,
+        agent: &str,
+        completions: &[Completion],
+    ) -> Result<Vec<Result<(), Refusal>>, StoreError> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (rows, repeats) = completion_rows(completions);
+        let outcomes: Vec<(i32, i32)> = sqlx::query_as(COMPLETE)
+            .bind(json_text(&rows)?)
+            .bind(agent)
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("completing tasks"))?;
+        let mut sent = vec![None; completions.len()];
+        for (i, outcome) in outcomes {
+            let answer = match outcome {
+                0 => Ok(()),
+                1 => Err(Refusal::NotHeld),
+                _ => Err(Refusal::NoTask),
+            };
+            if let Some(slot) = usize::try_from(i).ok().and_then(|i| sent.get_mut(i)) {
+                *slot = Some(answer);
+            }
+        }
+        Ok(completion_answers(sent, &repeats))
+    }
+
+    async fn fail(
+        &self,
+        agent: &str,
+        lease: Lease,
+        error: &str,
+        retryable: bool,
+        policy: &LeasePolicy,
+    ) -> Result<Result<FailOutcome, Refusal>, StoreError> {
+        let (base, max) = backoff_params(policy);
+        let row: FencedRow = sqlx::query_as(FAIL)
+            .bind(lease.id)
+            .bind(lease.run_lease)
+            .bind(agent)
+            .bind(error)
+            .bind(retryable)
+            .bind(base)
+            .bind(max)
+            .fetch_one(self.pool())
+            .await
+            .map_err(query_error("failing a task"))?;
+        Ok(row.answer().map(|status| match status {
+            "pending" => FailOutcome::Retry,
+            _ => FailOutcome::Failed,
+        }))
+    }
+
+    async fn question(
+        &self,
+        agent: &str,
+        lease: Lease,
+        question: &str,
+    ) -> Result<Result<(), Refusal>, StoreError> {
+        let row = self
+            .fenced(
+                QUESTION,
+                agent,
+                lease,
+                Some(question),
+                "recording a question",
+            )
+            .await?;
+        Ok(row.answer().map(|_| ()))
+    }
+
+    async fn release(&self, agent: &str, lease: Lease) -> Result<Result<(), Refusal>, StoreError> {
+        let row = self
+            .fenced(RELEASE, agent, lease, None, "releasing a task")
+            .await?;
+        Ok(row.answer().map(|_| ()))
+    }
+
+    async fn expire_leases(&self, policy: &LeasePolicy) -> Result<Expired, StoreError> {
+        let (base, max) = backoff_params(policy);
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(EXPIRE)
+            .bind(base)
+            .bind(max)
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("expiring leases"))?;
+        let mut expired = Expired::default();
+        for (id, status) in rows {
+            match status.as_str() {
+                "pending" => expired.retried.push(id),
+                _ => expired.failed.push(id),
+            }
+        }
+        Ok(expired)
+    }
+
+    async fn block_dependents(&self) -> Result<u64, StoreError> {
+        let blocked: i64 = sqlx::query_scalar(BLOCK)
+            .fetch_one(self.pool())
+            .await
+            .map_err(query_error("blocking dependents of failed tasks"))?;
+        Ok(u64::try_from(blocked).unwrap_or(0))
+    }
+
+    async fn queue_depth(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        sqlx::query_as(QUEUE_DEPTH)
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("measuring the queue"))
+    }
+}
