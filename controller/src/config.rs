@@ -75,7 +75,18 @@ pub struct DispatchArgs {
     /// How often agents are asked to heartbeat.
     #[arg(long, env = "AGENTOPS_HEARTBEAT", default_value = "10s", value_parser = parse_duration)]
     pub heartbeat: Duration,
+    /// NATS server (JetStream) for events and ready-work announcements, e.g.
+    /// `nats://127.0.0.1:4222`; without it they stay inside the process.
+    #[arg(long, env = "AGENTOPS_NATS")]
+    pub nats: Option<String>,
+    /// Redis for agent presence, live progress and rate limits, e.g. `redis://127.0.0.1/`;
+    /// without it they are kept in memory.
+    #[arg(long, env = "AGENTOPS_REDIS")]
+    pub redis: Option<String>,
 }
+
+/// How long one Redis call may take before it is given up (and dispatch carries on).
+pub const PRESENCE_TIMEOUT: Duration = Duration::from_millis(250);
 
 impl DispatchArgs {
     pub fn config(&self) -> crate::dispatch::DispatchConfig {

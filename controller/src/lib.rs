@@ -2,9 +2,11 @@
 //! the store, and (in later modules) dispatches them and writes status back.
 
 pub mod api;
+pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod presence;
 pub mod reconcile;
 pub mod source;
 pub mod store;

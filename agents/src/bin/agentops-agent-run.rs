@@ -32,6 +32,9 @@ struct Args {
     /// Tasks run at once.
     #[arg(long, env = "AGENTOPS_AGENT_CONCURRENCY", default_value = "4")]
     concurrency: NonZeroUsize,
+    /// The controller's NATS server: follow its ready-work announcements (optional).
+    #[arg(long, env = "AGENTOPS_NATS")]
+    nats: Option<String>,
 }
 
 #[tokio::main]
@@ -61,6 +64,7 @@ async fn main() -> ExitCode {
         agent_type: args.agent_type,
         capabilities: args.capabilities,
         concurrency: args.concurrency.get(),
+        nats: args.nats,
         ..AgentConfig::new(args.api, args.name)
     };
     match Agent::new(config, RunCommand).run(shutdown).await {

@@ -37,6 +37,12 @@ pub enum Error {
         #[source]
         source: reqwest::Error,
     },
+    #[error("cannot use the NATS server {url}")]
+    Nats {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
 }
 
 impl Error {
@@ -56,7 +62,7 @@ impl Error {
             Error::Status { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            Error::Client(_) | Error::Decode { .. } => false,
+            Error::Client(_) | Error::Decode { .. } | Error::Nats { .. } => false,
         }
     }
 }

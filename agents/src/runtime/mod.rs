@@ -24,6 +24,7 @@
 
 mod client;
 mod leases;
+mod nudges;
 mod protocol;
 mod reports;
 
@@ -39,11 +40,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use client::Error;
+pub use nudges::{DISPATCH_PREFIX, DISPATCH_STREAM, consumer_name};
 pub use protocol::{AgentType, Artifact, Assignment, UnknownAgentType};
 
 use crate::error_chain;
 use client::{CALL_TIMEOUT, Client};
 use leases::{Leases, Verdict};
+use nudges::Nudges;
 use protocol::{ClaimRequest, ClaimResponse, Completion, HeartbeatRequest, HeartbeatResponse};
 use protocol::{RegisterRequest, Report};
 use reports::{Backoff, Pending};
@@ -60,6 +63,11 @@ pub struct AgentConfig {
     pub concurrency: usize,
     /// How long one claim may wait for work (the protocol caps it at 60 s).
     pub claim_wait: Duration,
+    /// A NATS server (`nats://…`) carrying the controller's ready-work announcements. When
+    /// set, the agent follows its pools (`agentops.dispatch.<type>` and `.<name>`) and takes
+    /// an announcement as a reason to try the controller again at once instead of waiting
+    /// out a backoff. Without it, or while NATS is unreachable, the agent only long-polls.
+    pub nats: Option<String>,
 }
 
 impl AgentConfig {
@@ -72,6 +80,7 @@ impl AgentConfig {
             capabilities: Vec::new(),
             concurrency: 1,
             claim_wait: Duration::from_secs(20),
+            nats: None,
         }
     }
 }
@@ -221,7 +230,24 @@ impl<H: Handler> Agent<H> {
                 concurrency,
             },
         )?;
-        let Some(registered) = shutdown.run_until_cancelled(register(&client)).await else {
+        // Followed from before registering: a controller that comes back announces its work,
+        // which ends a registration backoff too.
+        let following = CancellationToken::new();
+        let _stop_following = following.clone().drop_guard();
+        let nudges = match &self.config.nats {
+            Some(url) => {
+                let pools = vec![
+                    self.config.agent_type.as_str().to_owned(),
+                    self.config.name.clone(),
+                ];
+                Nudges::follow(url, &self.config.name, pools, following.clone()).await?
+            }
+            None => Nudges::off(),
+        };
+        let Some(registered) = shutdown
+            .run_until_cancelled(register(&client, &nudges))
+            .await
+        else {
             return Ok(());
         };
         let session = registered?;
@@ -252,7 +278,8 @@ impl<H: Handler> Agent<H> {
 
         let tasks = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(concurrency));
-        self.claim(&shared, &slots, &tasks, &shutdown).await;
+        self.claim(&shared, &slots, &tasks, &nudges, &shutdown)
+            .await;
 
         tracing::info!("shutting down: handing back held tasks");
         tasks.close();
@@ -269,6 +296,7 @@ impl<H: Handler> Agent<H> {
         shared: &Arc<Shared>,
         slots: &Arc<Semaphore>,
         tasks: &TaskTracker,
+        nudges: &Nudges,
         shutdown: &CancellationToken,
     ) {
         let wait_ms = self.config.claim_wait.as_millis().min(60_000) as u64;
@@ -308,7 +336,7 @@ impl<H: Handler> Agent<H> {
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %error_chain(&e), "claim failed");
-                    let pause = tokio::time::sleep(backoff.next());
+                    let pause = nudges.sleep(backoff.next());
                     if shutdown.run_until_cancelled(pause).await.is_none() {
                         return;
                     }
@@ -350,13 +378,13 @@ impl<H: Handler> Agent<H> {
 }
 
 /// The first registration: waits out an unreachable controller, fails on a refusal.
-async fn register(client: &Client) -> Result<Arc<client::Session>, Error> {
+async fn register(client: &Client, nudges: &Nudges) -> Result<Arc<client::Session>, Error> {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match client.register().await {
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %error_chain(&e), "cannot register yet");
-                tokio::time::sleep(backoff.next()).await;
+                nudges.sleep(backoff.next()).await;
             }
             registered => return registered,
         }

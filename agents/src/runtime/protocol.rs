@@ -1,7 +1,7 @@
 //! The JSON bodies of `agents/PROTOCOL.md`.
 //!
-//! Durations are read as `f64` seconds: the controller sends whole numbers, and accepting
-//! fractions costs nothing and lets tests run heartbeats at millisecond pace.
+//! Durations are read as `f64` seconds: the controller sends fractions when its lease or
+//! heartbeat is not a whole number of seconds, which also lets tests run at millisecond pace.
 
 use std::fmt;
 use std::str::FromStr;

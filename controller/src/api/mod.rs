@@ -155,8 +155,10 @@ fn one() -> u32 {
 pub struct RegisterResponse {
     pub agent: String,
     pub token: String,
-    pub lease_seconds: u64,
-    pub heartbeat_seconds: u64,
+    /// Seconds, with fractions: `--lease 2500ms` is 2.5, not 2, and `--heartbeat 500ms` is
+    /// 0.5, not 0 (which would have agents heartbeat as fast as they can).
+    pub lease_seconds: f64,
+    pub heartbeat_seconds: f64,
 }
 
 const AGENT_TYPES: [&str; 4] = ["cos", "seed", "specialist", "meta"];
@@ -190,8 +192,8 @@ async fn register<Q: Queue>(
     Ok(Json(RegisterResponse {
         agent: name,
         token,
-        lease_seconds: config.policy.lease.as_secs(),
-        heartbeat_seconds: config.heartbeat.as_secs(),
+        lease_seconds: config.policy.lease.as_secs_f64(),
+        heartbeat_seconds: config.heartbeat.as_secs_f64(),
     })
     .into_response())
 }

@@ -31,6 +31,9 @@ pub enum Bench {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// Drain generated no-op tasks with in-process agents over the real HTTP protocol, then
+    /// measure pick-up latency of tasks committed one at a time to idle agents.
+    Dispatch(super::bench_dispatch::DispatchBench),
 }
 
 pub async fn run(_global: &GlobalConfig, bench: Bench) -> anyhow::Result<ExitCode> {
@@ -40,6 +43,7 @@ pub async fn run(_global: &GlobalConfig, bench: Bench) -> anyhow::Result<ExitCod
             database,
             format,
         } => sync(tasks, database.as_deref(), format).await,
+        Bench::Dispatch(bench) => super::bench_dispatch::run(bench).await,
     }
 }
 
@@ -192,7 +196,7 @@ where
 }
 
 /// Peak resident memory of this process so far.
-fn peak_rss_mb() -> f64 {
+pub(super) fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -204,7 +208,7 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn with_database(url: &str, name: &str) -> String {
+pub(super) fn with_database(url: &str, name: &str) -> String {
     let (base, query) = url
         .split_once('?')
         .map_or((url, None), |(b, q)| (b, Some(q)));
@@ -220,7 +224,7 @@ fn with_database(url: &str, name: &str) -> String {
     out
 }
 
-async fn admin(url: &str, statement: &str) -> anyhow::Result<()> {
+pub(super) async fn admin(url: &str, statement: &str) -> anyhow::Result<()> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url)
         .await
@@ -232,7 +236,7 @@ async fn admin(url: &str, statement: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn project_name(p: usize) -> String {
+pub(super) fn project_name(p: usize) -> String {
     format!("project-{p:04}")
 }
 
@@ -269,7 +273,7 @@ fn git(repo: &Path) -> Command {
 
 /// One commit of many files, written by `git fast-import` so the repository is packed the way
 /// a real one is.
-fn fast_import(
+pub(super) fn fast_import(
     repo: &Path,
     message: &str,
     files: impl Iterator<Item = (String, String)>,

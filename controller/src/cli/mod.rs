@@ -2,6 +2,7 @@
 //! configuration and returning an exit code.
 
 mod bench;
+mod bench_dispatch;
 mod reconcile;
 mod status;
 mod validate;

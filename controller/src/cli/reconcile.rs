@@ -1,11 +1,14 @@
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use anyhow::Context;
 
 use crate::api::ApiState;
-use crate::config::{DispatchArgs, GlobalConfig, SourceConfig, StoreConfig};
-use crate::dispatch::Dispatcher;
+use crate::bus::{Bus, InProcessBus, NatsBus};
+use crate::config::{DispatchArgs, GlobalConfig, PRESENCE_TIMEOUT, SourceConfig, StoreConfig};
+use crate::dispatch::{Backends, Dispatcher};
+use crate::presence::{MemoryPresence, Presence, RedisPresence};
 use crate::reconcile::sync::{SyncReport, Syncer};
 use crate::source::git::{GitSource, Location};
 use crate::source::watch::{Reason, Triggers};
@@ -103,10 +106,12 @@ pub async fn up(
         .await
         .with_context(|| format!("listening on {}", dispatch_args.listen))?;
     eprintln!("listening on http://{}", listener.local_addr()?);
+    let backends = backends(dispatch_args).await?;
     let store = AnyStore::connect(&store_cfg.url(global)).await?;
     with_store!(store, store => {
         store.migrate().await?;
-        let dispatcher = Dispatcher::new(store.clone(), dispatch_args.config());
+        let dispatcher =
+            Dispatcher::with_backends(store.clone(), dispatch_args.config(), backends);
         let api = ApiState::new(dispatcher.clone());
         let server = axum::serve(listener, crate::api::router(api.clone()));
         tokio::spawn(async move {
@@ -114,7 +119,8 @@ pub async fn up(
                 tracing::error!("HTTP server stopped: {e}");
             }
         });
-        tokio::spawn(dispatcher.clone().run_sweeper());
+        dispatcher.start();
+        let _background = dispatcher.spawn_background();
         let mut syncer = Syncer::new(source, &source_cfg.source_name, store);
         // Agents finish work between syncs, so idleness is checked on its own clock.
         let mut idle_check = tokio::time::interval(std::time::Duration::from_millis(500));
@@ -124,18 +130,23 @@ pub async fn up(
                 _ = idle_check.tick(), if exit_when_idle && api.ready.load(Relaxed) => {
                     if syncer.store().open_tasks().await? == 0 {
                         eprintln!("idle: no task is pending or in progress");
+                        dispatcher.flush_events(EXIT_FLUSH).await;
                         return Ok(ExitCode::SUCCESS);
                     }
                     continue;
                 }
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("stopping");
+                    dispatcher.flush_events(EXIT_FLUSH).await;
                     return Ok(ExitCode::SUCCESS);
                 }
             };
             match syncer.sync().await {
                 Ok(report) => {
                     api.ready.store(true, Relaxed);
+                    if report.events > 0 {
+                        dispatcher.events_recorded();
+                    }
                     if report.object_writes > 0 {
                         dispatcher.wake();
                     }
@@ -147,4 +158,26 @@ pub async fn up(
             }
         }
     })
+}
+
+/// How long `up` spends publishing the last events before it exits.
+const EXIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The bus and presence `--nats` and `--redis` ask for, else the embedded ones. Neither waits
+/// for its server: both connect in the background and keep trying.
+async fn backends(args: &DispatchArgs) -> anyhow::Result<Backends> {
+    let bus: Arc<dyn Bus> = match &args.nats {
+        Some(url) => Arc::new(NatsBus::connect(url).await.context("--nats")?),
+        None => Arc::new(InProcessBus::default()),
+    };
+    let presence: Arc<dyn Presence> = match &args.redis {
+        Some(url) => Arc::new(RedisPresence::connect(url, PRESENCE_TIMEOUT).context("--redis")?),
+        None => Arc::new(MemoryPresence::default()),
+    };
+    eprintln!(
+        "events and announcements: {}; presence: {}",
+        bus.describe(),
+        presence.describe()
+    );
+    Ok(Backends { bus, presence })
 }

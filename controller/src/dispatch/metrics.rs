@@ -11,6 +11,21 @@ pub struct PoolLabel {
     pub pool: String,
 }
 
+/// What went on the bus: `events` or `announcements`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+pub const EVENTS: &str = "events";
+pub const ANNOUNCEMENTS: &str = "announcements";
+
+fn kind(kind: &str) -> KindLabel {
+    KindLabel {
+        kind: kind.to_owned(),
+    }
+}
+
 /// Counters are cheap atomics, updated on the request path.
 #[derive(Default)]
 pub struct Metrics {
@@ -19,6 +34,9 @@ pub struct Metrics {
     failures: Counter,
     lease_expiries: Counter,
     queue_depth: Family<PoolLabel, Gauge>,
+    bus_published: Family<KindLabel, Counter>,
+    bus_failures: Family<KindLabel, Counter>,
+    presence_failures: Counter,
 }
 
 impl Metrics {
@@ -28,6 +46,11 @@ impl Metrics {
 
     pub fn completed(&self, n: usize) {
         self.completions.inc_by(n as u64);
+    }
+
+    /// Completions so far, for in-process observers such as the benchmark.
+    pub fn completions_total(&self) -> u64 {
+        self.completions.get()
     }
 
     pub fn failed(&self) {
@@ -46,6 +69,38 @@ impl Metrics {
                 .get_or_create(&PoolLabel { pool: pool.clone() })
                 .set(*depth);
         }
+    }
+
+    /// `n` messages of `what` ([`EVENTS`] or [`ANNOUNCEMENTS`]) are on the bus.
+    pub fn bus_published(&self, what: &str, n: usize) {
+        self.bus_published
+            .get_or_create(&kind(what))
+            .inc_by(n as u64);
+    }
+
+    /// A publish of `what` failed (the batch is retried or dropped by the caller).
+    pub fn bus_failed(&self, what: &str) {
+        self.bus_failures.get_or_create(&kind(what)).inc();
+    }
+
+    /// A presence call failed or timed out, and was done without.
+    pub fn presence_failed(&self) {
+        self.presence_failures.inc();
+    }
+
+    pub fn bus_published_total(&self, what: &str) -> u64 {
+        self.bus_published.get_or_create(&kind(what)).get()
+    }
+
+    pub fn bus_failures_total(&self) -> u64 {
+        [EVENTS, ANNOUNCEMENTS]
+            .iter()
+            .map(|what| self.bus_failures.get_or_create(&kind(what)).get())
+            .sum()
+    }
+
+    pub fn presence_failures_total(&self) -> u64 {
+        self.presence_failures.get()
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -73,6 +128,21 @@ impl Metrics {
             "agentops_queue_depth",
             "Ready tasks waiting for an agent, per pool",
             self.queue_depth.clone(),
+        );
+        registry.register(
+            "agentops_bus_published",
+            "Messages the bus accepted, by kind (events, announcements)",
+            self.bus_published.clone(),
+        );
+        registry.register(
+            "agentops_bus_publish_failures",
+            "Publishes to the bus (NATS) that failed; events are retried, announcements dropped",
+            self.bus_failures.clone(),
+        );
+        registry.register(
+            "agentops_presence_failures",
+            "Presence (Redis) calls that failed or timed out and were done without",
+            self.presence_failures.clone(),
         );
     }
 }

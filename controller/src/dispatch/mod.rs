@@ -5,14 +5,15 @@
 //! be ready (after a sync, a completion, a retry) instead of making them poll, sweeping
 //! expired leases, and counting what happens for `/metrics`.
 
+mod background;
 pub mod metrics;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
 use crate::store::StoreError;
 use crate::store::queue::{
@@ -20,7 +21,10 @@ use crate::store::queue::{
     Refusal,
 };
 
+pub use background::{Backends, Background};
 pub use metrics::Metrics;
+
+use background::Backplane;
 
 /// How dispatch is tuned; built from flags by the CLI.
 #[derive(Debug, Clone, Copy)]
@@ -50,10 +54,23 @@ const RECHECK: Duration = Duration::from_millis(500);
 pub struct Dispatcher<Q> {
     queue: Q,
     config: DispatchConfig,
+    /// Work may be ready: the claim loop should run a round.
     wake: Notify,
+    /// A claimer arrived.
+    arrivals: Notify,
+    waiters: Mutex<VecDeque<Waiter>>,
     /// token hash → agent; tokens are checked on every request.
     sessions: Mutex<HashMap<String, AgentIdentity>>,
     pub metrics: Metrics,
+    /// Notes for the bus and presence loops (`background.rs`).
+    backplane: Backplane,
+}
+
+/// A claim waiting for the claim loop.
+struct Waiter {
+    agent: AgentIdentity,
+    max: u32,
+    reply: oneshot::Sender<Vec<Assignment>>,
 }
 
 pub fn token_hash(token: &str) -> String {
@@ -68,23 +85,51 @@ fn new_token() -> String {
 }
 
 impl<Q: Queue> Dispatcher<Q> {
+    /// A dispatcher with the embedded bus and presence.
     pub fn new(queue: Q, config: DispatchConfig) -> Arc<Dispatcher<Q>> {
+        Dispatcher::with_backends(queue, config, Backends::default())
+    }
+
+    pub fn with_backends(
+        queue: Q,
+        config: DispatchConfig,
+        backends: Backends,
+    ) -> Arc<Dispatcher<Q>> {
         Arc::new(Dispatcher {
             queue,
             config,
             wake: Notify::new(),
+            arrivals: Notify::new(),
+            waiters: Mutex::new(VecDeque::new()),
             sessions: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
+            backplane: Backplane::new(backends),
         })
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.backplane.backends
+    }
+
+    /// How long an agent's presence lasts without news of it: three heartbeats.
+    pub fn presence_ttl(&self) -> Duration {
+        self.config.heartbeat * 3
+    }
+
+    /// Events were committed outside the dispatcher (a sync): have them published.
+    pub fn events_recorded(&self) {
+        self.backplane.events();
     }
 
     pub fn config(&self) -> &DispatchConfig {
         &self.config
     }
 
-    /// Work may be ready: let every waiting claimer look.
+    /// Work may be ready: let the waiting claimers look.
     pub fn wake(&self) {
-        self.wake.notify_waiters();
+        // notify_one stores a permit, so a wake during a round is not lost.
+        self.wake.notify_one();
+        self.backplane.ready();
     }
 
     /// Register an agent and return its new token.
@@ -92,6 +137,7 @@ impl<Q: Queue> Dispatcher<Q> {
         let token = new_token();
         let hash = token_hash(&token);
         self.queue.register(&agent, &hash).await?;
+        self.backplane.registered(&agent.name);
         let mut sessions = self.sessions.lock().expect("sessions lock");
         sessions.retain(|_, a| a.name != agent.name);
         sessions.insert(hash, agent);
@@ -115,35 +161,127 @@ impl<Q: Queue> Dispatcher<Q> {
     }
 
     /// Lease up to `max` ready tasks to `agent`, waiting up to `wait` for one to be ready.
+    ///
+    /// Claims are not run by the caller: they queue for the claim loop ([`Self::start`]),
+    /// which runs one claim statement at a time. Fifty agents woken by one completion would
+    /// otherwise send fifty concurrent claims that mostly fight over the same rows.
     pub async fn claim(
         &self,
         agent: &AgentIdentity,
         max: u32,
         wait: Duration,
     ) -> Result<Vec<Assignment>, StoreError> {
-        let deadline = Instant::now() + wait.min(MAX_WAIT);
-        loop {
-            // Listen before looking, so a wake between the look and the wait is not lost.
-            let woken = self.wake.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            let tasks = self
-                .queue
-                .claim(agent, max.max(1), &self.config.policy)
-                .await?;
-            if !tasks.is_empty() {
+        self.backplane.seen(&agent.name);
+        let (reply, answer) = oneshot::channel();
+        self.waiters
+            .lock()
+            .expect("waiters lock")
+            .push_back(Waiter {
+                agent: agent.clone(),
+                max: max.max(1),
+                reply,
+            });
+        self.arrivals.notify_one();
+        match tokio::time::timeout(wait.min(MAX_WAIT), answer).await {
+            Ok(Ok(tasks)) => {
                 self.metrics.claimed(tasks.len());
-                return Ok(tasks);
+                self.backplane.events();
+                Ok(tasks)
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(tasks);
+            // Timed out, or the loop is gone: nothing this time; the agent claims again.
+            Ok(Err(_)) | Err(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Start the claim loop and the sweeper; they run until the process ends.
+    pub fn start(self: &Arc<Self>) {
+        tokio::spawn(self.clone().run_claims());
+        tokio::spawn(self.clone().run_sweeper());
+    }
+
+    async fn run_claims(self: Arc<Self>) {
+        let mut recheck = tokio::time::interval(RECHECK);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let full = tokio::select! {
+                () = self.arrivals.notified() => false,
+                () = self.wake.notified() => false,
+                _ = recheck.tick() => true,
+            };
+            if let Err(e) = self.serve_waiters(full).await {
+                tracing::warn!("claiming failed: {}", crate::error_chain(&e));
+                tokio::time::sleep(RECHECK).await;
             }
-            let nap = (deadline - now).min(RECHECK);
-            tokio::select! {
-                () = woken => {}
-                () = tokio::time::sleep(nap) => {}
+        }
+    }
+
+    /// One round: every waiting claimer gets one claim attempt, in arrival order. Once a claim
+    /// comes back short, its agent's pool (role and capabilities) is exhausted for this round
+    /// and the same kind of agent is skipped — except in the periodic `full` round, which
+    /// also finds tasks assigned to one agent by name.
+    async fn serve_waiters(&self, full: bool) -> Result<(), StoreError> {
+        let round: Vec<Waiter> = self
+            .waiters
+            .lock()
+            .expect("waiters lock")
+            .drain(..)
+            .filter(|w| !w.reply.is_closed())
+            .collect();
+        let mut exhausted: HashSet<(String, Vec<String>)> = HashSet::new();
+        let mut waiting = Vec::new();
+        let mut round = round.into_iter();
+        while let Some(waiter) = round.next() {
+            let pool = (
+                waiter.agent.agent_type.clone(),
+                waiter.agent.capabilities.clone(),
+            );
+            if !full && exhausted.contains(&pool) {
+                waiting.push(waiter);
+                continue;
             }
+            let tasks = match self
+                .queue
+                .claim(&waiter.agent, waiter.max, &self.config.policy)
+                .await
+            {
+                Ok(tasks) => tasks,
+                Err(e) => {
+                    // Whoever has not been served waits for the next round.
+                    waiting.push(waiter);
+                    waiting.extend(round);
+                    self.requeue(waiting);
+                    return Err(e);
+                }
+            };
+            if tasks.len() < waiter.max as usize {
+                exhausted.insert(pool);
+            }
+            if tasks.is_empty() {
+                waiting.push(waiter);
+                continue;
+            }
+            if let Err(tasks) = waiter.reply.send(tasks) {
+                // The claimer gave up while its claim ran: hand the tasks straight back
+                // rather than leaving them leased to nobody until the lease runs out.
+                for task in tasks {
+                    let lease = Lease {
+                        id: task.id,
+                        run_lease: task.run_lease,
+                    };
+                    // Refused only if the lease is gone already, which is just as good.
+                    let _ = self.queue.release(&waiter.agent.name, lease).await?;
+                }
+            }
+        }
+        self.requeue(waiting);
+        Ok(())
+    }
+
+    fn requeue(&self, waiting: Vec<Waiter>) {
+        let mut queue = self.waiters.lock().expect("waiters lock");
+        // Ahead of newcomers: first come, first served.
+        for waiter in waiting.into_iter().rev() {
+            queue.push_front(waiter);
         }
     }
 
@@ -152,6 +290,7 @@ impl<Q: Queue> Dispatcher<Q> {
         agent: &AgentIdentity,
         leases: &[Lease],
     ) -> Result<Vec<LeaseState>, StoreError> {
+        self.backplane.seen(&agent.name);
         self.queue
             .heartbeat(&agent.name, leases, &self.config.policy)
             .await
@@ -163,7 +302,12 @@ impl<Q: Queue> Dispatcher<Q> {
         lease: Lease,
         message: &str,
     ) -> Result<Result<(), Refusal>, StoreError> {
-        self.queue.progress(&agent.name, lease, message).await
+        let answer = self.queue.progress(&agent.name, lease, message).await?;
+        if answer.is_ok() {
+            self.backplane.progress(lease.id, message);
+            self.backplane.events();
+        }
+        Ok(answer)
     }
 
     pub async fn complete(
@@ -175,6 +319,7 @@ impl<Q: Queue> Dispatcher<Q> {
         let done = answers.iter().filter(|a| a.is_ok()).count();
         self.metrics.completed(done);
         if done > 0 {
+            self.backplane.events();
             // Dependents of what just completed may be ready now.
             self.wake();
         }
@@ -194,6 +339,8 @@ impl<Q: Queue> Dispatcher<Q> {
             .await?;
         if outcome.is_ok() {
             self.metrics.failed();
+            // A retry is ready once its backoff passed; the announcer's tick finds it then.
+            self.backplane.events();
         }
         Ok(outcome)
     }
@@ -204,7 +351,11 @@ impl<Q: Queue> Dispatcher<Q> {
         lease: Lease,
         question: &str,
     ) -> Result<Result<(), Refusal>, StoreError> {
-        self.queue.question(&agent.name, lease, question).await
+        let answer = self.queue.question(&agent.name, lease, question).await?;
+        if answer.is_ok() {
+            self.backplane.events();
+        }
+        Ok(answer)
     }
 
     pub async fn release(
@@ -214,6 +365,7 @@ impl<Q: Queue> Dispatcher<Q> {
     ) -> Result<Result<(), Refusal>, StoreError> {
         let answer = self.queue.release(&agent.name, lease).await?;
         if answer.is_ok() {
+            self.backplane.events();
             self.wake();
         }
         Ok(answer)
@@ -225,16 +377,20 @@ impl<Q: Queue> Dispatcher<Q> {
         let expired = self.queue.expire_leases(&self.config.policy).await?;
         self.metrics
             .lease_expired(expired.retried.len() + expired.failed.len());
+        if !expired.retried.is_empty() || !expired.failed.is_empty() {
+            self.backplane.events();
+        }
         if !expired.retried.is_empty() {
             self.wake();
         }
-        self.queue.block_dependents().await?;
+        if self.queue.block_dependents().await? > 0 {
+            self.backplane.events();
+        }
         self.metrics.set_depth(&self.queue.queue_depth().await?);
         Ok(())
     }
 
-    /// Sweep every `config.sweep` until the process ends.
-    pub async fn run_sweeper(self: Arc<Self>) {
+    async fn run_sweeper(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.sweep);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

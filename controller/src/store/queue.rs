@@ -227,6 +227,88 @@ pub trait Queue: Send + Sync + 'static {
     fn queue_depth(&self) -> impl Future<Output = Result<Vec<(String, i64)>, StoreError>> + Send;
 }
 
+/// An `events` row, as the outbox hands it to the bus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub source_agent: Option<String>,
+    pub target_agent: Option<String>,
+    pub payload: serde_json::Value,
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// A ready task and the pool it is announced to (its assignee: a role or an agent name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ReadyTask {
+    pub pool: String,
+    pub task: Uuid,
+    /// The task's fencing token now; its next claim makes it `run_lease + 1`. So
+    /// `<task>:<run_lease>` names this one stretch of readiness, and a task that is ready again
+    /// after a retry or a release is announced anew.
+    pub run_lease: i64,
+}
+
+/// What the event relay and the announcer need from the store.
+///
+/// The `events` table is the outbox: every operation writes its events in its own
+/// transaction, and the relay publishes rows whose `processed_at` is still empty, then sets
+/// it. So an event reaches the bus only once it is committed, and one that could not be
+/// published (the bus was down, the controller stopped) is published later.
+pub trait Outbox: Send + Sync + 'static {
+    /// Up to `limit` events not yet handed to the bus, oldest first.
+    fn unpublished_events(
+        &self,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<StoredEvent>, StoreError>> + Send;
+
+    /// Record that these events were handed to the bus.
+    fn mark_published(&self, ids: &[Uuid]) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Up to `per_pool` ready tasks of each pool, in claim order (priority, then age).
+    fn ready_tasks(
+        &self,
+        per_pool: u32,
+    ) -> impl Future<Output = Result<Vec<ReadyTask>, StoreError>> + Send;
+}
+
+/// An agent as the liveness pass sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentLiveness {
+    pub name: String,
+    /// `idle`, `busy` or `offline`; agents in `error` are left alone.
+    pub status: String,
+    /// Removed from the source: it stays `offline` until it registers again.
+    pub pruned: bool,
+    /// How long ago the store last saw it (register, claim, heartbeat, report); `None` if never.
+    pub last_seen: Option<Duration>,
+}
+
+/// Keeping the agents table's `status` in step with presence.
+pub trait Liveness: Send + Sync + 'static {
+    /// Every agent whose status is `idle`, `busy` or `offline`.
+    fn agent_liveness(&self)
+    -> impl Future<Output = Result<Vec<AgentLiveness>, StoreError>> + Send;
+
+    /// Mark these agents `offline` (with an `agent.offline` event each), except those the
+    /// store saw within `stale_after` or never saw at all. Returns the names changed.
+    fn mark_offline(
+        &self,
+        names: &[String],
+        stale_after: Duration,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// Agents marked `offline` that are alive again (seen within `fresh_within`, not pruned):
+    /// `busy` or `idle` by what they hold, with an `agent.online` event each. Returns the
+    /// names changed.
+    fn mark_online(
+        &self,
+        names: &[String],
+        fresh_within: Duration,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Shared by both backends
 // ---------------------------------------------------------------------------------------------

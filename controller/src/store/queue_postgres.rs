@@ -647,3 +647,172 @@ impl Queue for PgStore {
             .map_err(query_error("measuring the queue"))
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The outbox and agent liveness
+// ---------------------------------------------------------------------------------------------
+
+/// $1 how many. Walks `idx_events_unprocessed`.
+const UNPUBLISHED: &str = "\
+    SELECT id, event_type, source_agent, target_agent, payload, created_at FROM events \
+    WHERE processed_at IS NULL ORDER BY created_at, id LIMIT $1";
+
+/// $1 ids.
+const MARK_PUBLISHED: &str =
+    "UPDATE events SET processed_at = now() WHERE id = ANY($1) AND processed_at IS NULL";
+
+/// $1 how many per pool.
+const READY_TASKS: &str = concat!(
+    "SELECT pool, id, run_lease FROM (SELECT t.assignee AS pool, t.id, t.run_lease, \
+         row_number() OVER (PARTITION BY t.assignee \
+             ORDER BY t.priority DESC NULLS LAST, t.created_at) AS n \
+         FROM tasks t WHERE ",
+    ready!(),
+    " AND t.assignee IS NOT NULL) r \
+     WHERE n <= $1 ORDER BY pool, n"
+);
+
+const AGENT_LIVENESS: &str = "\
+    SELECT name, status, pruned_at IS NOT NULL AS pruned, \
+        CAST(EXTRACT(EPOCH FROM (now() - last_active_at)) * 1000 AS bigint) AS seen_ms_ago \
+    FROM agents WHERE status IN ('idle', 'busy', 'offline') ORDER BY name";
+
+/// $1 names, $2 how long unseen (ms) before an agent counts as gone.
+const MARK_OFFLINE: &str = "\
+    WITH gone AS (UPDATE agents SET status = 'offline' \
+        WHERE name = ANY($1) AND status IN ('idle', 'busy') AND last_active_at IS NOT NULL \
+        AND last_active_at < now() - $2 * interval '1 millisecond' RETURNING name), \
+    events AS (INSERT INTO events (event_type, source_agent, payload) \
+        SELECT 'agent.offline', 'controller', jsonb_build_object('kind', 'Agent', 'name', g.name) \
+        FROM gone g) \
+    SELECT name FROM gone ORDER BY name";
+
+/// $1 names, $2 how recently (ms) the store must have seen them.
+const MARK_ONLINE: &str = "\
+    WITH back AS (UPDATE agents a SET status = CASE WHEN EXISTS (SELECT 1 FROM tasks h \
+            WHERE h.status = 'in_progress' AND h.lease_owner = a.name) THEN 'busy' ELSE 'idle' END \
+        WHERE a.name = ANY($1) AND a.status = 'offline' AND a.pruned_at IS NULL \
+        AND a.last_active_at >= now() - $2 * interval '1 millisecond' RETURNING a.name), \
+    events AS (INSERT INTO events (event_type, source_agent, payload) \
+        SELECT 'agent.online', 'controller', jsonb_build_object('kind', 'Agent', 'name', b.name) \
+        FROM back b) \
+    SELECT name FROM back ORDER BY name";
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    id: Uuid,
+    event_type: String,
+    source_agent: Option<String>,
+    target_agent: Option<String>,
+    payload: Json<serde_json::Value>,
+    created_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct LivenessRow {
+    name: String,
+    status: String,
+    pruned: bool,
+    seen_ms_ago: Option<i64>,
+}
+
+impl Outbox for PgStore {
+    async fn unpublished_events(&self, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows: Vec<EventRow> = sqlx::query_as(UNPUBLISHED)
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("reading unpublished events"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredEvent {
+                id: r.id,
+                event_type: r.event_type,
+                source_agent: r.source_agent,
+                target_agent: r.target_agent,
+                payload: r.payload.0,
+                created_at: r.created_at,
+            })
+            .collect())
+    }
+
+    async fn mark_published(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(MARK_PUBLISHED)
+            .bind(ids)
+            .execute(self.pool())
+            .await
+            .map_err(query_error("marking events published"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn ready_tasks(&self, per_pool: u32) -> Result<Vec<ReadyTask>, StoreError> {
+        let rows: Vec<(String, Uuid, i64)> = sqlx::query_as(READY_TASKS)
+            .bind(i64::from(per_pool))
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("listing ready tasks"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(pool, task, run_lease)| ReadyTask {
+                pool,
+                task,
+                run_lease,
+            })
+            .collect())
+    }
+}
+
+impl Liveness for PgStore {
+    async fn agent_liveness(&self) -> Result<Vec<AgentLiveness>, StoreError> {
+        let rows: Vec<LivenessRow> = sqlx::query_as(AGENT_LIVENESS)
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("reading agent liveness"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AgentLiveness {
+                name: r.name,
+                status: r.status,
+                pruned: r.pruned,
+                last_seen: r
+                    .seen_ms_ago
+                    .map(|ms| std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+            })
+            .collect())
+    }
+
+    async fn mark_offline(
+        &self,
+        names: &[String],
+        stale_after: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_scalar(MARK_OFFLINE)
+            .bind(names)
+            .bind(millis(stale_after))
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("marking agents offline"))
+    }
+
+    async fn mark_online(
+        &self,
+        names: &[String],
+        fresh_within: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        sqlx::query_scalar(MARK_ONLINE)
+            .bind(names)
+            .bind(millis(fresh_within))
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("marking agents online"))
+    }
+}

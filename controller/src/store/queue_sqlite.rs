@@ -954,3 +954,219 @@ impl Queue for SqliteStore {
             .map_err(query_error("measuring the queue"))
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The outbox and agent liveness
+// ---------------------------------------------------------------------------------------------
+
+/// ?1 how many. Walks `idx_events_unprocessed`.
+const UNPUBLISHED: &str = "\
+    SELECT id, event_type, source_agent, target_agent, payload, created_at FROM events \
+    WHERE processed_at IS NULL ORDER BY created_at, id LIMIT ?1";
+
+/// ?1 ids as a JSON array.
+const MARK_PUBLISHED: &str = concat!(
+    "UPDATE events SET processed_at = ",
+    now!(),
+    " WHERE id IN (SELECT value FROM json_each(?1)) AND processed_at IS NULL"
+);
+
+/// ?1 how many per pool.
+const READY_TASKS: &str = concat!(
+    "SELECT pool, id, run_lease FROM (SELECT t.assignee AS pool, t.id, t.run_lease, \
+         row_number() OVER (PARTITION BY t.assignee \
+             ORDER BY t.priority DESC NULLS LAST, t.created_at) AS n \
+         FROM tasks t WHERE ",
+    ready!(),
+    " AND t.assignee IS NOT NULL) r \
+     WHERE n <= ?1 ORDER BY pool, n"
+);
+
+const AGENT_LIVENESS: &str = "\
+    SELECT name, status, pruned_at IS NOT NULL AS pruned, \
+        CAST((julianday('now') - julianday(last_active_at)) * 86400000 AS INTEGER) AS seen_ms_ago \
+    FROM agents WHERE status IN ('idle', 'busy', 'offline') ORDER BY name";
+
+/// ?1 names as a JSON array, ?2 the staleness as a modifier (`-30.000 seconds`).
+const MARK_OFFLINE: &str = "\
+    UPDATE agents SET status = 'offline' \
+    WHERE name IN (SELECT value FROM json_each(?1)) AND status IN ('idle', 'busy') \
+    AND last_active_at IS NOT NULL \
+    AND last_active_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2) \
+    RETURNING name";
+
+/// ?1 names as a JSON array, ?2 how recently the store must have seen them, as a modifier.
+const MARK_ONLINE: &str = "\
+    UPDATE agents SET status = CASE WHEN EXISTS (SELECT 1 FROM tasks h \
+        WHERE h.status = 'in_progress' AND h.lease_owner = agents.name) THEN 'busy' ELSE 'idle' END \
+    WHERE name IN (SELECT value FROM json_each(?1)) AND status = 'offline' \
+    AND pruned_at IS NULL \
+    AND last_active_at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2) \
+    RETURNING name";
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    id: String,
+    event_type: String,
+    source_agent: Option<String>,
+    target_agent: Option<String>,
+    payload: String,
+    created_at: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct LivenessRow {
+    name: String,
+    status: String,
+    pruned: bool,
+    seen_ms_ago: Option<i64>,
+}
+
+/// A duration back from now as an SQLite date modifier: `-12.345 seconds`.
+fn modifier_back(duration: std::time::Duration) -> String {
+    let ms = millis(duration);
+    format!("-{}.{:03} seconds", ms / 1000, ms % 1000)
+}
+
+impl SqliteStore {
+    /// Run an agent status change that returns the names it changed, and record `event_type`
+    /// for each, in one transaction.
+    async fn agent_status_change(
+        &self,
+        statement: &'static str,
+        names: &[String],
+        modifier: String,
+        event_type: &'static str,
+        doing: &'static str,
+    ) -> Result<Vec<String>, StoreError> {
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.begin().await?;
+        let mut changed: Vec<String> = sqlx::query_scalar(statement)
+            .bind(json_text(&names)?)
+            .bind(modifier)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_error(doing))?;
+        changed.sort();
+        let recorded: Vec<Value> = changed
+            .iter()
+            .map(|name| {
+                event(
+                    event_type,
+                    "controller",
+                    json!({"kind": "Agent", "name": name}),
+                )
+            })
+            .collect();
+        events(&mut tx, &recorded).await?;
+        commit(tx, doing).await?;
+        Ok(changed)
+    }
+}
+
+impl Outbox for SqliteStore {
+    async fn unpublished_events(&self, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows: Vec<EventRow> = sqlx::query_as(UNPUBLISHED)
+            .bind(i64::from(limit))
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("reading unpublished events"))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredEvent {
+                    id: r
+                        .id
+                        .parse()
+                        .map_err(|_| StoreError::Corrupt(format!("event id `{}`", r.id)))?,
+                    event_type: r.event_type,
+                    source_agent: r.source_agent,
+                    target_agent: r.target_agent,
+                    payload: parse_json(Some(&r.payload))?.unwrap_or(Value::Null),
+                    created_at: r.created_at.as_deref().map(parse_time).transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    async fn mark_published(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
+        let done = sqlx::query(MARK_PUBLISHED)
+            .bind(json_text(&ids)?)
+            .execute(self.pool())
+            .await
+            .map_err(query_error("marking events published"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn ready_tasks(&self, per_pool: u32) -> Result<Vec<ReadyTask>, StoreError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(READY_TASKS)
+            .bind(i64::from(per_pool))
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("listing ready tasks"))?;
+        rows.into_iter()
+            .map(|(pool, task, run_lease)| {
+                Ok(ReadyTask {
+                    pool,
+                    task: parse_id(&task)?,
+                    run_lease,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Liveness for SqliteStore {
+    async fn agent_liveness(&self) -> Result<Vec<AgentLiveness>, StoreError> {
+        let rows: Vec<LivenessRow> = sqlx::query_as(AGENT_LIVENESS)
+            .fetch_all(self.pool())
+            .await
+            .map_err(query_error("reading agent liveness"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AgentLiveness {
+                name: r.name,
+                status: r.status,
+                pruned: r.pruned,
+                last_seen: r
+                    .seen_ms_ago
+                    .map(|ms| std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+            })
+            .collect())
+    }
+
+    async fn mark_offline(
+        &self,
+        names: &[String],
+        stale_after: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        self.agent_status_change(
+            MARK_OFFLINE,
+            names,
+            modifier_back(stale_after),
+            "agent.offline",
+            "marking agents offline",
+        )
+        .await
+    }
+
+    async fn mark_online(
+        &self,
+        names: &[String],
+        fresh_within: std::time::Duration,
+    ) -> Result<Vec<String>, StoreError> {
+        self.agent_status_change(
+            MARK_ONLINE,
+            names,
+            modifier_back(fresh_within),
+            "agent.online",
+            "marking agents online",
+        )
+        .await
+    }
+}

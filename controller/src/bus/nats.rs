@@ -1,0 +1,230 @@
+//! [`Bus`] on NATS JetStream.
+//!
+//! Two streams, created on first use if missing (and again if a server lost them):
+//! `AGENTOPS_EVENTS` keeps `agentops.events.>` for a week for replay, and `AGENTOPS_DISPATCH`
+//! holds `agentops.dispatch.>` as a work queue: a message is gone once an agent of the pool
+//! acknowledged it. Agents read their pools through durable consumers named
+//! `agentops-<pool>` that filter on `agentops.dispatch.<pool>` (`agents/PROTOCOL.md`). Both
+//! streams drop a message id seen within two minutes.
+//!
+//! The client connects in the background and reconnects forever, so a controller starts with
+//! NATS down and carries on when it comes back. Every wait is bounded: a publish that gets no
+//! acknowledgement within [`ACK_TIMEOUT`] fails, and its caller counts it and tries later.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use super::{
+    BoxFuture, Bus, BusError, BusMessage, DISPATCH_PREFIX, DISPATCH_STREAM, DUPLICATE_WINDOW,
+    EVENTS_PREFIX, EVENTS_STREAM,
+};
+use crate::store::queue::{ReadyTask, StoredEvent};
+
+/// How long a publish waits for JetStream to confirm it.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct NatsBus {
+    url: String,
+    jetstream: jetstream::Context,
+    /// Whether both streams are known to exist.
+    streams_ready: AtomicBool,
+}
+
+impl NatsBus {
+    /// Checks the URL and starts connecting; returns at once.
+    pub async fn connect(url: &str) -> Result<NatsBus, BusError> {
+        let shown = crate::cli::redact(url);
+        let logged = shown.clone();
+        let client = async_nats::ConnectOptions::new()
+            .name("agentops-controller")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .reconnect_delay_callback(reconnect_delay)
+            .event_callback(move |event| {
+                let url = logged.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::info!(%url, "NATS connected"),
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!(%url, "NATS disconnected; reconnecting")
+                        }
+                        other => tracing::debug!(%url, "NATS: {other}"),
+                    }
+                }
+            })
+            .connect(url)
+            .await
+            .map_err(|source| BusError::Connect {
+                url: shown.clone(),
+                source,
+            })?;
+        let jetstream = jetstream::ContextBuilder::new()
+            .timeout(ACK_TIMEOUT)
+            .build(client);
+        Ok(NatsBus {
+            url: shown,
+            jetstream,
+            streams_ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+
+    /// Create the two streams if they are missing. Publishing does this itself; agents that
+    /// start before the controller's first publish find the streams sooner if it is done at
+    /// start.
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        if self.streams_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        for config in [events_stream(), dispatch_stream()] {
+            let name = if config.name == EVENTS_STREAM {
+                EVENTS_STREAM
+            } else {
+                DISPATCH_STREAM
+            };
+            self.jetstream
+                .get_or_create_stream(config)
+                .await
+                .map_err(|source| BusError::Stream {
+                    stream: name,
+                    source,
+                })?;
+        }
+        self.streams_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Publishes every message, all in flight at once, then waits for every acknowledgement.
+    async fn publish_all(&self, messages: Vec<BusMessage>) -> Result<(), BusError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.ensure_streams().await?;
+        let mut acks = Vec::with_capacity(messages.len());
+        for message in messages {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(message.body)
+                .message_id(&message.message_id);
+            let ack = self
+                .jetstream
+                .send_publish(message.subject.clone(), publish)
+                .await;
+            acks.push((message.subject, ack));
+        }
+        let mut first_error = None;
+        for (subject, ack) in acks {
+            let result = match ack {
+                Ok(ack) => ack.await.map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(source) = result {
+                first_error.get_or_insert(BusError::Publish { subject, source });
+            }
+        }
+        if first_error.is_some() {
+            // Check the streams again before the next try: a stream that is gone (deleted, a
+            // server that lost its store) shows as "no stream" only while nobody else
+            // listens on the subject; with a plain subscriber there, as a time-out.
+            self.streams_ready.store(false, Ordering::Release);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Reconnect at once, then after 100 ms, doubling up to 2 s: a restarted server is found
+/// quickly.
+fn reconnect_delay(attempts: usize) -> Duration {
+    match attempts {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_millis(100u64 << (n - 2).min(5)).min(Duration::from_secs(2)),
+    }
+}
+
+fn events_stream() -> stream::Config {
+    stream::Config {
+        name: EVENTS_STREAM.to_owned(),
+        description: Some("agentops events, one per row of the events table".to_owned()),
+        subjects: vec![format!("{EVENTS_PREFIX}.>")],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        max_bytes: 1 << 30,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
+        num_replicas: 1,
+        ..Default::default()
+    }
+}
+
+fn dispatch_stream() -> stream::Config {
+    stream::Config {
+        name: DISPATCH_STREAM.to_owned(),
+        description: Some("agentops ready-work announcements, per pool".to_owned()),
+        subjects: vec![format!("{DISPATCH_PREFIX}.>")],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        // An announcement nobody took in ten minutes is stale: the work was claimed by
+        // long-polling, or it is announced again.
+        max_age: Duration::from_secs(600),
+        max_messages: 100_000,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
+        num_replicas: 1,
+        ..Default::default()
+    }
+}
+
+impl Bus for NatsBus {
+    fn publish_events<'a>(
+        &'a self,
+        events: &'a [StoredEvent],
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let messages = events
+                .iter()
+                .map(BusMessage::event)
+                .collect::<Result<Vec<_>, _>>()?;
+            self.publish_all(messages).await
+        })
+    }
+
+    fn announce<'a>(&'a self, ready: &'a [ReadyTask]) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            let messages = ready
+                .iter()
+                .map(BusMessage::announcement)
+                .collect::<Result<Vec<_>, _>>()?;
+            self.publish_all(messages).await
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnects_quickly_then_backs_off_to_two_seconds() {
+        let delays: Vec<u128> = (0..10).map(|n| reconnect_delay(n).as_millis()).collect();
+        assert_eq!(delays, [0, 0, 100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+    }
+
+    #[test]
+    fn the_dispatch_stream_is_a_work_queue_that_drops_duplicates() {
+        let config = dispatch_stream();
+        assert_eq!(config.retention, stream::RetentionPolicy::WorkQueue);
+        assert_eq!(config.duplicate_window, DUPLICATE_WINDOW);
+        assert!(config.max_age > config.duplicate_window);
+        assert_eq!(config.subjects, ["agentops.dispatch.>"]);
+        assert_eq!(events_stream().subjects, ["agentops.events.>"]);
+    }
+}

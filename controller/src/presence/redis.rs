@@ -1,0 +1,193 @@
+//! [`Presence`] in Redis.
+//!
+//! One multiplexed connection, (re)connected lazily by a `ConnectionManager`: creating a
+//! `RedisPresence` does not wait for Redis, and a Redis that goes away and comes back is used
+//! again without a restart. Every call is bounded by `timeout` on top of the manager's own
+//! connect and response timeouts, so an unreachable Redis costs a caller that long at most.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use uuid::Uuid;
+
+use super::{BoxFuture, Presence, PresenceError, agent_key, progress_key, rate_key};
+
+/// Count one more in the window and start the window's clock with its first count. The `PTTL`
+/// check mends a key left without a TTL.
+const ACQUIRE: &str = "\
+    local n = redis.call('INCR', KEYS[1]) \
+    if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then \
+        redis.call('PEXPIRE', KEYS[1], ARGV[1]) \
+    end \
+    return n";
+
+pub struct RedisPresence {
+    url: String,
+    manager: ConnectionManager,
+    timeout: Duration,
+    acquire: redis::Script,
+}
+
+impl RedisPresence {
+    /// Checks the URL; connects on first use. `timeout` bounds every call.
+    pub fn connect(url: &str, timeout: Duration) -> Result<RedisPresence, PresenceError> {
+        let shown = crate::cli::redact(url);
+        let client = redis::Client::open(url).map_err(|source| PresenceError::Url {
+            url: shown.clone(),
+            source,
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let manager =
+            ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
+                PresenceError::Url {
+                    url: shown.clone(),
+                    source,
+                }
+            })?;
+        Ok(RedisPresence {
+            url: shown,
+            manager,
+            timeout,
+            acquire: redis::Script::new(ACQUIRE),
+        })
+    }
+
+    /// Run `command` on a connection, bounded by the timeout.
+    async fn run<T, F>(
+        &self,
+        doing: &'static str,
+        command: impl FnOnce(ConnectionManager) -> F,
+    ) -> Result<T, PresenceError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(self.timeout, command(self.manager.clone())).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(PresenceError::Redis { doing, source }),
+            Err(_) => Err(PresenceError::Timeout {
+                doing,
+                timeout: self.timeout,
+            }),
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl Presence for RedisPresence {
+    fn seen<'a>(
+        &'a self,
+        agents: &'a [String],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), PresenceError>> {
+        Box::pin(async move {
+            if agents.is_empty() {
+                return Ok(());
+            }
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let mut pipe = redis::pipe();
+            for agent in agents {
+                pipe.cmd("SET")
+                    .arg(agent_key(agent))
+                    .arg(&now)
+                    .arg("PX")
+                    .arg(millis(ttl))
+                    .ignore();
+            }
+            self.run("recording agent presence", |mut c| async move {
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await
+        })
+    }
+
+    fn alive<'a>(
+        &'a self,
+        agents: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<bool>, PresenceError>> {
+        Box::pin(async move {
+            if agents.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut pipe = redis::pipe();
+            for agent in agents {
+                pipe.cmd("EXISTS").arg(agent_key(agent));
+            }
+            let found: Vec<i64> = self
+                .run("reading agent presence", |mut c| async move {
+                    pipe.query_async(&mut c).await
+                })
+                .await?;
+            Ok(found.into_iter().map(|n| n > 0).collect())
+        })
+    }
+
+    fn set_progress<'a>(
+        &'a self,
+        progress: &'a [(Uuid, String)],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), PresenceError>> {
+        Box::pin(async move {
+            if progress.is_empty() {
+                return Ok(());
+            }
+            let mut pipe = redis::pipe();
+            for (task, message) in progress {
+                pipe.cmd("SET")
+                    .arg(progress_key(*task))
+                    .arg(message)
+                    .arg("PX")
+                    .arg(millis(ttl))
+                    .ignore();
+            }
+            self.run("recording progress", |mut c| async move {
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await
+        })
+    }
+
+    fn progress(&self, task: Uuid) -> BoxFuture<'_, Result<Option<String>, PresenceError>> {
+        Box::pin(async move {
+            self.run("reading progress", |mut c| async move {
+                redis::cmd("GET")
+                    .arg(progress_key(task))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+        })
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        key: &'a str,
+        limit: u64,
+        window: Duration,
+    ) -> BoxFuture<'a, Result<bool, PresenceError>> {
+        Box::pin(async move {
+            let count: u64 = self
+                .run("taking from a rate limit", |mut c| async move {
+                    self.acquire
+                        .key(rate_key(key))
+                        .arg(millis(window))
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+            Ok(count <= limit)
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+}

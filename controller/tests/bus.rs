@@ -1,0 +1,1254 @@
+//! The bus (NATS JetStream) and presence (Redis) against real servers. Every test starts its
+//! own `nats-server -js` and `redis-server` on free ports, in temporary directories, so it can
+//! kill and restart them without disturbing anything else; they are killed when the test ends,
+//! passing or not. Postgres is the shared test server (scratch databases, see `common`).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentops::api::ApiState;
+use agentops::bus::{Bus, DISPATCH_STREAM, EVENTS_STREAM, NatsBus};
+use agentops::bus::{BusMessage, InProcessBus};
+use agentops::dispatch::{Backends, Background, DispatchConfig, Dispatcher};
+use agentops::presence::{MemoryPresence, Presence, RedisPresence};
+use agentops::store::PgStore;
+use agentops::store::queue::{
+    AgentIdentity, Completion, Lease, Liveness, Outbox, Queue, ReadyTask,
+};
+use agentops_agents::runtime::{Agent, AgentConfig, Assignment, Outcome, TaskContext};
+use async_nats::jetstream;
+use common::*;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+// ---------------------------------------------------------------------------------------------
+// Private servers
+// ---------------------------------------------------------------------------------------------
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `name` on the PATH, else in the places Debian installs it.
+fn binary(name: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found (scripts/test.sh installs it)"))
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A server process of our own; killed on drop.
+struct Server {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// `nats-server -js`, its JetStream store in a directory that outlives restarts.
+    fn nats() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let store = dir.path().join("jetstream").display().to_string();
+        let args = [
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-js",
+            "-sd",
+            &store,
+        ]
+        .map(String::from)
+        .to_vec();
+        Server::started("nats-server", args, port, dir)
+    }
+
+    /// `redis-server` without persistence: a restart starts empty.
+    fn redis() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let work = dir.path().display().to_string();
+        let args = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &work,
+        ]
+        .map(String::from)
+        .to_vec();
+        Server::started("redis-server", args, port, dir)
+    }
+
+    fn started(name: &'static str, args: Vec<String>, port: u16, dir: tempfile::TempDir) -> Server {
+        let mut server = Server {
+            name,
+            program: binary(name),
+            args,
+            port,
+            dir,
+            child: None,
+        };
+        server.start();
+        server
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", self.program.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !port_open(self.port) {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.path().join("server.log"));
+                panic!("{} did not listen on {}: {log:?}", self.name, self.port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: the server gets no chance to say goodbye to its clients.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        match self.name {
+            "nats-server" => format!("nats://127.0.0.1:{}", self.port),
+            _ => format!("redis://127.0.0.1:{}/", self.port),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A controller in this process, agents, the real binary
+// ---------------------------------------------------------------------------------------------
+
+fn config(heartbeat: Duration) -> DispatchConfig {
+    let mut config = DispatchConfig {
+        heartbeat,
+        sweep: Duration::from_millis(200),
+        ..DispatchConfig::default()
+    };
+    config.policy.lease = Duration::from_secs(5);
+    config
+}
+
+/// The dispatcher, its HTTP API and its background loops, on a store of `db`.
+struct Controller {
+    dispatcher: Arc<Dispatcher<PgStore>>,
+    api: String,
+    server: tokio::task::JoinHandle<()>,
+    _background: Background,
+}
+
+impl Controller {
+    async fn start(db: &TestDb, backends: Backends, config: DispatchConfig) -> Controller {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Controller::on(listener, db, backends, config).await
+    }
+
+    async fn on(
+        listener: tokio::net::TcpListener,
+        db: &TestDb,
+        backends: Backends,
+        config: DispatchConfig,
+    ) -> Controller {
+        let store = PgStore::open(&db.url).await;
+        let dispatcher = Dispatcher::with_backends(store, config, backends);
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        let state = ApiState::new(dispatcher.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, agentops::api::router(state))
+                .await
+                .unwrap();
+        });
+        dispatcher.start();
+        let background = dispatcher.spawn_background();
+        // As `up` does after a sync that wrote objects.
+        dispatcher.events_recorded();
+        dispatcher.wake();
+        Controller {
+            dispatcher,
+            api,
+            server,
+            _background: background,
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Agents on the runtime whose handler waits `work`, then completes the task.
+struct Agents {
+    stop: CancellationToken,
+    runs: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agents {
+    fn start(
+        api: &str,
+        nats: Option<&str>,
+        names: &[&str],
+        concurrency: usize,
+        work: Duration,
+    ) -> Agents {
+        let stop = CancellationToken::new();
+        let runs = names
+            .iter()
+            .map(|name| {
+                let config = AgentConfig {
+                    concurrency,
+                    claim_wait: Duration::from_secs(5),
+                    nats: nats.map(str::to_owned),
+                    ..AgentConfig::new(api, *name)
+                };
+                let handler = move |task: Assignment, _ctx: TaskContext| async move {
+                    tokio::time::sleep(work).await;
+                    Outcome::complete(json!({"summary": format!("did {}", task.name)}))
+                };
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    Agent::new(config, handler).run(stop).await.expect("agent");
+                })
+            })
+            .collect();
+        Agents { stop, runs }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for run in self.runs {
+            run.await.unwrap();
+        }
+    }
+}
+
+/// The `agentops` binary, killed on drop.
+struct Binary {
+    child: Child,
+    addr: String,
+}
+
+impl Binary {
+    fn up(db: &TestDb, repo: &Path, data: &Path, extra: &[&str]) -> Binary {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_agentops"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("AGENTOPS_") {
+                command.env_remove(key);
+            }
+        }
+        let log = std::fs::File::create(data.join("up.log")).unwrap();
+        let child = command
+            .env("AGENTOPS_DATA_DIR", data)
+            .env("AGENTOPS_LOG", "info")
+            .args([
+                "up",
+                "--repo",
+                repo.to_str().unwrap(),
+                "--database",
+                &db.url,
+            ])
+            .args(["--listen", &addr, "--heartbeat", "1s", "--lease", "5s"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start agentops up");
+        Binary { child, addr }
+    }
+
+    async fn wait_ready(&self) {
+        eventually(
+            Duration::from_secs(20),
+            "the controller is ready",
+            || async {
+                http_get(&self.addr, "/readyz")
+                    .await
+                    .map(|(status, _)| status)
+                    == Some(200)
+            },
+        )
+        .await;
+    }
+
+    /// The sum of every sample of a `/metrics` counter.
+    async fn metric(&self, name: &str) -> f64 {
+        let (status, body) = http_get(&self.addr, "/metrics")
+            .await
+            .expect("GET /metrics");
+        assert_eq!(status, 200);
+        body.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A GET over a fresh connection: `(status, body)`, or `None` if nothing answered.
+async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// Polls `check` until it holds, failing the test after `within`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A repository with project `load` and `tasks` tasks for the `seed` pool.
+async fn load_env(tasks: usize) -> Env<PgStore> {
+    let mut env = Env::<PgStore>::new().await;
+    let files: Vec<(String, String)> = std::iter::once((
+        "projects/load/project.yaml".to_owned(),
+        project("load", "Load"),
+    ))
+    .chain((0..tasks).map(|i| {
+        (
+            format!("projects/load/tasks/t{i:04}.yaml"),
+            task(&format!("t{i:04}"), "A task"),
+        )
+    }))
+    .collect();
+    let changes: Vec<(&str, Option<&str>)> = files
+        .iter()
+        .map(|(p, c)| (p.as_str(), Some(c.as_str())))
+        .collect();
+    env.commit("load", &changes);
+    env.sync().await;
+    env
+}
+
+async fn completed(db: &TestDb) -> i64 {
+    db.scalar("SELECT count(*) FROM tasks WHERE status = 'completed'")
+        .await
+}
+
+/// Every task completed, each by exactly one `task.completed` event.
+async fn assert_each_completed_once(db: &TestDb, tasks: usize) {
+    let tasks = tasks as i64;
+    assert_eq!(completed(db).await, tasks, "tasks completed");
+    let events = db
+        .scalar("SELECT count(*) FROM events WHERE event_type = 'task.completed'")
+        .await;
+    let distinct = db
+        .scalar(
+            "SELECT count(DISTINCT payload ->> 'id') FROM events \
+             WHERE event_type = 'task.completed'",
+        )
+        .await;
+    assert_eq!((events, distinct), (tasks, tasks), "completion events");
+}
+
+async fn jetstream_of(url: &str) -> jetstream::Context {
+    jetstream::new(async_nats::connect(url).await.expect("connect to NATS"))
+}
+
+/// Every message now in `stream` whose subject starts with `prefix`, read through an
+/// ephemeral consumer: `(subject, body)`.
+async fn read_stream(js: &jetstream::Context, stream: &str, prefix: &str) -> Vec<(String, Value)> {
+    let mut stream = js.get_stream(stream).await.unwrap();
+    let total = stream.info().await.unwrap().state.messages as usize;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap().take(total);
+    let mut out = Vec::with_capacity(total);
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .expect("the stream's messages come")
+    {
+        let message = message.unwrap();
+        if message.subject.starts_with(prefix) {
+            out.push((
+                message.subject.to_string(),
+                serde_json::from_slice(&message.payload).unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+async fn unpublished(db: &TestDb) -> i64 {
+    db.scalar("SELECT count(*) FROM events WHERE processed_at IS NULL")
+        .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events
+// ---------------------------------------------------------------------------------------------
+
+/// A claim and a completion through the dispatcher: every `events` row (the sync's, the
+/// claim's, the completion's) is on `agentops.events.<type>` once, with the row's payload;
+/// published again (a relay that stopped between publishing and marking), JetStream drops
+/// them as duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_a_claim_and_a_completion_are_on_nats() {
+    let nats = Server::nats();
+    let env = load_env(2).await;
+    let js = jetstream_of(&nats.url()).await;
+    let mut live = js
+        .client()
+        .subscribe("agentops.events.>")
+        .await
+        .expect("subscribe");
+    let bus = Arc::new(NatsBus::connect(&nats.url()).await.unwrap());
+    let backends = Backends {
+        bus,
+        presence: Arc::new(MemoryPresence::default()),
+    };
+    let controller = Controller::start(&env.db, backends, config(Duration::from_secs(1))).await;
+    let d = &controller.dispatcher;
+
+    let worker = AgentIdentity {
+        name: "worker".to_owned(),
+        agent_type: "seed".to_owned(),
+        capabilities: Vec::new(),
+        concurrency: 1,
+    };
+    d.register(worker.clone()).await.unwrap();
+    let claimed = d.claim(&worker, 1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let task = &claimed[0];
+    let completion = Completion {
+        lease: Lease {
+            id: task.id,
+            run_lease: task.run_lease,
+        },
+        result: json!({"summary": "done"}),
+        artifacts: Vec::new(),
+    };
+    assert_eq!(d.complete(&worker, &[completion]).await.unwrap(), [Ok(())]);
+
+    // Every row, as the store has it.
+    let db = &env.db;
+    eventually(
+        Duration::from_secs(10),
+        "every event is published",
+        || async {
+            unpublished(db).await == 0
+                && db
+                    .scalar("SELECT count(*) FROM events WHERE event_type = 'task.completed'")
+                    .await
+                    == 1
+        },
+    )
+    .await;
+    let rows: Vec<(String, String, String)> = db
+        .rows(
+            "SELECT CAST(id AS text), event_type, CAST(payload AS text) FROM events \
+             ORDER BY created_at",
+        )
+        .await;
+    let types: BTreeMap<&str, usize> = rows.iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r.1.as_str()).or_default() += 1;
+        m
+    });
+    assert_eq!(
+        types,
+        BTreeMap::from([
+            ("project.created", 1),
+            ("task.claimed", 1),
+            ("task.completed", 1),
+            ("task.created", 2)
+        ])
+    );
+
+    // What a subscriber saw, by event id.
+    let mut seen: HashMap<String, (String, Value)> = HashMap::new();
+    while seen.len() < rows.len() {
+        let message = tokio::time::timeout(Duration::from_secs(5), live.next())
+            .await
+            .expect("a message for every event")
+            .unwrap();
+        let body: Value = serde_json::from_slice(&message.payload).unwrap();
+        let id = body["id"].as_str().unwrap().to_owned();
+        assert!(
+            seen.insert(id, (message.subject.to_string(), body))
+                .is_none(),
+            "an event delivered twice"
+        );
+    }
+    for (id, event_type, payload) in &rows {
+        let (subject, body) = &seen[id];
+        assert_eq!(subject, &format!("agentops.events.{event_type}"));
+        assert_eq!(body["type"], json!(event_type));
+        assert_eq!(
+            body["payload"],
+            serde_json::from_str::<Value>(payload).unwrap()
+        );
+    }
+    let completed = rows.iter().find(|r| r.1 == "task.completed").unwrap();
+    let completed = &seen[&completed.0].1;
+    assert_eq!(completed["source_agent"], "worker");
+    assert_eq!(completed["payload"]["id"], json!(task.id));
+    assert_eq!(completed["payload"]["run_lease"], json!(task.run_lease));
+    assert_eq!(completed["payload"]["agent"], "worker");
+    assert_eq!(stream_messages(&js, EVENTS_STREAM).await, rows.len() as u64);
+
+    // Published again: the stream keeps one of each.
+    let published = d.metrics.bus_published_total("events");
+    db.execute("UPDATE events SET processed_at = NULL").await;
+    d.events_recorded();
+    eventually(
+        Duration::from_secs(10),
+        "the events are published again",
+        || async { unpublished(db).await == 0 },
+    )
+    .await;
+    assert_eq!(
+        d.metrics.bus_published_total("events"),
+        published + rows.len() as u64
+    );
+    assert_eq!(stream_messages(&js, EVENTS_STREAM).await, rows.len() as u64);
+    assert_eq!(d.metrics.bus_failures_total(), 0);
+
+    // The stream is lost (deleted by hand, a server that lost its store): publishing fails
+    // until the relay has made the stream again, and the events of that moment wait for it.
+    js.delete_stream(EVENTS_STREAM).await.unwrap();
+    let claimed = d.claim(&worker, 1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    eventually(
+        Duration::from_secs(10),
+        "the claim is published",
+        || async { unpublished(db).await == 0 },
+    )
+    .await;
+    assert!(
+        d.metrics.bus_failures_total() > 0,
+        "the lost stream was noticed"
+    );
+    let republished = read_stream(&js, EVENTS_STREAM, "agentops.events.").await;
+    assert_eq!(republished.len(), 1, "{republished:?}");
+    let (subject, body) = &republished[0];
+    assert_eq!(subject, "agentops.events.task.claimed");
+    assert_eq!(body["payload"]["id"], json!(claimed[0].id));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Announcements
+// ---------------------------------------------------------------------------------------------
+
+/// JetStream keeps one announcement per `<task>:<run_lease>`; and announcements delivered
+/// many times over make extra claims, never extra work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_announcements_are_dropped_and_repeated_deliveries_do_no_double_work() {
+    const TASKS: usize = 20;
+    let nats = Server::nats();
+    let js = jetstream_of(&nats.url()).await;
+    let bus = Arc::new(NatsBus::connect(&nats.url()).await.unwrap());
+
+    let ready = |run_lease| ReadyTask {
+        pool: "solo".to_owned(),
+        task: Uuid::from_u128(42),
+        run_lease,
+    };
+    bus.announce(&[ready(7), ready(7)]).await.unwrap();
+    bus.announce(&[ready(7)]).await.unwrap();
+    assert_eq!(stream_messages(&js, DISPATCH_STREAM).await, 1);
+    let stored = js
+        .get_stream(DISPATCH_STREAM)
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject("agentops.dispatch.solo")
+        .await
+        .unwrap();
+    let body: Value = serde_json::from_slice(&stored.payload).unwrap();
+    assert_eq!(
+        body,
+        json!({"pool": "solo", "task": Uuid::from_u128(42), "run_lease": 7})
+    );
+    // Ready again after a retry: a new announcement.
+    bus.announce(&[ready(8)]).await.unwrap();
+    assert_eq!(stream_messages(&js, DISPATCH_STREAM).await, 2);
+    js.get_stream(DISPATCH_STREAM)
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+
+    // Three extra deliveries of a hint per task, under message ids JetStream cannot drop.
+    let env = load_env(TASKS).await;
+    for round in 0..3 {
+        for i in 0..TASKS {
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(json!({"pool": "seed", "hint": i}).to_string().into())
+                .message_id(format!("extra-{round}-{i}"));
+            js.send_publish("agentops.dispatch.seed", publish)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+    let backends = Backends {
+        bus,
+        presence: Arc::new(MemoryPresence::default()),
+    };
+    let controller = Controller::start(&env.db, backends, config(Duration::from_secs(1))).await;
+    let agents = Agents::start(
+        &controller.api,
+        Some(&nats.url()),
+        &["dup-a", "dup-b", "dup-c"],
+        2,
+        Duration::from_millis(20),
+    );
+    let db = &env.db;
+    eventually(
+        Duration::from_secs(20),
+        "every task is completed",
+        || async { completed(db).await == TASKS as i64 },
+    )
+    .await;
+    // The agents took every hint, the 60 extra ones too, and acknowledged it.
+    eventually(
+        Duration::from_secs(10),
+        "the hints are consumed",
+        || async { stream_messages(&js, DISPATCH_STREAM).await == 0 },
+    )
+    .await;
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(DISPATCH_STREAM)
+        .await
+        .unwrap()
+        .get_consumer("agentops-seed")
+        .await
+        .unwrap();
+    let delivered = consumer.info().await.unwrap().delivered.consumer_sequence;
+    assert!(delivered >= 3 * TASKS as u64, "{delivered} hints delivered");
+    agents.stop().await;
+
+    assert_each_completed_once(db, TASKS).await;
+    let claims = db
+        .scalar(
+            "SELECT count(*) FROM (SELECT payload ->> 'id' FROM events \
+             WHERE event_type = 'task.claimed' GROUP BY 1 HAVING count(*) > 1) twice",
+        )
+        .await;
+    assert_eq!(claims, 0, "a task claimed twice");
+    let other = db
+        .scalar(
+            "SELECT count(*) FROM events \
+             WHERE event_type IN ('task.released', 'task.lease_expired', 'task.failed')",
+        )
+        .await;
+    assert_eq!(other, 0);
+    let announced = controller
+        .dispatcher
+        .metrics
+        .bus_published_total("announcements");
+    assert!(announced >= 1, "the controller announced the ready tasks");
+}
+
+/// An agent waiting out a backoff while its controller is away is back the moment the
+/// restarted controller announces work, not when its backoff ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_announcement_ends_an_agents_backoff() {
+    let nats = Server::nats();
+    let bus = Arc::new(NatsBus::connect(&nats.url()).await.unwrap());
+    // The streams outlive a controller; here the previous one made them.
+    bus.ensure_streams().await.unwrap();
+    let env = load_env(3).await;
+
+    // Where the controller will listen: for now a port that hangs up on every request.
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = fake.local_addr().unwrap();
+    let attempts = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let hang_up = tokio::spawn({
+        let attempts = attempts.clone();
+        async move {
+            loop {
+                let (socket, _) = fake.accept().await.unwrap();
+                attempts.lock().unwrap().push(Instant::now());
+                drop(socket);
+            }
+        }
+    });
+    let agents = Agents::start(
+        &format!("http://{addr}"),
+        Some(&nats.url()),
+        &["patient"],
+        1,
+        Duration::ZERO,
+    );
+    // The registration backoff doubles (with jitter 0.5–1) up to 5 s: after a wait of 2.5 s
+    // or more, the next one is at least 2.5 s.
+    eventually(
+        Duration::from_secs(20),
+        "the agent backs off 2.5 s",
+        || async {
+            let attempts = attempts.lock().unwrap();
+            attempts
+                .windows(2)
+                .any(|w| w[1] - w[0] >= Duration::from_millis(2500))
+        },
+    )
+    .await;
+    hang_up.abort();
+    let _ = hang_up.await;
+    let back = Instant::now();
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let backends = Backends {
+        bus,
+        presence: Arc::new(MemoryPresence::default()),
+    };
+    let _controller =
+        Controller::on(listener, &env.db, backends, config(Duration::from_secs(1))).await;
+    let db = &env.db;
+    eventually(Duration::from_secs(10), "the agent claims", || async {
+        db.scalar("SELECT count(*) FROM events WHERE event_type = 'task.claimed'")
+            .await
+            > 0
+    })
+    .await;
+    let took = back.elapsed();
+    assert!(
+        took < Duration::from_millis(2000),
+        "the agent came back after {took:?}, as if it had waited out its backoff"
+    );
+    eventually(Duration::from_secs(10), "all done", || async {
+        completed(db).await == 3
+    })
+    .await;
+    agents.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outages, through the real binary
+// ---------------------------------------------------------------------------------------------
+
+const RUN_TASKS: usize = 300;
+const RUNNERS: [&str; 4] = ["runner-a", "runner-b", "runner-c", "runner-d"];
+
+/// `up` with `--nats` and `--redis`, and four agents of two slots doing 100 ms tasks:
+/// about 80 tasks a second.
+async fn outage_run(
+    nats: &Server,
+    redis: &Server,
+) -> (Env<PgStore>, tempfile::TempDir, Binary, Agents) {
+    let env = load_env(RUN_TASKS).await;
+    let data = tempfile::tempdir().unwrap();
+    let up = Binary::up(
+        &env.db,
+        env.repo.path(),
+        data.path(),
+        &["--nats", &nats.url(), "--redis", &redis.url()],
+    );
+    up.wait_ready().await;
+    let agents = Agents::start(
+        &format!("http://{}", up.addr),
+        Some(&nats.url()),
+        &RUNNERS,
+        2,
+        Duration::from_millis(100),
+    );
+    (env, data, up, agents)
+}
+
+/// NATS killed in the middle of a run and restarted three seconds later: every task is done
+/// once, and every event of the run, those of the outage too, is on the events stream once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_survives_nats_going_away_and_coming_back() {
+    let mut nats = Server::nats();
+    let redis = Server::redis();
+    let (env, _data, up, agents) = outage_run(&nats, &redis).await;
+    let db = &env.db;
+    eventually(
+        Duration::from_secs(20),
+        "a quarter of the run is done",
+        || async { completed(db).await >= (RUN_TASKS / 4) as i64 },
+    )
+    .await;
+    nats.kill();
+    let at_kill = completed(db).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let at_restart = completed(db).await;
+    nats.start();
+    assert!(
+        at_restart - at_kill >= 50,
+        "dispatch went on without NATS: {at_kill} then {at_restart} completed"
+    );
+    eventually(Duration::from_secs(30), "the run is done", || async {
+        completed(db).await == RUN_TASKS as i64
+    })
+    .await;
+    eventually(
+        Duration::from_secs(15),
+        "every event is published",
+        || async { unpublished(db).await == 0 },
+    )
+    .await;
+    assert!(
+        up.metric("agentops_bus_publish_failures_total").await > 0.0,
+        "the outage was noticed"
+    );
+    agents.stop().await;
+    assert_each_completed_once(db, RUN_TASKS).await;
+
+    let js = jetstream_of(&nats.url()).await;
+    let events = db.scalar("SELECT count(*) FROM events").await;
+    assert_eq!(stream_messages(&js, EVENTS_STREAM).await, events as u64);
+    let completions = read_stream(&js, EVENTS_STREAM, "agentops.events.task.completed").await;
+    let mut per_task: HashMap<String, usize> = HashMap::new();
+    for (_, body) in &completions {
+        *per_task
+            .entry(body["payload"]["id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(per_task.len(), RUN_TASKS);
+    assert!(per_task.values().all(|n| *n == 1));
+}
+
+/// Redis killed in the middle of a run: dispatch goes on, no agent is taken for gone, and
+/// presence is back once Redis is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_survives_redis_going_away() {
+    let nats = Server::nats();
+    let mut redis = Server::redis();
+    let (env, _data, up, agents) = outage_run(&nats, &redis).await;
+    let db = &env.db;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut ttl = -2;
+    for _ in 0..100 {
+        ttl = redis::cmd("PTTL")
+            .arg("agentops:agent:runner-a")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if ttl > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Three heartbeats of 1 s.
+    assert!(
+        (1..=3000).contains(&ttl),
+        "presence of runner-a expires in {ttl} ms"
+    );
+
+    eventually(
+        Duration::from_secs(20),
+        "a quarter of the run is done",
+        || async { completed(db).await >= (RUN_TASKS / 4) as i64 },
+    )
+    .await;
+    redis.kill();
+    let at_kill = completed(db).await;
+    // Longer than presence lives (3 s): a liveness pass that believed missing presence would
+    // take every agent for gone.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let at_restart = completed(db).await;
+    assert!(
+        at_restart - at_kill >= 50,
+        "dispatch went on without Redis: {at_kill} then {at_restart} completed"
+    );
+    assert!(up.metric("agentops_presence_failures_total").await > 0.0);
+    redis.start();
+    eventually(Duration::from_secs(30), "the run is done", || async {
+        completed(db).await == RUN_TASKS as i64
+    })
+    .await;
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut present = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while present.len() < RUNNERS.len() && Instant::now() < deadline {
+        present.clear();
+        for runner in RUNNERS {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(format!("agentops:agent:{runner}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if exists {
+                present.push(runner);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(present, RUNNERS, "presence is back with Redis");
+    let offline = db
+        .scalar("SELECT count(*) FROM events WHERE event_type = 'agent.offline'")
+        .await;
+    assert_eq!(offline, 0, "an agent was taken for gone");
+    agents.stop().await;
+    assert_each_completed_once(db, RUN_TASKS).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Presence
+// ---------------------------------------------------------------------------------------------
+
+/// Presence, live progress and the rate limiter on Redis; every call bounded while Redis is
+/// down; all of it working again once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_progress_and_rate_limits_on_redis() {
+    let mut redis = Server::redis();
+    let timeout = Duration::from_millis(250);
+    let presence = RedisPresence::connect(&redis.url(), timeout).unwrap();
+    let names = ["here".to_owned(), "gone".to_owned()];
+    presence
+        .seen(&names[..1], Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(presence.alive(&names).await.unwrap(), [true, false]);
+    let task = Uuid::new_v4();
+    presence
+        .set_progress(&[(task, "halfway".to_owned())], Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        presence.progress(task).await.unwrap().as_deref(),
+        Some("halfway")
+    );
+    let window = Duration::from_millis(400);
+    let mut granted = Vec::new();
+    for _ in 0..4 {
+        granted.push(presence.acquire("llm", 3, window).await.unwrap());
+    }
+    assert_eq!(granted, [true, true, true, false]);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(presence.alive(&names).await.unwrap(), [false, false]);
+    assert!(
+        presence.acquire("llm", 3, window).await.unwrap(),
+        "a new window"
+    );
+
+    redis.kill();
+    let started = Instant::now();
+    assert!(presence.alive(&names).await.is_err());
+    assert!(presence.acquire("llm", 3, window).await.is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "calls to a dead Redis took {:?}",
+        started.elapsed()
+    );
+
+    redis.start();
+    let mut back = false;
+    for _ in 0..40 {
+        if presence.seen(&names, Duration::from_secs(5)).await.is_ok() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "presence works again once Redis is back");
+    assert_eq!(presence.alive(&names).await.unwrap(), [true, true]);
+    // A fresh Redis: the progress went with the old one.
+    assert_eq!(presence.progress(task).await.unwrap(), None);
+}
+
+/// An agent that stops heartbeating goes `offline` in the store once its presence expired; an
+/// agent marked `offline` that is alive comes back `idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_without_presence_go_offline_and_come_back() {
+    let redis = Server::redis();
+    let env = load_env(0).await;
+    let presence =
+        Arc::new(RedisPresence::connect(&redis.url(), Duration::from_millis(250)).unwrap());
+    let backends = Backends {
+        bus: Arc::new(agentops::bus::InProcessBus::default()),
+        presence: presence.clone(),
+    };
+    let heartbeat = Duration::from_millis(200);
+    let controller = Controller::start(&env.db, backends, config(heartbeat)).await;
+    let db = &env.db;
+    let status = |name: &'static str| async move {
+        db.text(&format!("SELECT status FROM agents WHERE name = '{name}'"))
+            .await
+            .unwrap_or_default()
+    };
+    let leaving = Agents::start(&controller.api, None, &["leaving"], 1, Duration::ZERO);
+    let staying = Agents::start(&controller.api, None, &["staying"], 1, Duration::ZERO);
+    let names = ["leaving".to_owned(), "staying".to_owned()];
+    eventually(Duration::from_secs(5), "both are present", || async {
+        presence.alive(&names).await.unwrap() == [true, true]
+    })
+    .await;
+    assert_eq!(status("leaving").await, "idle");
+
+    leaving.stop().await;
+    eventually(
+        Duration::from_secs(5),
+        "the one that left is offline",
+        || async { status("leaving").await == "offline" },
+    )
+    .await;
+    assert_eq!(presence.alive(&names).await.unwrap(), [false, true]);
+    assert_eq!(status("staying").await, "idle");
+    let offline: Vec<(String,)> = db
+        .rows("SELECT payload ->> 'name' FROM events WHERE event_type = 'agent.offline'")
+        .await;
+    assert_eq!(offline, [("leaving".to_owned(),)]);
+
+    // Marked offline by mistake (another controller's pass, a person): alive, so back.
+    db.execute("UPDATE agents SET status = 'offline' WHERE name = 'staying'")
+        .await;
+    eventually(Duration::from_secs(5), "the live one is back", || async {
+        status("staying").await == "idle"
+    })
+    .await;
+    let online = db
+        .scalar("SELECT count(*) FROM events WHERE event_type = 'agent.online'")
+        .await;
+    assert_eq!(online, 1);
+    assert_eq!(status("leaving").await, "offline");
+    assert_eq!(controller.dispatcher.metrics.presence_failures_total(), 0);
+    staying.stop().await;
+
+    // The agent the seed schema declares and that never connected is left alone.
+    assert_eq!(status("cos").await, "idle");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The embedded bus and presence, on both stores
+// ---------------------------------------------------------------------------------------------
+
+both_backends_multi_thread!(embedded_bus_and_presence);
+
+/// Without NATS and Redis, on either store: the outbox drains onto the in-process bus,
+/// ready work is announced per pool once, and an agent that goes quiet is marked `offline`
+/// and comes back `busy` when it heartbeats again.
+async fn embedded_bus_and_presence<S>()
+where
+    S: TestStore + Queue + Outbox + Liveness,
+{
+    let mut env = Env::<S>::new().await;
+    env.commit(
+        "work",
+        &[
+            ("projects/p/project.yaml", Some(&project("p", "P"))),
+            ("projects/p/tasks/a.yaml", Some(&task("a", "A"))),
+            ("projects/p/tasks/b.yaml", Some(&task("b", "B"))),
+            (
+                "projects/p/tasks/w.yaml",
+                Some(&format!(
+                    "{API}\nkind: Task\nmetadata:\n  name: w\nspec:\n  title: W\n  \
+                     assignee: writer\n  action:\n    prompt: Write\n"
+                )),
+            ),
+        ],
+    );
+    env.sync().await;
+    let db = &env.db;
+    let store = S::open(&db.url).await;
+    let id_of = |name: &'static str| async move {
+        db.text(&format!(
+            "SELECT CAST(id AS text) FROM tasks WHERE name = '{name}'"
+        ))
+        .await
+        .unwrap()
+    };
+    let (a, b, w) = (id_of("a").await, id_of("b").await, id_of("w").await);
+
+    let pools = |ready: Vec<ReadyTask>| -> Vec<(String, String, i64)> {
+        ready
+            .into_iter()
+            .map(|r| (r.pool, r.task.to_string(), r.run_lease))
+            .collect()
+    };
+    let one_each = pools(store.ready_tasks(1).await.unwrap());
+    assert_eq!(one_each.len(), 2, "{one_each:?}");
+    assert_eq!(one_each[0].0, "seed");
+    assert!([&a, &b].contains(&&one_each[0].1), "{one_each:?}");
+    assert_eq!(one_each[1], ("writer".to_owned(), w.clone(), 0));
+    assert_eq!(store.ready_tasks(10).await.unwrap().len(), 3);
+    let events = db.scalar("SELECT count(*) FROM events").await;
+    assert_eq!(
+        store.unpublished_events(1000).await.unwrap().len() as i64,
+        events
+    );
+
+    let bus = Arc::new(InProcessBus::default());
+    let mut messages = bus.subscribe();
+    let backends = Backends {
+        bus: bus.clone(),
+        presence: Arc::new(MemoryPresence::default()),
+    };
+    let mut config = config(Duration::from_millis(100));
+    config.policy.lease = Duration::from_secs(30);
+    let dispatcher = Dispatcher::with_backends(store, config, backends);
+    dispatcher.start();
+    let _background = dispatcher.spawn_background();
+    dispatcher.events_recorded();
+    dispatcher.wake();
+
+    let worker = AgentIdentity {
+        name: "quiet".to_owned(),
+        agent_type: "seed".to_owned(),
+        capabilities: Vec::new(),
+        concurrency: 1,
+    };
+    dispatcher.register(worker.clone()).await.unwrap();
+    let claimed = dispatcher
+        .claim(&worker, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let status = || async {
+        db.text("SELECT status FROM agents WHERE name = 'quiet'")
+            .await
+            .unwrap()
+    };
+    // Presence lasts 300 ms; nothing is heard from the agent.
+    eventually(
+        Duration::from_secs(5),
+        "the quiet agent is offline",
+        || async { status().await == "offline" },
+    )
+    .await;
+    let lease = Lease {
+        id: claimed[0].id,
+        run_lease: claimed[0].run_lease,
+    };
+    let held = dispatcher.heartbeat(&worker, &[lease]).await.unwrap();
+    assert!(held[0].held);
+    eventually(
+        Duration::from_secs(5),
+        "it is back, holding its task",
+        || async { status().await == "busy" },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(5),
+        "every event is published",
+        || async { unpublished(db).await == 0 },
+    )
+    .await;
+
+    let mut seen: Vec<BusMessage> = Vec::new();
+    while let Ok(message) = messages.try_recv() {
+        seen.push(message);
+    }
+    let subjects = |prefix: &str| -> Vec<String> {
+        let mut found: Vec<String> = seen
+            .iter()
+            .filter(|m| m.subject.starts_with(prefix))
+            .map(|m| m.subject.clone())
+            .collect();
+        found.sort();
+        found
+    };
+    assert_eq!(
+        subjects("agentops.dispatch."),
+        [
+            "agentops.dispatch.seed",
+            "agentops.dispatch.seed",
+            "agentops.dispatch.writer"
+        ]
+    );
+    let announced: Vec<&str> = seen
+        .iter()
+        .filter(|m| m.subject == "agentops.dispatch.writer")
+        .map(|m| m.message_id.as_str())
+        .collect();
+    assert_eq!(announced, [format!("{w}:0")]);
+    let total = db.scalar("SELECT count(*) FROM events").await;
+    assert_eq!(subjects("agentops.events.").len() as i64, total);
+    for wanted in [
+        "agentops.events.task.claimed",
+        "agentops.events.agent.offline",
+        "agentops.events.agent.online",
+    ] {
+        assert_eq!(
+            subjects(wanted).len(),
+            1,
+            "{wanted} in {:?}",
+            subjects("agentops.events.")
+        );
+    }
+}
