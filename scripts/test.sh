@@ -45,6 +45,9 @@ export AGENTOPS_TEST_POSTGRES="${AGENTOPS_TEST_POSTGRES:-postgres://postgres:pos
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The process tests run this binary; building it here, with the features it gets when built
+# alone, keeps the tests from rebuilding dependencies mid-run.
+cargo build -p agentops-agents --bin agentops-agent-run --locked
 # --all-targets leaves out doc tests: there are none, and their empty summary would be the
 # run's last line.
 cargo test --workspace --all-targets --locked "$@"
