@@ -14,7 +14,7 @@ pub mod validate;
 pub use diagnostic::Diagnostic;
 pub use model::*;
 pub use parse::{ParsedFile, parse_file};
-pub use validate::{Validation, validate, validate_with_known};
+pub use validate::{Declared, Validation, validate, validate_with_known};
 
 /// Whether a repository path is one the Git source reads.
 pub fn is_spec_path(path: &str) -> bool {

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use schemars::JsonSchema;
@@ -430,13 +431,54 @@ impl ObjectKey {
     }
 }
 
+impl ObjectKey {
+    pub fn as_key_ref(&self) -> KeyRef<'_> {
+        match self {
+            ObjectKey::Project(n) => KeyRef::Project(n),
+            ObjectKey::Task { project, name } => KeyRef::Task { project, name },
+            ObjectKey::Agent(n) => KeyRef::Agent(n),
+            ObjectKey::Tool(n) => KeyRef::Tool(n),
+        }
+    }
+
+    /// The object's own name: a task's without its project.
+    pub fn name(&self) -> &str {
+        self.as_key_ref().name()
+    }
+}
+
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.as_key_ref().fmt(f)
+    }
+}
+
+/// An [`ObjectKey`] that borrows its names, so that sets and maps of many keys need not copy
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KeyRef<'a> {
+    Project(&'a str),
+    Task { project: &'a str, name: &'a str },
+    Agent(&'a str),
+    Tool(&'a str),
+}
+
+impl<'a> KeyRef<'a> {
+    pub fn name(self) -> &'a str {
         match self {
-            ObjectKey::Project(n) => write!(f, "Project {n}"),
-            ObjectKey::Task { project, name } => write!(f, "Task {project}/{name}"),
-            ObjectKey::Agent(n) => write!(f, "Agent {n}"),
-            ObjectKey::Tool(n) => write!(f, "Tool {n}"),
+            KeyRef::Project(n) | KeyRef::Agent(n) | KeyRef::Tool(n) => n,
+            KeyRef::Task { name, .. } => name,
+        }
+    }
+}
+
+impl fmt::Display for KeyRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyRef::Project(n) => write!(f, "Project {n}"),
+            KeyRef::Task { project, name } => write!(f, "Task {project}/{name}"),
+            KeyRef::Agent(n) => write!(f, "Agent {n}"),
+            KeyRef::Tool(n) => write!(f, "Tool {n}"),
         }
     }
 }
@@ -495,6 +537,50 @@ impl Object {
             },
             Spec::Agent(_) => ObjectKey::Agent(name),
             Spec::Tool(_) => ObjectKey::Tool(name),
+        }
+    }
+}
+
+/// What the checks across objects read of an object: its key, its dependencies and the
+/// positions they report at. A controller keeps this of every object between syncs, a small
+/// part of the whole object, and reads the object again when it has to write it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skeleton {
+    pub key: ObjectKey,
+    /// The file's path: one allocation shared by the skeletons of all its objects.
+    pub path: Arc<str>,
+    pub document: Pos,
+    pub name: Pos,
+    /// The task's `project` field, or the document when the project came from the path.
+    pub project: Pos,
+    /// `dependsOn` entries as written, each with its position.
+    pub depends_on: Box<[(Box<str>, Pos)]>,
+}
+
+impl Object {
+    /// The skeleton of this object. `path` is `origin.path`, passed in so that the objects of
+    /// one file can share it.
+    pub fn skeleton(&self, path: Arc<str>) -> Skeleton {
+        debug_assert_eq!(*path, *self.origin.path);
+        let depends_on = match &self.spec {
+            Spec::Task(t) => t
+                .depends_on
+                .iter()
+                .enumerate()
+                .map(|(n, dep)| {
+                    let pos = self.origin.depends_on.get(n).copied().unwrap_or_default();
+                    (dep.as_str().into(), pos)
+                })
+                .collect(),
+            _ => Box::default(),
+        };
+        Skeleton {
+            key: self.key(),
+            path,
+            document: self.origin.document,
+            name: self.origin.name,
+            project: self.origin.project,
+            depends_on,
         }
     }
 }

@@ -2,11 +2,10 @@
 //! cycles. Each problem is reported at the field that causes it and marks the objects it
 //! concerns as invalid, so the reconciler can keep their last good version and apply the rest.
 
-use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 
 use crate::diagnostic::Diagnostic;
-use crate::model::{Object, ObjectKey, Pos, Spec, TaskSpec};
+use crate::model::{KeyRef, Object, Pos, Skeleton, Spec, TaskSpec};
 
 #[derive(Debug, Default)]
 pub struct Validation {
@@ -24,26 +23,133 @@ impl Validation {
 impl TaskSpec {
     /// `dependsOn` entries as `(project, task)`, a bare name meaning this task's project.
     pub fn dependency_keys(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.depends_on.iter().map(|dep| match dep.split_once('/') {
-            Some((project, task)) => (project, task),
-            None => (self.project.as_str(), dep.as_str()),
+        self.depends_on
+            .iter()
+            .map(|dep| dependency_key(&self.project, dep))
+    }
+}
+
+/// A `dependsOn` entry as `(project, task)`, a bare name meaning `project`.
+fn dependency_key<'a>(project: &'a str, dep: &'a str) -> (&'a str, &'a str) {
+    dep.split_once('/').unwrap_or((project, dep))
+}
+
+/// What the checks across objects read of each object. A whole [`Object`] has it, and so has
+/// its [`Skeleton`], which is what a controller keeps between syncs.
+pub trait Declared {
+    fn key_ref(&self) -> KeyRef<'_>;
+    /// The file, relative to the synced root.
+    fn path(&self) -> &str;
+    /// Where the object's document starts.
+    fn document(&self) -> Pos;
+    fn name_pos(&self) -> Pos;
+    /// The task's `project` field, or the document when the project came from the path.
+    fn project_pos(&self) -> Pos;
+    /// A task's `dependsOn` entries as written, each with its position.
+    fn depends_on(&self) -> impl Iterator<Item = (&str, Pos)>;
+}
+
+impl Declared for Object {
+    fn key_ref(&self) -> KeyRef<'_> {
+        match &self.spec {
+            Spec::Project(_) => KeyRef::Project(self.name()),
+            Spec::Task(t) => KeyRef::Task {
+                project: &t.project,
+                name: self.name(),
+            },
+            Spec::Agent(_) => KeyRef::Agent(self.name()),
+            Spec::Tool(_) => KeyRef::Tool(self.name()),
+        }
+    }
+
+    fn path(&self) -> &str {
+        &self.origin.path
+    }
+
+    fn document(&self) -> Pos {
+        self.origin.document
+    }
+
+    fn name_pos(&self) -> Pos {
+        self.origin.name
+    }
+
+    fn project_pos(&self) -> Pos {
+        self.origin.project
+    }
+
+    fn depends_on(&self) -> impl Iterator<Item = (&str, Pos)> {
+        let deps = match &self.spec {
+            Spec::Task(t) => t.depends_on.as_slice(),
+            _ => &[],
+        };
+        deps.iter().enumerate().map(|(n, dep)| {
+            let pos = self.origin.depends_on.get(n).copied().unwrap_or_default();
+            (dep.as_str(), pos)
         })
     }
 }
 
-pub fn validate<O: Borrow<Object>>(objects: &[O]) -> Validation {
+impl Declared for Skeleton {
+    fn key_ref(&self) -> KeyRef<'_> {
+        self.key.as_key_ref()
+    }
+
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn document(&self) -> Pos {
+        self.document
+    }
+
+    fn name_pos(&self) -> Pos {
+        self.name
+    }
+
+    fn project_pos(&self) -> Pos {
+        self.project
+    }
+
+    fn depends_on(&self) -> impl Iterator<Item = (&str, Pos)> {
+        self.depends_on.iter().map(|(dep, pos)| (&**dep, *pos))
+    }
+}
+
+impl<T: Declared + ?Sized> Declared for &T {
+    fn key_ref(&self) -> KeyRef<'_> {
+        (**self).key_ref()
+    }
+
+    fn path(&self) -> &str {
+        (**self).path()
+    }
+
+    fn document(&self) -> Pos {
+        (**self).document()
+    }
+
+    fn name_pos(&self) -> Pos {
+        (**self).name_pos()
+    }
+
+    fn project_pos(&self) -> Pos {
+        (**self).project_pos()
+    }
+
+    fn depends_on(&self) -> impl Iterator<Item = (&str, Pos)> {
+        (**self).depends_on()
+    }
+}
+
+pub fn validate<D: Declared>(objects: &[D]) -> Validation {
     validate_with_known(objects, &HashSet::new())
 }
 
 /// [`validate`], where `known` names objects that exist although they are not in `objects`:
 /// those kept at their last good version because their file is broken now. References to
 /// them are satisfied, so one broken file does not cascade into errors in its neighbours.
-pub fn validate_with_known<O: Borrow<Object>>(
-    objects: &[O],
-    known: &HashSet<ObjectKey>,
-) -> Validation {
-    let objects: Vec<&Object> = objects.iter().map(Borrow::borrow).collect();
-    let objects = objects.as_slice();
+pub fn validate_with_known<D: Declared>(objects: &[D], known: &HashSet<KeyRef<'_>>) -> Validation {
     let mut v = Validation {
         diagnostics: Vec::new(),
         invalid: vec![false; objects.len()],
@@ -53,65 +159,63 @@ pub fn validate_with_known<O: Borrow<Object>>(
     // the caller happened to read files in.
     let mut order: Vec<usize> = (0..objects.len()).collect();
     order.sort_by(|&a, &b| {
-        let (a, b) = (&objects[a].origin, &objects[b].origin);
-        (&a.path, a.document).cmp(&(&b.path, b.document))
+        let (a, b) = (&objects[a], &objects[b]);
+        (a.path(), a.document()).cmp(&(b.path(), b.document()))
     });
 
-    let mut first: HashMap<ObjectKey, usize> = HashMap::with_capacity(objects.len());
+    let mut first: HashMap<KeyRef<'_>, usize> = HashMap::with_capacity(objects.len());
     for &i in &order {
         let object = &objects[i];
-        match first.get(&object.key()) {
+        let key = object.key_ref();
+        match first.get(&key) {
             Some(&j) => {
-                let prior = &objects[j].origin;
+                let prior = &objects[j];
+                let at = prior.name_pos();
                 v.report(
                     object,
-                    object.origin.name,
+                    object.name_pos(),
                     format!(
-                        "duplicate {}: already declared at {}:{}:{}",
-                        object.key(),
-                        prior.path,
-                        prior.name.line,
-                        prior.name.column
+                        "duplicate {key}: already declared at {}:{}:{}",
+                        prior.path(),
+                        at.line,
+                        at.column
                     ),
                     &[i],
                 );
             }
             None => {
-                first.insert(object.key(), i);
+                first.insert(key, i);
             }
         }
     }
 
-    let tasks: HashMap<(&str, &str), usize> = first
-        .iter()
-        .filter_map(|(key, &i)| match key {
-            ObjectKey::Task { project, name } => Some(((project.as_str(), name.as_str()), i)),
-            _ => None,
-        })
-        .collect();
-
     // Edges of the dependency graph, by object index, for the tasks that survive the checks.
-    let mut edges: HashMap<usize, Vec<(usize, Pos)>> = HashMap::new();
+    let mut edges: Vec<Vec<(usize, Pos)>> = vec![Vec::new(); objects.len()];
     for &i in &order {
-        let Spec::Task(task) = &objects[i].spec else {
+        let object = &objects[i];
+        let KeyRef::Task {
+            project: task_project,
+            ..
+        } = object.key_ref()
+        else {
             continue;
         };
         if v.invalid[i] {
             continue;
         }
-        let object = &objects[i];
-        let project_key = ObjectKey::Project(task.project.clone());
+        let project_key = KeyRef::Project(task_project);
         if !first.contains_key(&project_key) && !known.contains(&project_key) {
             v.report(
                 object,
-                object.origin.project,
-                format!("task's project `{}` does not exist", task.project),
+                object.project_pos(),
+                format!("task's project `{task_project}` does not exist"),
                 &[i],
             );
         }
-        for (n, (project, name)) in task.dependency_keys().enumerate() {
-            let pos = object.origin.depends_on.get(n).copied().unwrap_or_default();
-            match tasks.get(&(project, name)) {
+        for (dep, pos) in object.depends_on() {
+            let (project, name) = dependency_key(task_project, dep);
+            let key = KeyRef::Task { project, name };
+            match first.get(&key) {
                 Some(&j) if j == i => {
                     v.report(
                         object,
@@ -120,13 +224,10 @@ pub fn validate_with_known<O: Borrow<Object>>(
                         &[i],
                     );
                 }
-                Some(&j) => edges.entry(i).or_default().push((j, pos)),
-                None if known.contains(&ObjectKey::Task {
-                    project: project.to_owned(),
-                    name: name.to_owned(),
-                }) => {}
+                Some(&j) => edges[i].push((j, pos)),
+                None if known.contains(&key) => {}
                 None => {
-                    let what = if project == task.project {
+                    let what = if project == task_project {
                         format!("`{name}`")
                     } else {
                         format!("`{project}/{name}`")
@@ -144,15 +245,19 @@ pub fn validate_with_known<O: Borrow<Object>>(
 
     for cycle in find_cycles(&order, &edges) {
         let (at, pos) = cycle.closing;
-        let label = |i: usize| match objects[i].key() {
-            ObjectKey::Task { project, name } if project == task_project(objects[at]) => name,
-            ObjectKey::Task { project, name } => format!("{project}/{name}"),
+        let at_project = match objects[at].key_ref() {
+            KeyRef::Task { project, .. } => project,
+            _ => "",
+        };
+        let label = |i: usize| match objects[i].key_ref() {
+            KeyRef::Task { project, name } if project == at_project => name.to_owned(),
+            KeyRef::Task { project, name } => format!("{project}/{name}"),
             other => other.to_string(),
         };
         let mut path: Vec<String> = cycle.members.iter().map(|&i| label(i)).collect();
         path.push(label(cycle.members[0]));
         v.report(
-            objects[at],
+            &objects[at],
             pos,
             format!("dependency cycle: {}", path.join(" → ")),
             &cycle.members,
@@ -163,17 +268,10 @@ pub fn validate_with_known<O: Borrow<Object>>(
     v
 }
 
-fn task_project(object: &Object) -> &str {
-    match &object.spec {
-        Spec::Task(t) => &t.project,
-        _ => "",
-    }
-}
-
 impl Validation {
-    fn report(&mut self, at: &Object, pos: Pos, message: String, invalid: &[usize]) {
+    fn report(&mut self, at: &impl Declared, pos: Pos, message: String, invalid: &[usize]) {
         self.diagnostics
-            .push(Diagnostic::new(&at.origin.path, pos, message));
+            .push(Diagnostic::new(at.path(), pos, message));
         for &i in invalid {
             self.invalid[i] = true;
         }
@@ -189,32 +287,29 @@ struct Cycle {
 
 /// Every dependency cycle reachable by depth-first search, each reported once at the edge that
 /// closes it. Iterative, so a long chain cannot overflow the stack.
-fn find_cycles(order: &[usize], edges: &HashMap<usize, Vec<(usize, Pos)>>) -> Vec<Cycle> {
+fn find_cycles(order: &[usize], edges: &[Vec<(usize, Pos)>]) -> Vec<Cycle> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         New,
         OnPath,
         Done,
     }
-    let mut mark: HashMap<usize, Mark> = HashMap::new();
+    let mut mark = vec![Mark::New; edges.len()];
     let mut cycles = Vec::new();
-    let none = Vec::new();
 
     for &root in order {
-        if !edges.contains_key(&root) || mark.get(&root).copied().unwrap_or(Mark::New) != Mark::New
-        {
+        if edges[root].is_empty() || mark[root] != Mark::New {
             continue;
         }
         // (node, index of the next edge to follow)
         let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
-        mark.insert(root, Mark::OnPath);
+        mark[root] = Mark::OnPath;
         while let Some(&mut (node, ref mut next)) = stack.last_mut() {
-            let out = edges.get(&node).unwrap_or(&none);
-            if let Some(&(to, pos)) = out.get(*next) {
+            if let Some(&(to, pos)) = edges[node].get(*next) {
                 *next += 1;
-                match mark.get(&to).copied().unwrap_or(Mark::New) {
+                match mark[to] {
                     Mark::New => {
-                        mark.insert(to, Mark::OnPath);
+                        mark[to] = Mark::OnPath;
                         stack.push((to, 0));
                     }
                     Mark::OnPath => {
@@ -227,7 +322,7 @@ fn find_cycles(order: &[usize], edges: &HashMap<usize, Vec<(usize, Pos)>>) -> Ve
                     Mark::Done => {}
                 }
             } else {
-                mark.insert(node, Mark::Done);
+                mark[node] = Mark::Done;
                 stack.pop();
             }
         }

@@ -19,7 +19,7 @@ use std::fs;
 use std::panic;
 use std::path::{Path, PathBuf};
 
-use agentops_specs::{Diagnostic, Object, is_spec_path, parse_file, validate};
+use agentops_specs::{Diagnostic, Object, Skeleton, is_spec_path, parse_file, validate};
 
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus")
@@ -76,6 +76,14 @@ pub fn run_case(files: &[(String, Vec<u8>)]) -> Vec<Diagnostic> {
     }
     let validation = validate(&objects);
     assert_eq!(validation.invalid.len(), objects.len());
+    // The controller validates skeletons: they must reach the objects' verdict exactly.
+    let skeletons: Vec<Skeleton> = objects
+        .iter()
+        .map(|o| o.skeleton(o.origin.path.as_str().into()))
+        .collect();
+    let of_skeletons = validate(&skeletons);
+    assert_eq!(of_skeletons.diagnostics, validation.diagnostics);
+    assert_eq!(of_skeletons.invalid, validation.invalid);
     diagnostics.extend(validation.diagnostics);
     diagnostics.sort();
     diagnostics

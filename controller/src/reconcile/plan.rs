@@ -3,17 +3,61 @@
 //! rule is tested with plain `#[test]`s below.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
 
-use agentops_specs::{Diagnostic, Kind, Object, ObjectKey, Spec};
+use agentops_specs::{Diagnostic, Kind, Object, ObjectKey, Skeleton};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-/// What the source declares at one revision.
+/// What tells a changed spec from an unchanged one: the first 16 bytes of the SHA-256 of the
+/// object's metadata and spec as JSON. Stored as 32 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SpecHash([u8; 16]);
+
+impl SpecHash {
+    pub fn of(object: &Object) -> SpecHash {
+        let json = serde_json::to_vec(&(&object.metadata, &object.spec))
+            .expect("specs serialize to JSON: they came from YAML");
+        let mut hash = [0; 16];
+        hash.copy_from_slice(&Sha256::digest(&json)[..16]);
+        SpecHash(hash)
+    }
+
+    /// A hash as the store holds it. `None` for text this build never writes, which then
+    /// matches no spec, as it did when hashes were compared as text.
+    pub fn parse(text: &str) -> Option<SpecHash> {
+        if !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        let mut hash = [0; 16];
+        hex::decode_to_slice(text, &mut hash).ok()?;
+        Some(SpecHash(hash))
+    }
+}
+
+impl fmt::Display for SpecHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut text = [0; 32];
+        hex::encode_to_slice(self.0, &mut text).expect("32 digits for 16 bytes");
+        f.write_str(std::str::from_utf8(&text).expect("hex digits are ASCII"))
+    }
+}
+
+impl serde::Serialize for SpecHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What the source declares at one revision. Objects are known by their skeletons: the store
+/// reads the whole object again only for those it writes.
 #[derive(Debug, Default)]
 pub struct Desired<'a> {
     /// Objects that passed every check, with their spec hash.
-    pub objects: Vec<(&'a Object, &'a str)>,
+    pub objects: Vec<(&'a Skeleton, SpecHash)>,
     /// Objects that are declared but failed validation: keep their last good version.
-    pub invalid: Vec<&'a Object>,
+    pub invalid: Vec<&'a Skeleton>,
     /// Files that could not be read as a whole: whatever the store holds from them stays in
     /// effect, untouched by pruning.
     pub broken_paths: HashSet<&'a str>,
@@ -31,8 +75,9 @@ pub struct Current {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CurrentObject {
     pub id: Uuid,
-    pub path: Option<String>,
-    pub spec_hash: Option<String>,
+    /// Shared with the sync index for the objects a sync wrote.
+    pub path: Option<Arc<str>>,
+    pub spec_hash: Option<SpecHash>,
     pub generation: i64,
     pub status_message: Option<String>,
     pub pruned: bool,
@@ -55,7 +100,7 @@ pub struct Plan<'a> {
     pub updates: Vec<Write<'a>>,
     pub prunes: Vec<Prune>,
     pub flags: Vec<Flag>,
-    pub events: Vec<Event>,
+    pub events: Vec<Event<'a>>,
     /// Set when the cursor moves; `None` when this revision was synced already.
     pub cursor: Option<Cursor>,
 }
@@ -80,8 +125,8 @@ impl Plan<'_> {
 #[derive(Debug, Clone)]
 pub struct Write<'a> {
     pub id: Uuid,
-    pub object: &'a Object,
-    pub spec_hash: &'a str,
+    pub object: &'a Skeleton,
+    pub spec_hash: SpecHash,
     pub generation: i64,
     /// A task's project row.
     pub project_id: Option<Uuid>,
@@ -104,10 +149,100 @@ pub struct Flag {
     pub message: String,
 }
 
+/// What happened to an object, the second half of its event's type (`task.created`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum What {
+    Created,
+    Updated,
+    Moved,
+    Recovered,
+    Revived,
+    Invalid,
+    Pruned,
+}
+
+/// One `events` row. Its payload (`rows.rs`) carries the plan's revision and, for an object,
+/// its kind, name, project (tasks) and path. The rare kinds are boxed: nearly every event of
+/// a large sync is `Written`, and this keeps each of them small.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub event_type: String,
-    pub payload: serde_json::Value,
+pub enum Event<'a> {
+    /// The object's row is written: created, updated, moved, recovered or revived.
+    Written {
+        what: What,
+        key: &'a ObjectKey,
+        path: &'a str,
+        generation: i64,
+    },
+    /// The object is flagged with the message; its last good version stays in effect.
+    Invalid(Box<Invalid>),
+    /// The object left the source.
+    Pruned(Box<Pruned>),
+    /// A problem in the source that the previous revision did not have.
+    Source(Box<Diagnostic>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub key: ObjectKey,
+    pub path: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pruned {
+    pub key: ObjectKey,
+    pub path: Option<Arc<str>>,
+}
+
+impl Event<'_> {
+    pub fn event_type(&self) -> &'static str {
+        let (kind, what) = match self {
+            Event::Written { what, key, .. } => (key.kind(), *what),
+            Event::Invalid(e) => (e.key.kind(), What::Invalid),
+            Event::Pruned(e) => (e.key.kind(), What::Pruned),
+            Event::Source(_) => return "source.invalid",
+        };
+        // A row per `Kind`, a column per `What`, each in declaration order.
+        const TYPES: [[&str; 7]; 4] = [
+            [
+                "project.created",
+                "project.updated",
+                "project.moved",
+                "project.recovered",
+                "project.revived",
+                "project.invalid",
+                "project.pruned",
+            ],
+            [
+                "task.created",
+                "task.updated",
+                "task.moved",
+                "task.recovered",
+                "task.revived",
+                "task.invalid",
+                "task.pruned",
+            ],
+            [
+                "agent.created",
+                "agent.updated",
+                "agent.moved",
+                "agent.recovered",
+                "agent.revived",
+                "agent.invalid",
+                "agent.pruned",
+            ],
+            [
+                "tool.created",
+                "tool.updated",
+                "tool.moved",
+                "tool.recovered",
+                "tool.revived",
+                "tool.invalid",
+                "tool.pruned",
+            ],
+        ];
+        TYPES[kind as usize][what as usize]
+    }
 }
 
 /// A status message is shown in tables and on the board: keep it to a readable length.
@@ -124,39 +259,23 @@ pub fn plan<'a>(
         revision: revision.to_owned(),
         ..Plan::default()
     };
-    let event = |kind: Kind, what: &str, key: &ObjectKey, extra: serde_json::Value| {
-        let mut payload = serde_json::json!({
-            "kind": kind.as_str(),
-            "name": key_name(key),
-            "revision": revision,
-        });
-        if let ObjectKey::Task { project, .. } = key {
-            payload["project"] = project.clone().into();
-        }
-        if let (Some(map), serde_json::Value::Object(extra)) = (payload.as_object_mut(), extra) {
-            map.extend(extra);
-        }
-        Event {
-            event_type: format!("{}.{what}", kind.as_str().to_ascii_lowercase()),
-            payload,
-        }
-    };
 
     // Projects first: a new task needs the id of its (possibly new) project.
-    let mut ordered: Vec<&(&Object, &str)> = desired.objects.iter().collect();
-    ordered.sort_by_key(|(o, _)| o.kind() != Kind::Project);
+    let mut ordered: Vec<&(&'a Skeleton, SpecHash)> = desired.objects.iter().collect();
+    ordered.sort_by_key(|(o, _)| o.key.kind() != Kind::Project);
 
     let mut project_ids: HashMap<&str, Uuid> = HashMap::new();
-    let mut declared: HashSet<ObjectKey> = HashSet::with_capacity(desired.objects.len());
+    let mut declared: HashSet<&'a ObjectKey> =
+        HashSet::with_capacity(desired.objects.len() + desired.invalid.len());
 
-    for &&(object, hash) in &ordered {
-        let key = object.key();
-        let project_id = match &object.spec {
-            Spec::Task(t) => {
-                let id = project_ids.get(t.project.as_str()).copied().or_else(|| {
+    for &(object, hash) in ordered {
+        let key = &object.key;
+        let project_id = match key {
+            ObjectKey::Task { project, .. } => {
+                let id = project_ids.get(project.as_str()).copied().or_else(|| {
                     current
                         .objects
-                        .get(&ObjectKey::Project(t.project.clone()))
+                        .get(&ObjectKey::Project(project.clone()))
                         .map(|p| p.id)
                 });
                 if id.is_none() {
@@ -169,7 +288,8 @@ pub fn plan<'a>(
             }
             _ => None,
         };
-        let write = match current.objects.get(&key) {
+        let path = &*object.path;
+        let write = match current.objects.get(key) {
             None => {
                 let write = Write {
                     id: new_id(),
@@ -179,18 +299,18 @@ pub fn plan<'a>(
                     project_id,
                     revive: false,
                 };
-                plan.events.push(event(
-                    object.kind(),
-                    "created",
-                    &key,
-                    serde_json::json!({"path": object.origin.path, "generation": 1}),
-                ));
+                plan.events.push(Event::Written {
+                    what: What::Created,
+                    key,
+                    path,
+                    generation: 1,
+                });
                 plan.creates.push(write.clone());
                 write
             }
             Some(row) => {
-                let spec_changed = row.spec_hash.as_deref() != Some(hash);
-                let moved = row.path.as_deref() != Some(object.origin.path.as_str());
+                let spec_changed = row.spec_hash != Some(hash);
+                let moved = row.path.as_deref() != Some(path);
                 let recovered = row.status_message.is_some();
                 let generation = row.generation + i64::from(spec_changed || row.pruned);
                 let write = Write {
@@ -202,30 +322,30 @@ pub fn plan<'a>(
                     revive: row.pruned,
                 };
                 let what = if row.pruned {
-                    Some("revived")
+                    Some(What::Revived)
                 } else if spec_changed {
-                    Some("updated")
+                    Some(What::Updated)
                 } else if moved {
-                    Some("moved")
+                    Some(What::Moved)
                 } else if recovered {
-                    Some("recovered")
+                    Some(What::Recovered)
                 } else {
                     None
                 };
                 if let Some(what) = what {
-                    plan.events.push(event(
-                        object.kind(),
+                    plan.events.push(Event::Written {
                         what,
-                        &key,
-                        serde_json::json!({"path": object.origin.path, "generation": generation}),
-                    ));
+                        key,
+                        path,
+                        generation,
+                    });
                     plan.updates.push(write.clone());
                 }
                 write
             }
         };
-        if let Spec::Project(_) = object.spec {
-            project_ids.insert(object.name(), write.id);
+        if let ObjectKey::Project(name) = key {
+            project_ids.insert(name, write.id);
         }
         declared.insert(key);
     }
@@ -261,12 +381,11 @@ pub fn plan<'a>(
     let flag = |plan: &mut Plan<'a>, key: &ObjectKey, row: &CurrentObject, path: &str| {
         let message = message_for(path);
         if row.status_message.as_deref() != Some(message.as_str()) {
-            plan.events.push(event(
-                key.kind(),
-                "invalid",
-                key,
-                serde_json::json!({"path": path, "message": message}),
-            ));
+            plan.events.push(Event::Invalid(Box::new(Invalid {
+                key: key.clone(),
+                path: path.to_owned(),
+                message: message.clone(),
+            })));
             plan.flags.push(Flag {
                 id: row.id,
                 key: key.clone(),
@@ -276,9 +395,9 @@ pub fn plan<'a>(
     };
 
     for object in &desired.invalid {
-        let key = object.key();
-        if let Some(row) = current.objects.get(&key).filter(|row| !row.pruned) {
-            flag(&mut plan, &key, row, &object.origin.path);
+        let key = &object.key;
+        if let Some(row) = current.objects.get(key).filter(|row| !row.pruned) {
+            flag(&mut plan, key, row, &object.path);
         }
         declared.insert(key);
     }
@@ -287,7 +406,7 @@ pub fn plan<'a>(
     let mut rows: Vec<(&ObjectKey, &CurrentObject)> = current
         .objects
         .iter()
-        .filter(|(key, row)| !row.pruned && !declared.contains(*key))
+        .filter(|(key, row)| !row.pruned && !declared.contains(key))
         .collect();
     rows.sort_by(|a, b| a.0.cmp(b.0));
     for (key, row) in rows {
@@ -296,12 +415,10 @@ pub fn plan<'a>(
                 flag(&mut plan, key, row, path);
             }
             _ => {
-                plan.events.push(event(
-                    key.kind(),
-                    "pruned",
-                    key,
-                    serde_json::json!({"path": row.path}),
-                ));
+                plan.events.push(Event::Pruned(Box::new(Pruned {
+                    key: key.clone(),
+                    path: row.path.clone(),
+                })));
                 plan.prunes.push(Prune {
                     id: row.id,
                     key: key.clone(),
@@ -324,13 +441,7 @@ pub fn plan<'a>(
         .collect();
     for d in &cursor.errors {
         if !before.contains(d) {
-            plan.events.push(Event {
-                event_type: "source.invalid".to_owned(),
-                payload: serde_json::json!({
-                    "path": d.path, "line": d.line, "column": d.column,
-                    "message": d.message, "revision": revision,
-                }),
-            });
+            plan.events.push(Event::Source(Box::new(d.clone())));
         }
     }
     if current.cursor.as_ref() != Some(&cursor) {
@@ -339,22 +450,19 @@ pub fn plan<'a>(
     plan
 }
 
-fn key_name(key: &ObjectKey) -> &str {
-    match key {
-        ObjectKey::Project(n) | ObjectKey::Agent(n) | ObjectKey::Tool(n) => n,
-        ObjectKey::Task { name, .. } => name,
-    }
-}
-
 /// Bring the in-memory view of the store up to date with a plan the store has applied.
-pub fn apply_to_current(current: &mut Current, plan: &Plan<'_>) {
+pub fn apply_to_current(current: &mut Current, mut plan: Plan<'_>) {
+    // The view grows by a row for each object created: a cold sync's largest allocation, made
+    // once, after the events, which are no longer needed, have made room.
+    plan.events = Vec::new();
+    current.objects.reserve(plan.creates.len());
     for write in plan.creates.iter().chain(&plan.updates) {
         current.objects.insert(
-            write.object.key(),
+            write.object.key.clone(),
             CurrentObject {
                 id: write.id,
-                path: Some(write.object.origin.path.clone()),
-                spec_hash: Some(write.spec_hash.to_owned()),
+                path: Some(Arc::clone(&write.object.path)),
+                spec_hash: Some(write.spec_hash),
                 generation: write.generation,
                 status_message: None,
                 pruned: false,
@@ -366,13 +474,13 @@ pub fn apply_to_current(current: &mut Current, plan: &Plan<'_>) {
             row.pruned = true;
         }
     }
-    for flag in &plan.flags {
+    for flag in plan.flags {
         if let Some(row) = current.objects.get_mut(&flag.key) {
-            row.status_message = Some(flag.message.clone());
+            row.status_message = Some(flag.message);
         }
     }
-    if let Some(cursor) = &plan.cursor {
-        current.cursor = Some(cursor.clone());
+    if let Some(cursor) = plan.cursor {
+        current.cursor = Some(cursor);
     }
 }
 
@@ -381,13 +489,18 @@ mod tests {
     use super::*;
     use agentops_specs::parse_file;
 
-    fn objects(files: &[(&str, &str)]) -> Vec<Object> {
+    /// The skeletons and hashes of the files' objects, as the sync index keeps them.
+    fn objects(files: &[(&str, &str)]) -> Vec<(Skeleton, SpecHash)> {
         files
             .iter()
             .flat_map(|(path, text)| {
                 let parsed = parse_file(path, text.as_bytes());
                 assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
-                parsed.objects
+                let path: std::sync::Arc<str> = (*path).into();
+                parsed
+                    .objects
+                    .into_iter()
+                    .map(move |o| (o.skeleton(path.clone()), SpecHash::of(&o)))
             })
             .collect()
     }
@@ -408,22 +521,11 @@ mod tests {
         }
     }
 
-    fn desired<'a>(objects: &'a [Object], hashes: &'a [String]) -> Desired<'a> {
+    fn desired(objects: &[(Skeleton, SpecHash)]) -> Desired<'_> {
         Desired {
-            objects: objects
-                .iter()
-                .zip(hashes)
-                .map(|(o, h)| (o, h.as_str()))
-                .collect(),
+            objects: objects.iter().map(|(o, h)| (o, *h)).collect(),
             ..Desired::default()
         }
-    }
-
-    fn hashes(objects: &[Object]) -> Vec<String> {
-        objects
-            .iter()
-            .map(|o| format!("{:?}{:?}", o.metadata, o.spec))
-            .collect()
     }
 
     #[test]
@@ -432,27 +534,26 @@ mod tests {
             ("projects/web/tasks/a.yaml", &task("a", "A")),
             ("projects/web/project.yaml", PROJECT),
         ]);
-        let hs = hashes(&objs);
         let plan = plan(
-            &desired(&objs, &hs),
+            &desired(&objs),
             &Current::default(),
             "main@sha1:1",
             "t1",
             ids(),
         );
         assert_eq!(plan.creates.len(), 2);
-        assert_eq!(plan.creates[0].object.kind(), Kind::Project);
+        assert_eq!(plan.creates[0].object.key.kind(), Kind::Project);
         assert_eq!(plan.creates[1].project_id, Some(plan.creates[0].id));
         assert_eq!(plan.creates[1].generation, 1);
-        let types: Vec<&str> = plan.events.iter().map(|e| e.event_type.as_str()).collect();
+        let types: Vec<&str> = plan.events.iter().map(Event::event_type).collect();
         assert_eq!(types, ["project.created", "task.created"]);
         assert!(plan.cursor.is_some());
     }
 
-    fn synced(objs: &[Object], hs: &[String]) -> Current {
+    fn synced(objs: &[(Skeleton, SpecHash)]) -> Current {
         let mut current = Current::default();
-        let p = plan(&desired(objs, hs), &current, "main@sha1:1", "t1", ids());
-        apply_to_current(&mut current, &p);
+        let p = plan(&desired(objs), &current, "main@sha1:1", "t1", ids());
+        apply_to_current(&mut current, p);
         current
     }
 
@@ -462,18 +563,16 @@ mod tests {
             ("projects/web/project.yaml", PROJECT),
             ("projects/web/tasks/a.yaml", &task("a", "A")),
         ]);
-        let hs = hashes(&objs);
-        let current = synced(&objs, &hs);
-        let again = plan(&desired(&objs, &hs), &current, "main@sha1:1", "t1", ids());
+        let current = synced(&objs);
+        let again = plan(&desired(&objs), &current, "main@sha1:1", "t1", ids());
         assert!(again.is_empty(), "{again:?}");
     }
 
     #[test]
     fn new_revision_without_spec_change_only_moves_the_cursor() {
         let objs = objects(&[("projects/web/project.yaml", PROJECT)]);
-        let hs = hashes(&objs);
-        let current = synced(&objs, &hs);
-        let next = plan(&desired(&objs, &hs), &current, "main@sha1:2", "t2", ids());
+        let current = synced(&objs);
+        let next = plan(&desired(&objs), &current, "main@sha1:2", "t2", ids());
         assert_eq!(next.object_writes(), 0);
         assert!(next.events.is_empty());
         assert_eq!(next.cursor.unwrap().revision, "main@sha1:2");
@@ -485,17 +584,15 @@ mod tests {
             ("projects/web/project.yaml", PROJECT),
             ("projects/web/tasks/a.yaml", &task("a", "A")),
         ]);
-        let h1 = hashes(&v1);
-        let current = synced(&v1, &h1);
+        let current = synced(&v1);
         let v2 = objects(&[
             ("projects/web/project.yaml", PROJECT),
             ("projects/web/tasks/a.yaml", &task("a", "Changed")),
         ]);
-        let h2 = hashes(&v2);
-        let p = plan(&desired(&v2, &h2), &current, "main@sha1:2", "t2", ids());
+        let p = plan(&desired(&v2), &current, "main@sha1:2", "t2", ids());
         assert_eq!(p.updates.len(), 1);
         assert_eq!(p.updates[0].generation, 2);
-        assert_eq!(p.events[0].event_type, "task.updated");
+        assert_eq!(p.events[0].event_type(), "task.updated");
     }
 
     #[test]
@@ -504,17 +601,15 @@ mod tests {
             ("projects/web/project.yaml", PROJECT),
             ("projects/web/tasks/a.yaml", &task("a", "A")),
         ]);
-        let h1 = hashes(&v1);
-        let current = synced(&v1, &h1);
+        let current = synced(&v1);
         let v2 = objects(&[
             ("projects/web/project.yaml", PROJECT),
             ("projects/web/tasks/renamed.yaml", &task("a", "A")),
         ]);
-        let h2 = hashes(&v2);
-        let p = plan(&desired(&v2, &h2), &current, "main@sha1:2", "t2", ids());
+        let p = plan(&desired(&v2), &current, "main@sha1:2", "t2", ids());
         assert_eq!(p.updates.len(), 1);
         assert_eq!(p.updates[0].generation, 1);
-        assert_eq!(p.events[0].event_type, "task.moved");
+        assert_eq!(p.events[0].event_type(), "task.moved");
         assert!(p.prunes.is_empty());
     }
 
@@ -524,20 +619,18 @@ mod tests {
             ("projects/web/project.yaml", PROJECT),
             ("projects/web/tasks/a.yaml", &task("a", "A")),
         ]);
-        let h1 = hashes(&v1);
-        let mut current = synced(&v1, &h1);
+        let mut current = synced(&v1);
         let v2 = objects(&[("projects/web/project.yaml", PROJECT)]);
-        let h2 = hashes(&v2);
-        let p = plan(&desired(&v2, &h2), &current, "main@sha1:2", "t2", ids());
+        let p = plan(&desired(&v2), &current, "main@sha1:2", "t2", ids());
         assert_eq!(p.prunes.len(), 1);
-        assert_eq!(p.events[0].event_type, "task.pruned");
-        apply_to_current(&mut current, &p);
+        assert_eq!(p.events[0].event_type(), "task.pruned");
+        apply_to_current(&mut current, p);
 
-        let p = plan(&desired(&v1, &h1), &current, "main@sha1:3", "t3", ids());
+        let p = plan(&desired(&v1), &current, "main@sha1:3", "t3", ids());
         assert_eq!(p.updates.len(), 1);
         assert!(p.updates[0].revive);
         assert_eq!(p.updates[0].generation, 2);
-        assert_eq!(p.events[0].event_type, "task.revived");
+        assert_eq!(p.events[0].event_type(), "task.revived");
     }
 
     #[test]
@@ -546,12 +639,10 @@ mod tests {
             ("projects/web/project.yaml", PROJECT),
             ("projects/web/tasks/a.yaml", &task("a", "A")),
         ]);
-        let h1 = hashes(&v1);
-        let mut current = synced(&v1, &h1);
+        let mut current = synced(&v1);
 
         let v2 = objects(&[("projects/web/project.yaml", PROJECT)]);
-        let h2 = hashes(&v2);
-        let mut d = desired(&v2, &h2);
+        let mut d = desired(&v2);
         d.broken_paths.insert("projects/web/tasks/a.yaml");
         d.diagnostics.push(Diagnostic::new(
             "projects/web/tasks/a.yaml",
@@ -565,19 +656,19 @@ mod tests {
             p.flags[0].message,
             "projects/web/tasks/a.yaml:3:7: unknown field `titel`"
         );
-        let types: Vec<&str> = p.events.iter().map(|e| e.event_type.as_str()).collect();
+        let types: Vec<&str> = p.events.iter().map(Event::event_type).collect();
         assert_eq!(types, ["task.invalid", "source.invalid"]);
-        apply_to_current(&mut current, &p);
+        apply_to_current(&mut current, p);
 
         let p = plan(&d, &current, "main@sha1:3", "t3", ids());
         assert_eq!(p.object_writes(), 0, "{p:?}");
         assert!(p.events.is_empty());
 
         // Fixed back to exactly the last good version: the message is cleared.
-        let p = plan(&desired(&v1, &h1), &current, "main@sha1:4", "t4", ids());
+        let p = plan(&desired(&v1), &current, "main@sha1:4", "t4", ids());
         assert_eq!(p.updates.len(), 1);
         assert_eq!(p.updates[0].generation, 1);
-        assert_eq!(p.events[0].event_type, "task.recovered");
+        assert_eq!(p.events[0].event_type(), "task.recovered");
     }
 
     #[test]
@@ -586,10 +677,9 @@ mod tests {
             ("projects/web/project.yaml", PROJECT),
             ("projects/web/tasks/a.yaml", &task("a", "A")),
         ]);
-        let h1 = hashes(&v1);
-        let current = synced(&v1, &h1);
-        let mut d = desired(&v1[..1], &h1[..1]);
-        d.invalid.push(&v1[1]);
+        let current = synced(&v1);
+        let mut d = desired(&v1[..1]);
+        d.invalid.push(&v1[1].0);
         d.diagnostics.push(Diagnostic::new(
             "projects/web/tasks/a.yaml",
             agentops_specs::Pos { line: 5, column: 3 },
@@ -604,8 +694,7 @@ mod tests {
     #[test]
     fn task_of_a_never_synced_broken_project_waits() {
         let objs = objects(&[("projects/web/tasks/a.yaml", &task("a", "A"))]);
-        let hs = hashes(&objs);
-        let p = plan(&desired(&objs, &hs), &Current::default(), "r", "t", ids());
+        let p = plan(&desired(&objs), &Current::default(), "r", "t", ids());
         assert!(p.creates.is_empty());
     }
 }

@@ -13,14 +13,16 @@ mod sql;
 mod sqlite;
 
 use std::future::Future;
+use std::sync::Arc;
 
-use agentops_specs::Diagnostic;
+use agentops_specs::{Diagnostic, Object};
+use futures::future::BoxFuture;
 use serde::Serialize;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-use crate::reconcile::plan::{Current, Plan};
+use crate::reconcile::plan::{Current, Plan, Write};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -42,6 +44,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("unsupported database URL `{0}`: expected postgres://… or sqlite://FILE")]
     UnsupportedUrl(String),
+    #[error("cannot read the objects to write")]
+    Objects(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub(crate) fn query_error(doing: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -88,6 +92,13 @@ pub struct SourceStatus {
     pub errors: Vec<Diagnostic>,
 }
 
+/// Where the store gets the whole objects a plan writes: the plan holds only their skeletons.
+pub trait Objects: Sync {
+    /// The objects of `writes`, one each, in the same order. The future borrows nothing, so
+    /// that the next batch's objects can be read while the store writes the current batch.
+    fn fetch(&self, writes: &[&Write<'_>]) -> BoxFuture<'static, Result<Vec<Object>, StoreError>>;
+}
+
 /// The operations reconcile needs. Each method is one transaction.
 pub trait Store: Send + Sync + 'static {
     fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -100,6 +111,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         source: &SourceInfo,
         plan: &Plan<'_>,
+        objects: &impl Objects,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     fn project_status(
@@ -194,7 +206,7 @@ struct SourceRow {
 }
 
 fn current_from(rows: Vec<LoadRow>, cursor: Option<CursorRow>) -> Result<Current, StoreError> {
-    use crate::reconcile::plan::{CurrentObject, Cursor};
+    use crate::reconcile::plan::{CurrentObject, Cursor, SpecHash};
     use agentops_specs::ObjectKey;
 
     let mut current = Current::default();
@@ -217,8 +229,8 @@ fn current_from(rows: Vec<LoadRow>, cursor: Option<CursorRow>) -> Result<Current
             key,
             CurrentObject {
                 id,
-                path: row.path,
-                spec_hash: row.spec_hash,
+                path: row.path.map(Arc::from),
+                spec_hash: row.spec_hash.as_deref().and_then(SpecHash::parse),
                 generation: row.generation,
                 status_message: row.status_message,
                 pruned: row.pruned,

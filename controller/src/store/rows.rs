@@ -1,13 +1,20 @@
 //! Plan writes as JSON rows, the one shape both backends read in SQL.
 //!
 //! Rows are serialized straight from the plan into one JSON string per batch, batch by batch,
-//! so applying a plan of 100,000 objects never holds more than one batch of rows in memory.
+//! so applying a plan of 100,000 objects never holds more than a batch or two of rows, and of
+//! whole objects, in memory: the plan knows its objects by their skeletons, and the objects of
+//! each batch of writes are read (by [`Objects`]) while the batch before is being written.
 
-use agentops_specs::{ObjectKey, ObjectMeta, Spec};
+use std::collections::{BTreeMap, VecDeque};
+
+use agentops_specs::{Kind, Object, ObjectMeta, Spec};
+use futures::future::BoxFuture;
 use serde::Serialize;
+use uuid::Uuid;
 
 use super::sql::Sql;
-use crate::reconcile::plan::{Flag, Plan, Prune, Write};
+use super::{Objects, StoreError};
+use crate::reconcile::plan::{Event, Flag, Plan, Prune, SpecHash, Write};
 
 /// Rows per statement: large enough that a cold sync of 100,000 tasks is a few dozen
 /// statements, small enough that one statement's JSON stays a few megabytes.
@@ -17,22 +24,22 @@ pub const BATCH: usize = 2_000;
 /// its own, so no copy of the whole document is stored (it cost 15 % of a cold sync).
 #[derive(Serialize)]
 struct MetadataJson<'a> {
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    labels: &'a std::collections::BTreeMap<String, String>,
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    annotations: &'a std::collections::BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: &'a BTreeMap<String, String>,
 }
 
 /// Columns every reconciled object has.
 #[derive(Serialize)]
 struct Common<'a> {
-    id: String,
+    id: Uuid,
     name: &'a str,
     source: &'a str,
     revision: &'a str,
     path: &'a str,
     generation: i64,
-    spec_hash: &'a str,
+    spec_hash: SpecHash,
     metadata: MetadataJson<'a>,
     revive: bool,
 }
@@ -51,13 +58,13 @@ struct ProjectColumns<'a> {
     description: &'a str,
     priority: u8,
     owner: Option<&'a str>,
-    labels: &'a std::collections::BTreeMap<String, String>,
+    labels: &'a BTreeMap<String, String>,
     suspend: bool,
 }
 
 #[derive(Serialize)]
 struct TaskColumns<'a> {
-    project_id: Option<String>,
+    project_id: Option<Uuid>,
     title: &'a str,
     description: &'a str,
     assignee: &'a str,
@@ -87,7 +94,12 @@ struct ToolColumns<'a> {
     description: &'a str,
     tool_type: &'a str,
     created_by: &'a str,
-    implementation: serde_json::Value,
+    implementation: Implementation<'a>,
+}
+
+#[derive(Serialize)]
+struct Implementation<'a> {
+    command: &'a [String],
 }
 
 fn metadata(meta: &ObjectMeta) -> MetadataJson<'_> {
@@ -97,10 +109,9 @@ fn metadata(meta: &ObjectMeta) -> MetadataJson<'_> {
     }
 }
 
-fn write_row(out: &mut Vec<u8>, write: &Write<'_>, source: &str, revision: &str) {
-    let object = write.object;
+fn write_row(out: &mut Vec<u8>, write: &Write<'_>, object: &Object, source: &str, revision: &str) {
     let common = Common {
-        id: write.id.to_string(),
+        id: write.id,
         name: object.name(),
         source,
         revision,
@@ -131,7 +142,7 @@ fn write_row(out: &mut Vec<u8>, write: &Write<'_>, source: &str, revision: &str)
             &Row {
                 common,
                 columns: TaskColumns {
-                    project_id: write.project_id.map(|id| id.to_string()),
+                    project_id: write.project_id,
                     title: &t.title,
                     description: &t.description,
                     assignee: &t.assignee,
@@ -170,7 +181,9 @@ fn write_row(out: &mut Vec<u8>, write: &Write<'_>, source: &str, revision: &str)
                     description: &t.description,
                     tool_type: t.tool_type.as_str(),
                     created_by: &t.created_by,
-                    implementation: serde_json::json!({"command": t.command}),
+                    implementation: Implementation {
+                        command: &t.command,
+                    },
                 },
             },
         ),
@@ -178,23 +191,114 @@ fn write_row(out: &mut Vec<u8>, write: &Write<'_>, source: &str, revision: &str)
     result.expect("rows serialize");
 }
 
-fn table_of_key(key: &ObjectKey) -> (&'static str, &str) {
-    match key {
-        ObjectKey::Project(n) => ("projects", n),
-        ObjectKey::Task { name, .. } => ("tasks", name),
-        ObjectKey::Agent(n) => ("agents", n),
-        ObjectKey::Tool(n) => ("tools", n),
+fn table(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Project => "projects",
+        Kind::Task => "tasks",
+        Kind::Agent => "agents",
+        Kind::Tool => "tools",
     }
 }
 
 /// Projects before tasks: a task row refers to its project's.
 const TABLES: [&str; 4] = ["projects", "agents", "tools", "tasks"];
 
+#[derive(Serialize)]
+struct PruneRow<'a> {
+    id: Uuid,
+    name: &'a str,
+}
+
+#[derive(Serialize)]
+struct FlagRow<'a> {
+    id: Uuid,
+    message: &'a str,
+    name: &'a str,
+}
+
+#[derive(Serialize)]
+struct EventRow<'a> {
+    event_type: &'static str,
+    id: Uuid,
+    payload: Payload<'a>,
+}
+
+/// Every event's payload, one shape for all: the fields an event does not have are left out,
+/// except `path`, which a pruned object without one gives as `null`. Fields are in
+/// alphabetical order, the order the payloads had when they were built as JSON maps, so the
+/// stored text is the same.
+#[derive(Serialize)]
+struct Payload<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    column: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    path: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    project: Option<&'a str>,
+    revision: &'a str,
+}
+
+fn payload<'a>(event: &'a Event<'_>, revision: &'a str) -> Payload<'a> {
+    let object = |key: &'a agentops_specs::ObjectKey, path: Option<&'a str>| Payload {
+        column: None,
+        generation: None,
+        kind: Some(key.kind().as_str()),
+        line: None,
+        message: None,
+        name: Some(key.name()),
+        path,
+        project: match key {
+            agentops_specs::ObjectKey::Task { project, .. } => Some(project),
+            _ => None,
+        },
+        revision,
+    };
+    match event {
+        Event::Written {
+            key,
+            path,
+            generation,
+            ..
+        } => Payload {
+            generation: Some(*generation),
+            ..object(key, Some(path))
+        },
+        Event::Invalid(e) => Payload {
+            message: Some(&e.message),
+            ..object(&e.key, Some(&e.path))
+        },
+        Event::Pruned(e) => object(&e.key, e.path.as_deref()),
+        Event::Source(d) => Payload {
+            column: Some(d.column),
+            generation: None,
+            kind: None,
+            line: Some(d.line),
+            message: Some(&d.message),
+            name: None,
+            path: Some(&d.path),
+            project: None,
+            revision,
+        },
+    }
+}
+
 /// A JSON array built one element at a time.
-fn json_array<T>(items: &[T], mut write: impl FnMut(&mut Vec<u8>, &T)) -> String {
+fn json_array<T>(
+    items: impl ExactSizeIterator<Item = T>,
+    mut write: impl FnMut(&mut Vec<u8>, T),
+) -> String {
     let mut out = Vec::with_capacity(items.len() * 512 + 2);
     out.push(b'[');
-    for (i, item) in items.iter().enumerate() {
+    for (i, item) in items.enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -204,99 +308,228 @@ fn json_array<T>(items: &[T], mut write: impl FnMut(&mut Vec<u8>, &T)) -> String
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
-/// The statements that apply a plan, in order, each with its batch of rows as a JSON array.
-/// Lazy: each batch is serialized only when the previous one has been sent.
-pub fn batches<'p>(
-    plan: &'p Plan<'_>,
-    source: &'p str,
-    sql: &'static Sql,
-) -> impl Iterator<Item = (&'static str, String)> + 'p {
-    let revision = plan.revision.as_str();
-    let writes = TABLES.into_iter().flat_map(move |table| {
-        [(true, &plan.creates), (false, &plan.updates)]
-            .into_iter()
-            .flat_map(move |(is_create, writes)| {
-                let rows: Vec<&Write<'_>> = writes
-                    .iter()
-                    .filter(|w| table_of_key(&w.object.key()).0 == table)
-                    .collect();
-                let statements = sql.table(table);
-                let statement = if is_create {
-                    statements.insert.as_str()
-                } else {
-                    statements.update.as_str()
-                };
-                chunked(rows, move |chunk| {
-                    json_array(chunk, |out, w| write_row(out, w, source, revision))
-                })
-                .map(move |json| (statement, json))
-            })
-    });
-    let prunes = TABLES.into_iter().flat_map(move |table| {
-        let rows: Vec<&Prune> = plan
-            .prunes
-            .iter()
-            .filter(|p| table_of_key(&p.key).0 == table)
-            .collect();
-        chunked(rows, |chunk| {
-            json_array(chunk, |out, p| {
-                let (_, name) = table_of_key(&p.key);
-                serde_json::to_writer(
-                    out,
-                    &serde_json::json!({"id": p.id.to_string(), "name": name}),
-                )
-                .expect("rows serialize");
-            })
-        })
-        .map(move |json| (sql.table(table).prune.as_str(), json))
-    });
-    let flags = TABLES.into_iter().flat_map(move |table| {
-        let rows: Vec<&Flag> = plan
-            .flags
-            .iter()
-            .filter(|f| table_of_key(&f.key).0 == table)
-            .collect();
-        chunked(rows, |chunk| {
-            json_array(chunk, |out, f| {
-                let (_, name) = table_of_key(&f.key);
-                serde_json::to_writer(
-                    out,
-                    &serde_json::json!({"id": f.id.to_string(), "name": name, "message": f.message}),
-                )
-                .expect("rows serialize");
-            })
-        })
-        .map(move |json| (sql.table(table).flag.as_str(), json))
-    });
-    let events = chunked(plan.events.iter().collect(), |chunk| {
-        json_array(chunk, |out, e| {
-            serde_json::to_writer(
-                out,
-                &serde_json::json!({
-                    "id": uuid::Uuid::new_v4().to_string(),
-                    "event_type": e.event_type,
-                    "payload": e.payload,
-                }),
-            )
-            .expect("rows serialize");
-        })
-    })
-    .map(move |json| (sql.events.as_str(), json));
-    writes.chain(prunes).chain(flags).chain(events)
+/// Serializing plain structs of strings and numbers into a Vec cannot fail.
+fn to_json(out: &mut Vec<u8>, row: &impl Serialize) {
+    serde_json::to_writer(out, row).expect("rows serialize");
 }
 
-fn chunked<T>(
-    items: Vec<T>,
-    mut render: impl FnMut(&[T]) -> String,
-) -> impl Iterator<Item = String> {
-    let mut start = 0;
-    std::iter::from_fn(move || {
-        if start >= items.len() {
-            return None;
+/// One statement to run, with the rows it reads.
+enum Step<'p, 'a> {
+    Writes(&'static str, Vec<&'p Write<'a>>),
+    Prunes(&'static str, Vec<&'p Prune>),
+    Flags(&'static str, Vec<&'p Flag>),
+    Events(&'p [Event<'a>]),
+}
+
+/// The statements that apply a plan, in order, each with its batch of rows as a JSON array.
+/// Lazy: each batch is serialized only when the previous one has been sent.
+pub struct Batches<'p, 'a, O> {
+    revision: &'p str,
+    source: &'p str,
+    objects: &'p O,
+    events: &'static str,
+    steps: VecDeque<Step<'p, 'a>>,
+    /// The objects of the next write step in `steps`, already being read.
+    next_objects: Option<BoxFuture<'static, Result<Vec<Object>, StoreError>>>,
+}
+
+impl<'p, 'a, O: Objects> Batches<'p, 'a, O> {
+    pub fn new(plan: &'p Plan<'a>, source: &'p str, sql: &'static Sql, objects: &'p O) -> Self {
+        let mut write_steps = Vec::new();
+        for table in TABLES {
+            let statements = sql.table(table);
+            for (statement, writes) in [
+                (statements.insert.as_str(), &plan.creates),
+                (statements.update.as_str(), &plan.updates),
+            ] {
+                let rows: Vec<&Write<'a>> = writes
+                    .iter()
+                    .filter(|w| self::table(w.object.key.kind()) == table)
+                    .collect();
+                write_steps.extend(
+                    rows.chunks(BATCH)
+                        .map(|chunk| Step::Writes(statement, chunk.to_vec())),
+                );
+            }
         }
-        let end = (start + BATCH).min(items.len());
-        let json = render(&items[start..end]);
-        start = end;
-        Some(json)
-    })
+        // A batch of events after each batch of writes: events need no objects, so the
+        // database has work while the next batch's objects are read. Within the one
+        // transaction, the order is not seen.
+        let mut events = plan.events.chunks(BATCH).map(Step::Events);
+        let mut steps = VecDeque::new();
+        for write in write_steps {
+            steps.push_back(write);
+            steps.extend(events.next());
+        }
+        for table in TABLES {
+            let rows: Vec<&Prune> = plan
+                .prunes
+                .iter()
+                .filter(|p| self::table(p.key.kind()) == table)
+                .collect();
+            let statement = sql.table(table).prune.as_str();
+            steps.extend(
+                rows.chunks(BATCH)
+                    .map(|chunk| Step::Prunes(statement, chunk.to_vec())),
+            );
+        }
+        for table in TABLES {
+            let rows: Vec<&Flag> = plan
+                .flags
+                .iter()
+                .filter(|f| self::table(f.key.kind()) == table)
+                .collect();
+            let statement = sql.table(table).flag.as_str();
+            steps.extend(
+                rows.chunks(BATCH)
+                    .map(|chunk| Step::Flags(statement, chunk.to_vec())),
+            );
+        }
+        steps.extend(events);
+        Batches {
+            revision: &plan.revision,
+            source,
+            objects,
+            events: sql.events.as_str(),
+            steps,
+            next_objects: None,
+        }
+    }
+
+    /// The next statement and its rows; `None` when the plan is done.
+    pub async fn next(&mut self) -> Option<Result<(&'static str, String), StoreError>> {
+        let step = self.steps.pop_front()?;
+        Some(self.render(step).await)
+    }
+
+    async fn render(&mut self, step: Step<'p, 'a>) -> Result<(&'static str, String), StoreError> {
+        let revision = self.revision;
+        Ok(match step {
+            Step::Writes(statement, writes) => {
+                let objects = match self.next_objects.take() {
+                    Some(objects) => objects,
+                    None => self.objects.fetch(&writes),
+                };
+                // Read the next batch's objects while this one is serialized and written.
+                let next = self.steps.iter().find_map(|step| match step {
+                    Step::Writes(_, next) => Some(next),
+                    _ => None,
+                });
+                self.next_objects = next.map(|next| self.objects.fetch(next));
+                let objects = objects.await?;
+                debug_assert_eq!(objects.len(), writes.len());
+                let source = self.source;
+                let rows = json_array(writes.iter().zip(&objects), |out, (write, object)| {
+                    write_row(out, write, object, source, revision)
+                });
+                (statement, rows)
+            }
+            Step::Prunes(statement, prunes) => {
+                let rows = json_array(prunes.iter(), |out, p| {
+                    to_json(
+                        out,
+                        &PruneRow {
+                            id: p.id,
+                            name: p.key.name(),
+                        },
+                    )
+                });
+                (statement, rows)
+            }
+            Step::Flags(statement, flags) => {
+                let rows = json_array(flags.iter(), |out, f| {
+                    to_json(
+                        out,
+                        &FlagRow {
+                            id: f.id,
+                            message: &f.message,
+                            name: f.key.name(),
+                        },
+                    )
+                });
+                (statement, rows)
+            }
+            Step::Events(events) => {
+                let rows = json_array(events.iter(), |out, e| {
+                    to_json(
+                        out,
+                        &EventRow {
+                            event_type: e.event_type(),
+                            id: Uuid::new_v4(),
+                            payload: payload(e, revision),
+                        },
+                    )
+                });
+                (self.events, rows)
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agentops_specs::{Diagnostic, ObjectKey, Pos};
+
+    use super::*;
+    use crate::reconcile::plan::{Invalid, Pruned, What};
+
+    fn text(event: &Event<'_>) -> String {
+        serde_json::to_string(&payload(event, "main@sha1:1")).unwrap()
+    }
+
+    /// The payloads as they were when built as JSON maps, byte for byte: SQLite keeps the
+    /// text as written.
+    #[test]
+    fn event_payloads_keep_their_fields_and_order() {
+        let task = ObjectKey::Task {
+            project: "web".into(),
+            name: "a".into(),
+        };
+        let agent = ObjectKey::Agent("writer".into());
+        let written = Event::Written {
+            what: What::Created,
+            key: &task,
+            path: "projects/web/tasks/a.yaml",
+            generation: 1,
+        };
+        assert_eq!(
+            text(&written),
+            r#"{"generation":1,"kind":"Task","name":"a","path":"projects/web/tasks/a.yaml","project":"web","revision":"main@sha1:1"}"#
+        );
+        let invalid = Event::Invalid(Box::new(Invalid {
+            key: agent.clone(),
+            path: "agents/writer.yaml".into(),
+            message: "agents/writer.yaml:3:7: bad".into(),
+        }));
+        assert_eq!(
+            text(&invalid),
+            r#"{"kind":"Agent","message":"agents/writer.yaml:3:7: bad","name":"writer","path":"agents/writer.yaml","revision":"main@sha1:1"}"#
+        );
+        let pruned = Event::Pruned(Box::new(Pruned {
+            key: task.clone(),
+            path: None,
+        }));
+        assert_eq!(
+            text(&pruned),
+            r#"{"kind":"Task","name":"a","path":null,"project":"web","revision":"main@sha1:1"}"#
+        );
+        let source = Event::Source(Box::new(Diagnostic::new(
+            "agents/writer.yaml",
+            Pos { line: 3, column: 7 },
+            "bad",
+        )));
+        assert_eq!(
+            text(&source),
+            r#"{"column":7,"line":3,"message":"bad","path":"agents/writer.yaml","revision":"main@sha1:1"}"#
+        );
+        assert_eq!(
+            [&written, &invalid, &pruned, &source].map(Event::event_type),
+            [
+                "task.created",
+                "agent.invalid",
+                "task.pruned",
+                "source.invalid"
+            ]
+        );
+    }
 }

@@ -72,7 +72,12 @@ impl Store for SqliteStore {
         current_from(rows, cursor)
     }
 
-    async fn apply(&self, source: &SourceInfo, plan: &Plan<'_>) -> Result<(), StoreError> {
+    async fn apply(
+        &self,
+        source: &SourceInfo,
+        plan: &Plan<'_>,
+        objects: &impl Objects,
+    ) -> Result<(), StoreError> {
         if plan.is_empty() {
             return Ok(());
         }
@@ -83,7 +88,9 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(query_error("starting a transaction"))?;
-        for (statement, rows) in rows::batches(plan, &source.name, self.sql) {
+        let mut batches = rows::Batches::new(plan, &source.name, self.sql, objects);
+        while let Some(batch) = batches.next().await {
+            let (statement, rows) = batch?;
             let started = std::time::Instant::now();
             let bytes = rows.len();
             sqlx::query(statement)
