@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentops::store::queue::{
-    AgentIdentity, Artifact, Assignment, Completion, FailOutcome, Lease, LeasePolicy, LeaseState,
-    Queue, Refusal,
+    AgentCompletion, AgentIdentity, Artifact, Assignment, Claimer, Completion, FailOutcome, Lease,
+    LeasePolicy, LeaseState, Queue, Refusal,
 };
 use common::*;
 use serde_json::json;
@@ -20,6 +20,7 @@ both_backends!(
     claim_takes_only_ready_tasks,
     claim_respects_assignee_role_and_capabilities,
     claim_follows_priority_then_age,
+    one_batch_serves_many_claimers,
     stale_run_lease_is_refused,
     complete_batch_answers_each_item,
     fail_retries_with_backoff_then_fails,
@@ -36,6 +37,39 @@ both_backends_multi_thread!(concurrent_claimers_never_share_a_task);
 // ---------------------------------------------------------------------------------------------
 // Fixtures
 // ---------------------------------------------------------------------------------------------
+
+/// One agent's claim or reports, as the batch operations of [`Queue`] take them.
+trait QueueExt: Queue {
+    async fn claim_for(
+        &self,
+        agent: &AgentIdentity,
+        max: u32,
+        policy: &LeasePolicy,
+    ) -> Result<Vec<Assignment>, agentops::store::StoreError> {
+        let claimer = Claimer {
+            agent: agent.clone(),
+            max,
+        };
+        Ok(self
+            .claim(std::slice::from_ref(&claimer), policy)
+            .await?
+            .remove(0))
+    }
+
+    async fn complete_as(
+        &self,
+        agent: &str,
+        completions: &[Completion],
+    ) -> Result<Vec<Result<(), Refusal>>, agentops::store::StoreError> {
+        let batch: Vec<AgentCompletion<'_>> = completions
+            .iter()
+            .map(|completion| AgentCompletion { agent, completion })
+            .collect();
+        self.complete(&batch).await
+    }
+}
+
+impl<Q: Queue> QueueExt for Q {}
 
 /// A task file for `projects/<project>/tasks/<name>.yaml`; `extra` adds `spec` lines.
 fn task_spec(name: &str, extra: &[&str]) -> String {
@@ -223,7 +257,7 @@ impl<S: TestStore + Queue> Q<S> {
     }
 
     async fn claim(&self, agent: &AgentIdentity, max: u32) -> Vec<Assignment> {
-        self.q().claim(agent, max, &policy()).await.unwrap()
+        self.q().claim_for(agent, max, &policy()).await.unwrap()
     }
 
     async fn register(&self, agent: &AgentIdentity) {
@@ -316,7 +350,7 @@ async fn claim_takes_only_ready_tasks<S: TestStore + Queue>() {
     // Completing a dependency makes its dependents ready, in the same project and across.
     let answers = t
         .q()
-        .complete("worker", &[done(a, json!({}))])
+        .complete_as("worker", &[done(a, json!({}))])
         .await
         .unwrap();
     assert_eq!(answers, [Ok(())]);
@@ -324,7 +358,7 @@ async fn claim_takes_only_ready_tasks<S: TestStore + Queue>() {
     let d = first.iter().find(|a| a.name == "d").unwrap();
     assert_eq!(
         t.q()
-            .complete("worker", &[done(d, json!({}))])
+            .complete_as("worker", &[done(d, json!({}))])
             .await
             .unwrap(),
         [Ok(())]
@@ -394,6 +428,72 @@ async fn claim_respects_assignee_role_and_capabilities<S: TestStore + Queue>() {
     let chief = agent("chief-of-staff", "cos", &[]);
     assert_eq!(names(&t.claim(&chief, 10).await), ["web/chief"]);
     assert_eq!(t.q().queue_depth().await.unwrap(), []);
+}
+
+/// One batch claim for several agents: each gets what names it, role work is dealt out
+/// without any task going twice, nobody gets more than asked, and agents of another pool are
+/// served from their own pool in the same call.
+async fn one_batch_serves_many_claimers<S: TestStore + Queue>() {
+    let mut tasks: Vec<(&str, String, Vec<&str>)> = (0..7)
+        .map(|n| ("web", format!("r{n}"), vec!["assignee: seed"]))
+        .collect();
+    tasks.push(("web", "for-b".to_owned(), vec!["assignee: seed-b"]));
+    tasks.push(("web", "chief".to_owned(), vec!["assignee: cos"]));
+    let specs: Vec<(&str, &str, &[&str])> = tasks
+        .iter()
+        .map(|(p, n, extra)| (*p, n.as_str(), extra.as_slice()))
+        .collect();
+    let t = Q::<S>::new(&[("web", false)], &specs).await;
+    let claimers = [
+        Claimer {
+            agent: agent("seed-a", "seed", &[]),
+            max: 3,
+        },
+        Claimer {
+            agent: agent("seed-b", "seed", &[]),
+            max: 3,
+        },
+        Claimer {
+            agent: agent("chief-of-staff", "cos", &[]),
+            max: 5,
+        },
+        Claimer {
+            agent: agent("seed-c", "seed", &[]),
+            max: 0,
+        },
+    ];
+    for c in &claimers {
+        t.register(&c.agent).await;
+    }
+    let answers = t.q().claim(&claimers, &policy()).await.unwrap();
+    assert_eq!(answers.len(), 4);
+    let got: Vec<Vec<String>> = answers.iter().map(|a| names(a)).collect();
+    assert_eq!(got[0].len(), 3, "{got:?}");
+    assert_eq!(got[1].len(), 3, "{got:?}");
+    assert!(got[1].contains(&"web/for-b".to_owned()), "{got:?}");
+    assert_eq!(got[2], ["web/chief"]);
+    assert!(got[3].is_empty());
+    let all: BTreeSet<&String> = got.iter().flatten().collect();
+    assert_eq!(all.len(), 7, "no task twice: {got:?}");
+    for (claimer, tasks) in claimers.iter().zip(&answers) {
+        for task in tasks {
+            let owner = t
+                .db()
+                .text(&format!(
+                    "SELECT lease_owner FROM tasks WHERE id = '{}'",
+                    task.id
+                ))
+                .await
+                .unwrap();
+            assert_eq!(owner, claimer.agent.name);
+        }
+    }
+    assert_eq!(t.agent_status("seed-a").await, "busy");
+    assert_eq!(t.agent_status("seed-c").await, "idle");
+    // Two role tasks are left, and the next batch takes them.
+    let again = t.q().claim(&claimers[..1], &policy()).await.unwrap();
+    assert_eq!(again[0].len(), 2);
+    assert!(t.claim(&claimers[1].agent, 10).await.is_empty());
 }
 
 /// Higher priority first, then older first; in one batch as across claims.
@@ -473,14 +573,14 @@ async fn concurrent_claimers_never_share_a_task<S: TestStore + Queue>() {
         workers.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let got = store.claim(&me, 7, &policy()).await.expect("claim");
+                let got = store.claim_for(&me, 7, &policy()).await.expect("claim");
                 if got.is_empty() {
                     return mine;
                 }
                 let completions: Vec<Completion> =
                     got.iter().map(|a| done(a, json!({"by": w}))).collect();
                 let answers = store
-                    .complete(&me.name, &completions)
+                    .complete_as(&me.name, &completions)
                     .await
                     .expect("complete");
                 assert!(answers.iter().all(Result::is_ok), "{answers:?}");
@@ -551,7 +651,7 @@ async fn stale_run_lease_is_refused<S: TestStore + Queue>() {
     assert!(expired.failed.is_empty());
     let new = t
         .q()
-        .claim(&second, 1, &no_backoff())
+        .claim_for(&second, 1, &no_backoff())
         .await
         .unwrap()
         .remove(0);
@@ -579,7 +679,7 @@ async fn stale_run_lease_is_refused<S: TestStore + Queue>() {
     );
     assert_eq!(
         t.q()
-            .complete("first", &[done(&old, json!({"by": "first"}))])
+            .complete_as("first", &[done(&old, json!({"by": "first"}))])
             .await
             .unwrap(),
         [Err(Refusal::NotHeld)]
@@ -602,7 +702,7 @@ async fn stale_run_lease_is_refused<S: TestStore + Queue>() {
     // The current run lease under the wrong agent is refused too.
     assert_eq!(
         t.q()
-            .complete("first", &[done(&new, json!({"by": "first"}))])
+            .complete_as("first", &[done(&new, json!({"by": "first"}))])
             .await
             .unwrap(),
         [Err(Refusal::NotHeld)]
@@ -630,18 +730,18 @@ async fn stale_run_lease_is_refused<S: TestStore + Queue>() {
     });
     assert_eq!(
         t.q()
-            .complete("second", std::slice::from_ref(&completion))
+            .complete_as("second", std::slice::from_ref(&completion))
             .await
             .unwrap(),
         [Ok(())]
     );
     assert_eq!(
-        t.q().complete("second", &[completion]).await.unwrap(),
+        t.q().complete_as("second", &[completion]).await.unwrap(),
         [Err(Refusal::NotHeld)]
     );
     assert_eq!(
         t.q()
-            .complete("first", &[done(&old, json!({"by": "first"}))])
+            .complete_as("first", &[done(&old, json!({"by": "first"}))])
             .await
             .unwrap(),
         [Err(Refusal::NotHeld)]
@@ -734,8 +834,8 @@ async fn complete_batch_answers_each_item<S: TestStore + Queue>() {
     let third = done(three, json!({"n": 3}));
     let answers = t
         .q()
-        .complete(
-            "worker",
+        .complete_as(
+"worker",
             &[first.clone(), stale, unknown, third, first.clone()],
         )
         .await
@@ -783,13 +883,13 @@ async fn complete_batch_answers_each_item<S: TestStore + Queue>() {
 
     assert_eq!(
         t.q()
-            .complete("worker", &[done(two, json!({"n": 2}))])
+            .complete_as("worker", &[done(two, json!({"n": 2}))])
             .await
             .unwrap(),
         [Ok(())]
     );
     assert_eq!(t.agent_status("worker").await, "idle");
-    assert_eq!(t.q().complete("worker", &[]).await.unwrap(), []);
+    assert_eq!(t.q().complete_as("worker", &[]).await.unwrap(), []);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1104,7 +1204,7 @@ async fn release_keeps_the_attempt<S: TestStore + Queue>() {
     // One failed attempt, so that "unchanged" is told apart from "reset".
     let claimed = t
         .q()
-        .claim(&first, 1, &no_backoff())
+        .claim_for(&first, 1, &no_backoff())
         .await
         .unwrap()
         .remove(0);
@@ -1117,7 +1217,7 @@ async fn release_keeps_the_attempt<S: TestStore + Queue>() {
     );
     let held = t
         .q()
-        .claim(&first, 1, &no_backoff())
+        .claim_for(&first, 1, &no_backoff())
         .await
         .unwrap()
         .remove(0);
@@ -1319,7 +1419,7 @@ async fn heartbeat_extends_and_reports_cancel<S: TestStore + Queue>() {
     );
     assert_eq!(
         t.q()
-            .complete("worker", &[done(&gone, json!({}))])
+            .complete_as("worker", &[done(&gone, json!({}))])
             .await
             .unwrap(),
         [Err(Refusal::NotHeld)]
@@ -1332,7 +1432,7 @@ async fn heartbeat_extends_and_reports_cancel<S: TestStore + Queue>() {
 
     assert_eq!(
         t.q()
-            .complete("worker", &[done(&keep, json!({}))])
+            .complete_as("worker", &[done(&keep, json!({}))])
             .await
             .unwrap(),
         [Ok(())]

@@ -42,6 +42,12 @@ pub struct DispatchBench {
     /// `postgres://…` (a scratch database is created there and dropped after) or SQLite.
     #[arg(long)]
     database: Option<String>,
+    /// NATS (JetStream) for events and ready-work announcements; agents then listen there too.
+    #[arg(long)]
+    nats: Option<String>,
+    /// Redis for presence.
+    #[arg(long)]
+    redis: Option<String>,
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
 }
@@ -49,6 +55,8 @@ pub struct DispatchBench {
 #[derive(Debug, serde::Serialize)]
 struct DispatchFigures {
     database: &'static str,
+    bus: String,
+    presence: String,
     tasks: usize,
     agents: usize,
     concurrency: usize,
@@ -158,11 +166,13 @@ pub async fn run(bench: DispatchBench) -> anyhow::Result<ExitCode> {
     match bench.format {
         Format::Json => println!("{}", serde_json::to_string(&figures)?),
         Format::Text => println!(
-            "{} no-op tasks, {} agents × {} on {}:\n  throughput  {:>9.0} tasks/s ({:.2} s)\n  pick-up     p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} tasks)\n  lost {}, duplicates {}, peak RSS {:.0} MB",
+            "{} no-op tasks, {} agents × {} on {} ({}, {}):\n  throughput  {:>9.0} tasks/s ({:.2} s)\n  pick-up     p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} tasks)\n  lost {}, duplicates {}, peak RSS {:.0} MB",
             figures.tasks,
             figures.agents,
             figures.concurrency,
             figures.database,
+            figures.bus,
+            figures.presence,
             figures.tasks_per_sec,
             figures.drain_s,
             figures.pickup_p50_ms,
@@ -188,13 +198,24 @@ async fn measure<S>(
     store: S,
 ) -> anyhow::Result<DispatchFigures>
 where
-    S: Store + Queue + Clone + Counts,
+    S: Store + Queue + crate::store::queue::Outbox + crate::store::queue::Liveness + Clone + Counts,
 {
     let mut syncer = Syncer::new(source, "bench", store.clone());
     let cold = syncer.sync().await?;
     ensure!(cold.diagnostics.is_empty(), "generated specs have errors");
 
-    let dispatcher = Dispatcher::new(store.clone(), DispatchConfig::default());
+    let backends = super::reconcile::backends(&crate::config::DispatchArgs {
+        listen: ([127, 0, 0, 1], 0).into(),
+        lease: DispatchConfig::default().policy.lease,
+        heartbeat: DispatchConfig::default().heartbeat,
+        nats: bench.nats.clone(),
+        redis: bench.redis.clone(),
+    })
+    .await?;
+    let bus = backends.bus.describe();
+    let presence = backends.presence.describe();
+    let dispatcher =
+        Dispatcher::with_backends(store.clone(), DispatchConfig::default(), backends);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let api = format!("http://{}", listener.local_addr()?);
     let server = axum::serve(
@@ -203,6 +224,7 @@ where
     );
     let server = tokio::spawn(async move { server.await });
     dispatcher.start();
+    let background = dispatcher.spawn_background();
 
     let started: Started = Arc::default();
     let shutdown = CancellationToken::new();
@@ -212,6 +234,7 @@ where
         let mut config = AgentConfig::new(api.clone(), format!("bench-{n:03}"));
         config.agent_type = AgentType::Seed;
         config.concurrency = bench.concurrency;
+        config.nats = bench.nats.clone();
         let started = started.clone();
         let handler = move |task: Assignment, _ctx: TaskContext| {
             let started = started.clone();
@@ -279,6 +302,7 @@ where
         let _ = agent.await;
     }
     server.abort();
+    drop(background);
 
     let (completed, duplicates) = store.completion_counts().await?;
     pickups.sort();
@@ -291,6 +315,8 @@ where
     };
     Ok(DispatchFigures {
         database: backend,
+        bus,
+        presence,
         tasks: bench.tasks,
         agents: bench.agents,
         concurrency: bench.concurrency,

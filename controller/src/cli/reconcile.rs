@@ -165,7 +165,7 @@ const EXIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The bus and presence `--nats` and `--redis` ask for, else the embedded ones. Neither waits
 /// for its server: both connect in the background and keep trying.
-async fn backends(args: &DispatchArgs) -> anyhow::Result<Backends> {
+pub(crate) async fn backends(args: &DispatchArgs) -> anyhow::Result<Backends> {
     let bus: Arc<dyn Bus> = match &args.nats {
         Some(url) => Arc::new(NatsBus::connect(url).await.context("--nats")?),
         None => Arc::new(InProcessBus::default()),

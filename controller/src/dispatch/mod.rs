@@ -8,7 +8,7 @@
 mod background;
 pub mod metrics;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,8 +17,8 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::store::StoreError;
 use crate::store::queue::{
-    AgentIdentity, Assignment, Completion, FailOutcome, Lease, LeasePolicy, LeaseState, Queue,
-    Refusal,
+    AgentCompletion, AgentIdentity, Assignment, Claimer, Completion, FailOutcome, Lease,
+    LeasePolicy, LeaseState, Queue, Refusal,
 };
 
 pub use background::{Backends, Background};
@@ -59,11 +59,22 @@ pub struct Dispatcher<Q> {
     /// A claimer arrived.
     arrivals: Notify,
     waiters: Mutex<VecDeque<Waiter>>,
+    completing: Mutex<Vec<PendingCompletion>>,
+    started: std::time::Instant,
+    /// Held while a batch of completions is written.
+    completion_writer: tokio::sync::Mutex<()>,
     /// token hash → agent; tokens are checked on every request.
     sessions: Mutex<HashMap<String, AgentIdentity>>,
     pub metrics: Metrics,
     /// Notes for the bus and presence loops (`background.rs`).
     backplane: Backplane,
+}
+
+/// Completions waiting for the writer.
+struct PendingCompletion {
+    agent: String,
+    completions: Vec<Completion>,
+    reply: oneshot::Sender<Result<Vec<Result<(), Refusal>>, StoreError>>,
 }
 
 /// A claim waiting for the claim loop.
@@ -101,6 +112,9 @@ impl<Q: Queue> Dispatcher<Q> {
             wake: Notify::new(),
             arrivals: Notify::new(),
             waiters: Mutex::new(VecDeque::new()),
+            completing: Mutex::new(Vec::new()),
+            started: std::time::Instant::now(),
+            completion_writer: tokio::sync::Mutex::new(()),
             sessions: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             backplane: Backplane::new(backends),
@@ -203,23 +217,22 @@ impl<Q: Queue> Dispatcher<Q> {
         let mut recheck = tokio::time::interval(RECHECK);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let full = tokio::select! {
-                () = self.arrivals.notified() => false,
-                () = self.wake.notified() => false,
-                _ = recheck.tick() => true,
-            };
-            if let Err(e) = self.serve_waiters(full).await {
+            tokio::select! {
+                () = self.arrivals.notified() => {}
+                () = self.wake.notified() => {}
+                _ = recheck.tick() => {}
+            }
+            if let Err(e) = self.serve_waiters().await {
                 tracing::warn!("claiming failed: {}", crate::error_chain(&e));
                 tokio::time::sleep(RECHECK).await;
             }
         }
     }
 
-    /// One round: every waiting claimer gets one claim attempt, in arrival order. Once a claim
-    /// comes back short, its agent's pool (role and capabilities) is exhausted for this round
-    /// and the same kind of agent is skipped — except in the periodic `full` round, which
-    /// also finds tasks assigned to one agent by name.
-    async fn serve_waiters(&self, full: bool) -> Result<(), StoreError> {
+    /// One round: every waiting claimer is served by one batch claim (a statement per pool).
+    /// Claimers who arrive meanwhile wait for the next round, which starts as soon as this
+    /// one ends, so the busier the queue, the larger the batches.
+    async fn serve_waiters(&self) -> Result<(), StoreError> {
         let round: Vec<Waiter> = self
             .waiters
             .lock()
@@ -227,35 +240,26 @@ impl<Q: Queue> Dispatcher<Q> {
             .drain(..)
             .filter(|w| !w.reply.is_closed())
             .collect();
-        let mut exhausted: HashSet<(String, Vec<String>)> = HashSet::new();
+        if round.is_empty() {
+            return Ok(());
+        }
+        let claimers: Vec<Claimer> = round
+            .iter()
+            .map(|w| Claimer {
+                agent: w.agent.clone(),
+                max: w.max,
+            })
+            .collect();
+        let answers = match self.queue.claim(&claimers, &self.config.policy).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                // Nobody was served: all wait for the next round.
+                self.requeue(round);
+                return Err(e);
+            }
+        };
         let mut waiting = Vec::new();
-        let mut round = round.into_iter();
-        while let Some(waiter) = round.next() {
-            let pool = (
-                waiter.agent.agent_type.clone(),
-                waiter.agent.capabilities.clone(),
-            );
-            if !full && exhausted.contains(&pool) {
-                waiting.push(waiter);
-                continue;
-            }
-            let tasks = match self
-                .queue
-                .claim(&waiter.agent, waiter.max, &self.config.policy)
-                .await
-            {
-                Ok(tasks) => tasks,
-                Err(e) => {
-                    // Whoever has not been served waits for the next round.
-                    waiting.push(waiter);
-                    waiting.extend(round);
-                    self.requeue(waiting);
-                    return Err(e);
-                }
-            };
-            if tasks.len() < waiter.max as usize {
-                exhausted.insert(pool);
-            }
+        for (waiter, tasks) in round.into_iter().zip(answers) {
             if tasks.is_empty() {
                 waiting.push(waiter);
                 continue;
@@ -310,12 +314,67 @@ impl<Q: Queue> Dispatcher<Q> {
         Ok(answer)
     }
 
+    /// Completions are group-committed: while one batch is written, the completions that
+    /// arrive queue up, and the next caller to get the writer's lock writes all of them in one
+    /// transaction. Under load that turns many agents' small batches into one large one;
+    /// alone, a completion is written at once.
     pub async fn complete(
         &self,
         agent: &AgentIdentity,
         completions: &[Completion],
     ) -> Result<Vec<Result<(), Refusal>>, StoreError> {
-        let answers = self.queue.complete(&agent.name, completions).await?;
+        let (reply, mut answer) = oneshot::channel();
+        self.completing
+            .lock()
+            .expect("completing lock")
+            .push(PendingCompletion {
+                agent: agent.name.clone(),
+                completions: completions.to_vec(),
+                reply,
+            });
+        let writer = self.completion_writer.lock().await;
+        if let Ok(answers) = answer.try_recv() {
+            // A writer before us wrote ours too.
+            drop(writer);
+            return answers;
+        }
+        let batch = std::mem::take(&mut *self.completing.lock().expect("completing lock"));
+        let reports: Vec<AgentCompletion<'_>> = batch
+            .iter()
+            .flat_map(|p| {
+                p.completions.iter().map(|completion| AgentCompletion {
+                    agent: &p.agent,
+                    completion,
+                })
+            })
+            .collect();
+        let written = self.queue.complete(&reports).await;
+        drop(reports);
+        drop(writer);
+        let mut answers = match written {
+            Ok(answers) => answers.into_iter(),
+            Err(e) => {
+                let message = e.to_string();
+                for pending in batch {
+                    let _ = pending
+                        .reply
+                        .send(Err(StoreError::Batch(message.clone())));
+                }
+                return Err(e);
+            }
+        };
+        for pending in batch {
+            let mine: Vec<_> = answers.by_ref().take(pending.completions.len()).collect();
+            let _ = pending.reply.send(Ok(mine));
+        }
+        let answers = answer
+            .try_recv()
+            .unwrap_or_else(|_| Err(StoreError::Batch("our completion was not in the batch".into())))?;
+        self.completions_written(&answers);
+        Ok(answers)
+    }
+
+    fn completions_written(&self, answers: &[Result<(), Refusal>]) {
         let done = answers.iter().filter(|a| a.is_ok()).count();
         self.metrics.completed(done);
         if done > 0 {
@@ -323,7 +382,6 @@ impl<Q: Queue> Dispatcher<Q> {
             // Dependents of what just completed may be ready now.
             self.wake();
         }
-        Ok(answers)
     }
 
     pub async fn fail(
@@ -373,8 +431,16 @@ impl<Q: Queue> Dispatcher<Q> {
 
     /// One housekeeping pass: expired leases back to ready (or failed), dependents of failed
     /// work blocked, queue depth measured.
+    ///
+    /// Leases are left alone for one lease after the dispatcher started: while the controller
+    /// was down, agents could not heartbeat, so their leases ran out although they are still
+    /// working; they get one lease to check in before their tasks are given to others.
     pub async fn sweep(&self) -> Result<(), StoreError> {
-        let expired = self.queue.expire_leases(&self.config.policy).await?;
+        let expired = if self.started.elapsed() < self.config.policy.lease {
+            Default::default()
+        } else {
+            self.queue.expire_leases(&self.config.policy).await?
+        };
         self.metrics
             .lease_expired(expired.retried.len() + expired.failed.len());
         if !expired.retried.is_empty() || !expired.failed.is_empty() {

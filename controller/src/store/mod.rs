@@ -44,6 +44,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("unsupported database URL `{0}`: expected postgres://… or sqlite://FILE")]
     UnsupportedUrl(String),
+    /// A batch this request was written in failed; the batch's writer logged the cause.
+    #[error("writing a batch of requests failed: {0}")]
+    Batch(String),
     #[error("cannot read the objects to write")]
     Objects(#[source] Box<dyn std::error::Error + Send + Sync>),
 }

@@ -44,6 +44,21 @@ pub struct Assignment {
     pub lease_expires_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// An agent asking for up to `max` tasks: one of a batch of claims made together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimer {
+    pub agent: AgentIdentity,
+    pub max: u32,
+}
+
+impl Claimer {
+    /// Agents of one pool compete for the same tasks: those assigned to their role that need
+    /// no capability they lack.
+    pub fn pool(&self) -> (&str, &[String]) {
+        (&self.agent.agent_type, &self.agent.capabilities)
+    }
+}
+
 /// `(task, run_lease)`: what every report carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Lease {
@@ -56,6 +71,14 @@ pub struct Completion {
     pub lease: Lease,
     pub result: serde_json::Value,
     pub artifacts: Vec<Artifact>,
+}
+
+/// A completion and the agent that reports it: completions of many agents are written in one
+/// transaction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AgentCompletion<'a> {
+    pub agent: &'a str,
+    pub completion: &'a Completion,
 }
 
 /// An output an agent stored somewhere (`key` is its object-storage key or branch path).
@@ -158,13 +181,14 @@ pub trait Queue: Send + Sync + 'static {
         token_hash: &str,
     ) -> impl Future<Output = Result<Option<AgentIdentity>, StoreError>> + Send;
 
-    /// Lease up to `max` ready tasks to `agent`.
+    /// Lease to each claimer up to its `max` ready tasks; one answer per claimer, in order.
+    /// Claimers of one pool are served by one statement, so a round of many waiting agents
+    /// costs a statement per pool, not one per agent.
     fn claim(
         &self,
-        agent: &AgentIdentity,
-        max: u32,
+        claimers: &[Claimer],
         policy: &LeasePolicy,
-    ) -> impl Future<Output = Result<Vec<Assignment>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Vec<Assignment>>, StoreError>> + Send;
 
     /// Extend the given leases of `agent`; mark the agent alive, and `busy` or `idle` by
     /// whether it holds any task.
@@ -182,11 +206,11 @@ pub trait Queue: Send + Sync + 'static {
         message: &str,
     ) -> impl Future<Output = Result<Result<(), Refusal>, StoreError>> + Send;
 
-    /// Complete many tasks in one transaction; one answer per completion, in order.
+    /// Complete many tasks, of many agents, in one transaction; one answer per completion, in
+    /// order.
     fn complete(
         &self,
-        agent: &str,
-        completions: &[Completion],
+        completions: &[AgentCompletion<'_>],
     ) -> impl Future<Output = Result<Vec<Result<(), Refusal>>, StoreError>> + Send;
 
     fn fail(
@@ -343,6 +367,7 @@ pub(super) fn backoff_params(policy: &LeasePolicy) -> (i64, i64) {
 pub(super) struct CompletionRow<'a> {
     /// Position in the caller's slice.
     pub i: usize,
+    pub agent: &'a str,
     pub id: String,
     pub run_lease: i64,
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
@@ -365,13 +390,13 @@ pub(super) struct ArtifactRow<'a> {
 /// The completions to send to the database, and for each completion the earlier one with the
 /// same `(task, run_lease)` it repeats, if any. A repeat is not sent: the first one decides,
 /// and the repeat is refused once the first completed the task.
-pub(super) fn completion_rows(
-    completions: &[Completion],
-) -> (Vec<CompletionRow<'_>>, Vec<Option<usize>>) {
+pub(super) fn completion_rows<'a>(
+    completions: &[AgentCompletion<'a>],
+) -> (Vec<CompletionRow<'a>>, Vec<Option<usize>>) {
     let mut seen = std::collections::HashMap::with_capacity(completions.len());
     let mut rows = Vec::with_capacity(completions.len());
     let mut repeats = Vec::with_capacity(completions.len());
-    for (i, c) in completions.iter().enumerate() {
+    for (i, &AgentCompletion { agent, completion: c }) in completions.iter().enumerate() {
         if let Some(&first) = seen.get(&c.lease) {
             repeats.push(Some(first));
             continue;
@@ -380,6 +405,7 @@ pub(super) fn completion_rows(
         repeats.push(None);
         rows.push(CompletionRow {
             i,
+            agent,
             id: c.lease.id.hyphenated().to_string(),
             run_lease: c.lease.run_lease,
             result: &c.result,
@@ -398,6 +424,22 @@ pub(super) fn completion_rows(
         });
     }
     (rows, repeats)
+}
+
+/// The claimers' positions grouped by pool, each group in the claimers' order, the groups in
+/// the order of their first claimer.
+pub(super) fn pools(claimers: &[Claimer]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut index: std::collections::HashMap<(&str, &[String]), usize> =
+        std::collections::HashMap::new();
+    for (i, claimer) in claimers.iter().enumerate() {
+        let group = *index.entry(claimer.pool()).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[group].push(i);
+    }
+    groups
 }
 
 /// One answer per completion: `sent[i]` for those sent, and for a repeat, refused when its

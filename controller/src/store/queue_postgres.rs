@@ -3,6 +3,8 @@
 //! `agents` writes hang off its `RETURNING` rows in further CTEs. Batches arrive as one JSON
 //! array parameter (`jsonb_to_recordset`), so a batch of any size is one round trip.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
@@ -70,7 +72,9 @@ macro_rules! agent_idle {
         concat!(
             "agent AS (UPDATE agents SET last_active_at = now(), status = CASE ",
             "WHEN status = 'busy' AND NOT EXISTS (SELECT 1 FROM tasks h ",
-            "WHERE h.status = 'in_progress' AND h.lease_owner = ",
+            "WHERE h.status = 'in_progress' AND h.assigned_to = ",
+            $agent,
+            " AND h.lease_owner = ",
             $agent,
             " AND h.id NOT IN (SELECT id FROM ",
             $ended,
@@ -112,30 +116,58 @@ const AUTHENTICATE: &str = "\
      SELECT a.name, a.type, a.capabilities, a.concurrency \
      FROM agent_sessions s JOIN agents a ON a.name = s.agent_name WHERE s.token_hash = $1";
 
-/// $1 agent, $2 its type, $3 its capabilities, $4 how many, $5 the lease in milliseconds.
+/// $1 claimers of one pool as [{i, agent, max}], $2 their type, $3 their capabilities, $4 the
+/// lease in milliseconds.
+///
+/// Tasks assigned to a claimer by name go to that claimer (`named`, one index walk each).
+/// Tasks assigned to the pool's role are picked once for the whole pool, in claim order, and
+/// dealt out over the claimers' free slots round-robin (slot 1 of every claimer, then slot 2…),
+/// so a few ready tasks spread over the waiting agents instead of all going to the first.
+/// The two sets are disjoint (a claimer named like its role takes only role work), so
+/// `SKIP LOCKED` never meets a row this statement locked itself.
 const CLAIM: &str = concat!(
-    "WITH picked AS (SELECT t.id FROM tasks t WHERE ",
+    "WITH claimers AS (SELECT * FROM jsonb_to_recordset(CAST($1 AS text)::jsonb) \
+         AS c(i integer, agent text, max integer)), \
+     named AS (SELECT c.agent, n.id, n.priority, n.created_at FROM claimers c \
+         CROSS JOIN LATERAL (SELECT t.id, t.priority, t.created_at FROM tasks t WHERE ",
     ready!(),
-    " AND (t.assignee = $1 OR t.assignee = $2) \
-     AND (t.capabilities = '[]' OR t.capabilities <@ CAST($3 AS text)::jsonb) \
-     ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT $4 \
-     FOR UPDATE OF t SKIP LOCKED), \
-     claimed AS (UPDATE tasks t SET status = 'in_progress', lease_owner = $1, assigned_to = $1, \
-         lease_expires_at = now() + $5 * interval '1 millisecond', \
+    " AND t.assignee = c.agent AND c.agent <> $2 \
+         AND (t.capabilities = '[]' OR t.capabilities <@ CAST($3 AS text)::jsonb) \
+         ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT c.max \
+         FOR UPDATE OF t SKIP LOCKED) n), \
+     slots AS (SELECT c.agent, row_number() OVER (ORDER BY s.k, c.i) AS n FROM claimers c \
+         CROSS JOIN LATERAL generate_series(1, c.max - (SELECT count(*) FROM named \
+             WHERE named.agent = c.agent)::integer) AS s(k)), \
+     picked AS (SELECT t.id, t.priority, t.created_at FROM tasks t WHERE ",
+    ready!(),
+    " AND t.assignee = $2 \
+         AND (t.capabilities = '[]' OR t.capabilities <@ CAST($3 AS text)::jsonb) \
+         ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT (SELECT count(*) FROM slots) \
+         FOR UPDATE OF t SKIP LOCKED), \
+     dealt AS (SELECT s.agent, p.id FROM (SELECT id, row_number() OVER ( \
+             ORDER BY priority DESC NULLS LAST, created_at) AS n FROM picked) p \
+         JOIN slots s ON s.n = p.n \
+         UNION ALL SELECT agent, id FROM named), \
+     claimed AS (UPDATE tasks t SET status = 'in_progress', lease_owner = d.agent, \
+         assigned_to = d.agent, lease_expires_at = now() + $4 * interval '1 millisecond', \
          run_lease = t.run_lease + 1, started_at = COALESCE(t.started_at, now()), \
          claimed_at = now(), dispatch_revision = t.revision \
-     FROM picked WHERE t.id = picked.id \
-     RETURNING t.id, t.project_id, t.run_lease, t.attempt, t.priority, t.created_at, t.name, \
-         t.title, t.description, t.action, t.output, t.acceptance_criteria, t.timeout_seconds, \
-         t.revision, t.lease_expires_at), \
+     FROM dealt d WHERE t.id = d.id \
+     RETURNING d.agent, t.id, t.project_id, t.run_lease, t.attempt, t.priority, t.created_at, \
+         t.name, t.title, t.description, t.action, t.output, t.acceptance_criteria, \
+         t.timeout_seconds, t.revision, t.lease_expires_at), \
      events AS (INSERT INTO events (event_type, source_agent, payload) \
-         SELECT 'task.claimed', $1, ",
-    payload!("c", "$1"),
-    " FROM claimed c), \
-     agent AS (UPDATE agents SET last_active_at = now(), \
-         status = CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN 'busy' ELSE status END \
-         WHERE name = $1) \
-     SELECT c.id, c.run_lease, c.attempt, \
+         SELECT 'task.claimed', c.agent, ",
+    payload!("c", "c.agent"),
+    " FROM claimed c), ",
+    // Rows of `agents` are locked in name order, as every statement that touches several of
+    // them does, so that a claim and a batch of completions cannot deadlock.
+    "agent AS (UPDATE agents a SET last_active_at = now(), \
+         status = CASE WHEN EXISTS (SELECT 1 FROM claimed c WHERE c.agent = a.name) \
+             THEN 'busy' ELSE a.status END \
+         WHERE a.name IN (SELECT l.name FROM agents l WHERE l.name IN \
+             (SELECT agent FROM claimers) ORDER BY l.name FOR UPDATE)) \
+     SELECT c.agent, c.id, c.run_lease, c.attempt, \
          COALESCE((SELECT p.name FROM projects p WHERE p.id = c.project_id), '') AS project, \
          COALESCE(c.name, '') AS name, c.title, COALESCE(c.description, '') AS description, \
          c.action, c.output, c.acceptance_criteria, c.timeout_seconds, c.revision, \
@@ -158,7 +190,7 @@ const HEARTBEAT: &str = "\
     agent AS (UPDATE agents SET last_active_at = now(), status = CASE \
         WHEN status NOT IN ('busy', 'idle') THEN status \
         WHEN EXISTS (SELECT 1 FROM tasks h WHERE h.status = 'in_progress' \
-            AND h.lease_owner = $2) THEN 'busy' ELSE 'idle' END \
+            AND h.assigned_to = $2 AND h.lease_owner = $2) THEN 'busy' ELSE 'idle' END \
         WHERE name = $2) \
     SELECT r.id, \
         EXISTS (SELECT 1 FROM held h WHERE h.id = r.id AND h.run_lease = r.run_lease) AS held, \
@@ -183,29 +215,37 @@ const PROGRESS: &str = concat!(
          EXISTS (SELECT 1 FROM tasks x WHERE x.id = $1) AS found"
 );
 
-/// $1 completions as [`CompletionRow`], $2 agent.
+/// $1 completions as [`CompletionRow`], each naming its agent.
 const COMPLETE: &str = concat!(
     "WITH input AS (SELECT * FROM jsonb_to_recordset(CAST($1 AS text)::jsonb) \
-         AS r(i integer, id uuid, run_lease bigint, result jsonb, message text, artifacts jsonb)), \
+         AS r(i integer, agent text, id uuid, run_lease bigint, result jsonb, message text, \
+             artifacts jsonb)), \
      done AS (UPDATE tasks t SET status = 'completed', completed_at = now(), result = r.result, \
          lease_owner = NULL, lease_expires_at = NULL, status_message = NULL \
-         FROM input r WHERE t.id = r.id AND t.run_lease = r.run_lease AND t.lease_owner = $2 \
+         FROM input r WHERE t.id = r.id AND t.run_lease = r.run_lease AND t.lease_owner = r.agent \
          AND t.status = 'in_progress' \
-         RETURNING r.i, t.id, t.project_id, t.name, t.run_lease, t.attempt), \
+         RETURNING r.i, r.agent, t.id, t.project_id, t.name, t.run_lease, t.attempt), \
      updates AS (INSERT INTO task_updates (task_id, agent_name, update_type, message) \
-         SELECT d.id, $2, 'completion', r.message FROM done d JOIN input r ON r.i = d.i), \
+         SELECT d.id, d.agent, 'completion', r.message FROM done d JOIN input r ON r.i = d.i), \
      stored AS (INSERT INTO artifacts (task_id, agent_name, artifact_type, name, s3_key, \
          size_bytes, mime_type) \
-         SELECT d.id, $2, a.type, a.name, a.key, a.size_bytes, a.mime_type \
+         SELECT d.id, d.agent, a.type, a.name, a.key, a.size_bytes, a.mime_type \
          FROM done d JOIN input r ON r.i = d.i \
          CROSS JOIN LATERAL jsonb_to_recordset(r.artifacts) \
              AS a(name text, type text, key text, size_bytes bigint, mime_type text)), \
      events AS (INSERT INTO events (event_type, source_agent, payload) \
-         SELECT 'task.completed', $2, ",
-    payload!("d", "$2"),
+         SELECT 'task.completed', d.agent, ",
+    payload!("d", "d.agent"),
     " FROM done d), ",
-    agent_idle!("$2", "done"),
-    " SELECT r.i, CASE WHEN d.i IS NOT NULL THEN 0 \
+    // In name order, like the claim: see there.
+    "agent AS (UPDATE agents a SET last_active_at = now(), status = CASE \
+         WHEN a.status = 'busy' AND NOT EXISTS (SELECT 1 FROM tasks h \
+             WHERE h.assigned_to = a.name AND h.lease_owner = a.name \
+             AND h.status = 'in_progress' AND h.id NOT IN (SELECT id FROM done)) \
+         THEN 'idle' ELSE a.status END \
+         WHERE a.name IN (SELECT l.name FROM agents l WHERE l.name IN \
+             (SELECT agent FROM input) ORDER BY l.name FOR UPDATE)) \
+     SELECT r.i, CASE WHEN d.i IS NOT NULL THEN 0 \
          WHEN EXISTS (SELECT 1 FROM tasks x WHERE x.id = r.id) THEN 1 ELSE 2 END AS outcome \
      FROM input r LEFT JOIN done d ON d.i = r.i"
 );
@@ -345,6 +385,7 @@ struct AgentRow {
 
 #[derive(sqlx::FromRow)]
 struct AssignmentRow {
+    agent: String,
     id: Uuid,
     run_lease: i64,
     attempt: i32,
@@ -458,40 +499,60 @@ impl Queue for PgStore {
 
     async fn claim(
         &self,
-        agent: &AgentIdentity,
-        max: u32,
+        claimers: &[Claimer],
         policy: &LeasePolicy,
-    ) -> Result<Vec<Assignment>, StoreError> {
-        if max == 0 {
-            return Ok(Vec::new());
+    ) -> Result<Vec<Vec<Assignment>>, StoreError> {
+        let mut answers = vec![Vec::new(); claimers.len()];
+        for pool in pools(claimers) {
+            let input: Vec<serde_json::Value> = pool
+                .iter()
+                .filter(|&&i| claimers[i].max > 0)
+                .map(|&i| {
+                    let max = i32::try_from(claimers[i].max).unwrap_or(i32::MAX);
+                    serde_json::json!({"i": i, "agent": claimers[i].agent.name, "max": max})
+                })
+                .collect();
+            if input.is_empty() {
+                continue;
+            }
+            let (agent_type, capabilities) = claimers[pool[0]].pool();
+            let rows: Vec<AssignmentRow> = sqlx::query_as(CLAIM)
+                .bind(json_text(&input)?)
+                .bind(agent_type)
+                .bind(json_text(&capabilities)?)
+                .bind(millis(policy.lease))
+                .fetch_all(self.pool())
+                .await
+                .map_err(query_error("claiming tasks"))?;
+            let slot: HashMap<&str, usize> = pool
+                .iter()
+                .map(|&i| (claimers[i].agent.name.as_str(), i))
+                .collect();
+            for r in rows {
+                let Some(&i) = slot.get(r.agent.as_str()) else {
+                    return Err(StoreError::Corrupt(format!(
+                        "a claim leased a task to {}, who did not ask",
+                        r.agent
+                    )));
+                };
+                answers[i].push(Assignment {
+                    id: r.id,
+                    run_lease: r.run_lease,
+                    attempt: r.attempt,
+                    project: r.project,
+                    name: r.name,
+                    title: r.title,
+                    description: r.description,
+                    action: r.action.map_or(serde_json::Value::Null, |a| a.0),
+                    output: r.output.map_or(serde_json::Value::Null, |o| o.0),
+                    acceptance_criteria: strings(Some(r.acceptance_criteria.0)),
+                    timeout_seconds: r.timeout_seconds,
+                    revision: r.revision,
+                    lease_expires_at: r.lease_expires_at,
+                });
+            }
         }
-        let rows: Vec<AssignmentRow> = sqlx::query_as(CLAIM)
-            .bind(&agent.name)
-            .bind(&agent.agent_type)
-            .bind(json_text(&agent.capabilities)?)
-            .bind(i64::from(max))
-            .bind(millis(policy.lease))
-            .fetch_all(self.pool())
-            .await
-            .map_err(query_error("claiming tasks"))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| Assignment {
-                id: r.id,
-                run_lease: r.run_lease,
-                attempt: r.attempt,
-                project: r.project,
-                name: r.name,
-                title: r.title,
-                description: r.description,
-                action: r.action.map_or(serde_json::Value::Null, |a| a.0),
-                output: r.output.map_or(serde_json::Value::Null, |o| o.0),
-                acceptance_criteria: strings(Some(r.acceptance_criteria.0)),
-                timeout_seconds: r.timeout_seconds,
-                revision: r.revision,
-                lease_expires_at: r.lease_expires_at,
-            })
-            .collect())
+        Ok(answers)
     }
 
     async fn heartbeat(
@@ -536,8 +597,7 @@ impl Queue for PgStore {
 
     async fn complete(
         &self,
-        agent: &str,
-        completions: &[Completion],
+        completions: &[AgentCompletion<'_>],
     ) -> Result<Vec<Result<(), Refusal>>, StoreError> {
         if completions.is_empty() {
             return Ok(Vec::new());
@@ -545,7 +605,6 @@ impl Queue for PgStore {
         let (rows, repeats) = completion_rows(completions);
         let outcomes: Vec<(i32, i32)> = sqlx::query_as(COMPLETE)
             .bind(json_text(&rows)?)
-            .bind(agent)
             .fetch_all(self.pool())
             .await
             .map_err(query_error("completing tasks"))?;

@@ -140,7 +140,8 @@ const AGENT_ENDED: &str = concat!(
     "UPDATE agents SET last_active_at = ",
     now!(),
     ", status = CASE WHEN status = 'busy' AND NOT EXISTS (SELECT 1 FROM tasks h \
-         WHERE h.status = 'in_progress' AND h.lease_owner = ?1) THEN 'idle' ELSE status END \
+         WHERE h.status = 'in_progress' AND h.assigned_to = ?1 AND h.lease_owner = ?1) \
+         THEN 'idle' ELSE status END \
      WHERE name = ?1"
 );
 
@@ -181,18 +182,18 @@ const COMPLETE: &str = concat!(
     now!(),
     ", result = r.result, lease_owner = NULL, lease_expires_at = NULL, status_message = NULL \
      FROM (SELECT value ->> '$.id' AS id, value ->> '$.run_lease' AS run_lease, \
-         value -> '$.result' AS result FROM json_each(?1)) AS r \
-     WHERE tasks.id = r.id AND tasks.run_lease = r.run_lease AND tasks.lease_owner = ?2 \
+         value ->> '$.agent' AS agent, value -> '$.result' AS result FROM json_each(?1)) AS r \
+     WHERE tasks.id = r.id AND tasks.run_lease = r.run_lease AND tasks.lease_owner = r.agent \
      AND tasks.status = 'in_progress'",
     returning!()
 );
 
 const FOUND: &str = "SELECT id FROM tasks WHERE id IN (SELECT value FROM json_each(?1))";
 
-/// ?1 completions as [`CompletionRow`] (those accepted), ?2 agent.
+/// ?1 completions as [`CompletionRow`] (those accepted).
 const ARTIFACTS: &str = "\
     INSERT INTO artifacts (task_id, agent_name, artifact_type, name, s3_key, size_bytes, mime_type) \
-    SELECT c.value ->> '$.id', ?2, a.value ->> '$.type', a.value ->> '$.name', \
+    SELECT c.value ->> '$.id', c.value ->> '$.agent', a.value ->> '$.type', a.value ->> '$.name', \
         a.value ->> '$.key', a.value ->> '$.size_bytes', a.value ->> '$.mime_type' \
     FROM json_each(?1) c, json_each(c.value, '$.artifacts') a";
 
@@ -381,6 +382,76 @@ fn modifier(duration: std::time::Duration) -> String {
 
 type Tx = Transaction<'static, Sqlite>;
 
+async fn claim_one(
+tx: &mut Tx,
+agent: &AgentIdentity,
+max: u32,
+policy: &LeasePolicy,
+) -> Result<Vec<Assignment>, StoreError> {
+if max == 0 {
+    return Ok(Vec::new());
+}
+    let mut rows: Vec<AssignmentRow> = sqlx::query_as(CLAIM)
+        .bind(&agent.name)
+        .bind(&agent.agent_type)
+        .bind(json_text(&agent.capabilities)?)
+        .bind(i64::from(max))
+        .bind(modifier(policy.lease))
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(query_error("claiming tasks"))?;
+    // RETURNING comes in no particular order.
+    rows.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then_with(|| a.created_at.cmp(&b.created_at))
+    });
+    let claimed: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            event(
+                "task.claimed",
+                &agent.name,
+                json!({
+                    "id": r.id,
+                    "project": r.project,
+                    "name": r.name,
+                    "agent": agent.name,
+                    "run_lease": r.run_lease,
+                    "attempt": r.attempt,
+                }),
+            )
+        })
+        .collect();
+    events(tx, &claimed).await?;
+    sqlx::query(AGENT_CLAIMED)
+        .bind(&agent.name)
+        .bind(!rows.is_empty())
+        .execute(&mut **tx)
+        .await
+        .map_err(query_error("updating the agent"))?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(Assignment {
+                id: parse_id(&r.id)?,
+                run_lease: r.run_lease,
+                attempt: r.attempt,
+                project: r.project,
+                name: r.name,
+                title: r.title,
+                description: r.description,
+                action: parse_json(r.action.as_deref())?.unwrap_or(Value::Null),
+                output: parse_json(r.output.as_deref())?.unwrap_or(Value::Null),
+                acceptance_criteria: strings(parse_json(Some(&r.acceptance_criteria))?),
+                timeout_seconds: r.timeout_seconds,
+                revision: r.revision,
+                lease_expires_at: parse_time(&r.lease_expires_at)?,
+            })
+        })
+        .collect()
+}
+
+
 impl SqliteStore {
     async fn begin(&self) -> Result<Tx, StoreError> {
         self.pool()
@@ -537,75 +608,23 @@ impl Queue for SqliteStore {
         }))
     }
 
+    /// SQLite has one writer, so the claimers are simply served one after another in one
+    /// transaction: nothing can take a task between them, and the batch costs one commit.
     async fn claim(
         &self,
-        agent: &AgentIdentity,
-        max: u32,
+        claimers: &[Claimer],
         policy: &LeasePolicy,
-    ) -> Result<Vec<Assignment>, StoreError> {
-        if max == 0 {
-            return Ok(Vec::new());
+    ) -> Result<Vec<Vec<Assignment>>, StoreError> {
+        if claimers.iter().all(|c| c.max == 0) {
+            return Ok(vec![Vec::new(); claimers.len()]);
         }
         let mut tx = self.begin().await?;
-        let mut rows: Vec<AssignmentRow> = sqlx::query_as(CLAIM)
-            .bind(&agent.name)
-            .bind(&agent.agent_type)
-            .bind(json_text(&agent.capabilities)?)
-            .bind(i64::from(max))
-            .bind(modifier(policy.lease))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(query_error("claiming tasks"))?;
-        // RETURNING comes in no particular order.
-        rows.sort_by(|a, b| {
-            b.priority
-                .cmp(&a.priority)
-                .then_with(|| a.created_at.cmp(&b.created_at))
-        });
-        let claimed: Vec<Value> = rows
-            .iter()
-            .map(|r| {
-                event(
-                    "task.claimed",
-                    &agent.name,
-                    json!({
-                        "id": r.id,
-                        "project": r.project,
-                        "name": r.name,
-                        "agent": agent.name,
-                        "run_lease": r.run_lease,
-                        "attempt": r.attempt,
-                    }),
-                )
-            })
-            .collect();
-        events(&mut tx, &claimed).await?;
-        sqlx::query(AGENT_CLAIMED)
-            .bind(&agent.name)
-            .bind(!rows.is_empty())
-            .execute(&mut *tx)
-            .await
-            .map_err(query_error("updating the agent"))?;
+        let mut answers = Vec::with_capacity(claimers.len());
+        for Claimer { agent, max } in claimers {
+            answers.push(claim_one(&mut tx, agent, *max, policy).await?);
+        }
         commit(tx, "committing a claim").await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(Assignment {
-                    id: parse_id(&r.id)?,
-                    run_lease: r.run_lease,
-                    attempt: r.attempt,
-                    project: r.project,
-                    name: r.name,
-                    title: r.title,
-                    description: r.description,
-                    action: parse_json(r.action.as_deref())?.unwrap_or(Value::Null),
-                    output: parse_json(r.output.as_deref())?.unwrap_or(Value::Null),
-                    acceptance_criteria: strings(parse_json(Some(&r.acceptance_criteria))?),
-                    timeout_seconds: r.timeout_seconds,
-                    revision: r.revision,
-                    lease_expires_at: parse_time(&r.lease_expires_at)?,
-                })
-            })
-            .collect()
+        Ok(answers)
     }
 
     async fn heartbeat(
@@ -692,8 +711,7 @@ impl Queue for SqliteStore {
 
     async fn complete(
         &self,
-        agent: &str,
-        completions: &[Completion],
+        completions: &[AgentCompletion<'_>],
     ) -> Result<Vec<Result<(), Refusal>>, StoreError> {
         if completions.is_empty() {
             return Ok(Vec::new());
@@ -702,7 +720,6 @@ impl Queue for SqliteStore {
         let mut tx = self.begin().await?;
         let done: Vec<TaskRow> = sqlx::query_as(COMPLETE)
             .bind(json_text(&rows)?)
-            .bind(agent)
             .fetch_all(&mut *tx)
             .await
             .map_err(query_error("completing tasks"))?;
@@ -726,24 +743,38 @@ impl Queue for SqliteStore {
         if !accepted.is_empty() {
             let task_updates: Vec<Value> = accepted
                 .iter()
-                .map(|r| update(&r.id, agent, "completion", &r.message))
+                .map(|r| update(&r.id, r.agent, "completion", &r.message))
                 .collect();
             updates(&mut tx, &task_updates).await?;
             if accepted.iter().any(|r| !r.artifacts.is_empty()) {
                 sqlx::query(ARTIFACTS)
                     .bind(json_text(&accepted)?)
-                    .bind(agent)
                     .execute(&mut *tx)
                     .await
                     .map_err(query_error("recording artifacts"))?;
             }
+            let agents: std::collections::HashMap<(&str, i64), &str> = accepted
+                .iter()
+                .map(|r| ((r.id.as_str(), r.run_lease), r.agent))
+                .collect();
             let completed: Vec<Value> = done
                 .iter()
-                .map(|d| event("task.completed", agent, d.payload(Some(agent))))
+                .map(|d| {
+                    let agent = agents
+                        .get(&(d.id.as_str(), d.run_lease))
+                        .copied()
+                        .unwrap_or_default();
+                    event("task.completed", agent, d.payload(Some(agent)))
+                })
                 .collect();
             events(&mut tx, &completed).await?;
         }
-        agent_ended(&mut tx, agent).await?;
+        let mut reporting: Vec<&str> = rows.iter().map(|r| r.agent).collect();
+        reporting.sort_unstable();
+        reporting.dedup();
+        for agent in reporting {
+            agent_ended(&mut tx, agent).await?;
+        }
         commit(tx, "committing completions").await?;
 
         let mut sent = vec![None; completions.len()];
