@@ -336,7 +336,9 @@ impl<Q: Queue> Dispatcher<Q> {
         if let Ok(answers) = answer.try_recv() {
             // A writer before us wrote ours too.
             drop(writer);
-            return answers;
+            let answers = answers?;
+            self.completions_written(&answers);
+            return Ok(answers);
         }
         let batch = std::mem::take(&mut *self.completing.lock().expect("completing lock"));
         let reports: Vec<AgentCompletion<'_>> = batch
