@@ -34,6 +34,9 @@ pub enum RateLimitError {
     },
     #[error("Redis {url} did not answer within {timeout:?}")]
     Timeout { url: String, timeout: Duration },
+    /// From a limiter kept elsewhere (the controller's presence).
+    #[error("the rate limiter failed")]
+    Other(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub trait RateLimiter: Send + Sync {

@@ -14,6 +14,8 @@ use crate::runtime::TaskContext;
 /// `metadata`, which the original schema keeps for such extras.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
+    /// Who called; the controller's endpoint takes it from the token instead.
+    #[serde(default)]
     pub agent: String,
     pub model: String,
     pub provider: String,

@@ -35,6 +35,28 @@ pub struct PlanRequest {
     pub taken: Vec<String>,
 }
 
+impl PlanRequest {
+    /// The request of a `plan` task: `action.plan.request`, else the task's description,
+    /// else its title. `None` when the task's action is not `plan`.
+    pub fn from_assignment(
+        task: &crate::runtime::Assignment,
+        taken: Vec<String>,
+    ) -> Option<PlanRequest> {
+        let plan = task.action.get("plan")?;
+        let request = plan
+            .get("request")
+            .and_then(serde_json::Value::as_str)
+            .filter(|r| !r.trim().is_empty())
+            .or(Some(task.description.as_str()).filter(|d| !d.trim().is_empty()))
+            .unwrap_or(&task.title);
+        Some(PlanRequest {
+            request: request.to_owned(),
+            project: None,
+            taken,
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     #[error("the request is empty: say what the project should achieve")]
@@ -99,7 +121,8 @@ pub trait Provider: Send + Sync {
 
 /// A model when one is configured, offline otherwise.
 pub enum AnyProvider {
-    Llm(LlmProvider),
+    /// Boxed: a client and its configuration against a unit struct.
+    Llm(Box<LlmProvider>),
     Offline(OfflineProvider),
 }
 
@@ -110,7 +133,9 @@ impl AnyProvider {
         limiter: Arc<dyn RateLimiter>,
     ) -> Result<AnyProvider, LlmError> {
         Ok(match config {
-            Some(config) => AnyProvider::Llm(LlmProvider::new(LlmClient::new(config, limiter)?)),
+            Some(config) => {
+                AnyProvider::Llm(Box::new(LlmProvider::new(LlmClient::new(config, limiter)?)))
+            }
             None => AnyProvider::Offline(OfflineProvider),
         })
     }
@@ -166,5 +191,43 @@ impl Provider for AnyProvider {
             AnyProvider::Llm(p) => p.draft_agent(caller, need).await,
             AnyProvider::Offline(p) => p.draft_agent(caller, need).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_of_a_plan_task() {
+        let task = |action: serde_json::Value, description: &str| -> crate::runtime::Assignment {
+            serde_json::from_value(serde_json::json!({
+                "id": "t", "run_lease": 1, "title": "Plan the offsite",
+                "description": description, "action": action
+            }))
+            .unwrap()
+        };
+        let taken = vec!["x".to_owned()];
+        let explicit = task(
+            serde_json::json!({"plan": {"request": "Book a venue."}}),
+            "d",
+        );
+        let request = PlanRequest::from_assignment(&explicit, taken.clone()).unwrap();
+        assert_eq!(request.request, "Book a venue.");
+        assert_eq!(request.taken, taken);
+        let described = task(serde_json::json!({"plan": {}}), "From the description.");
+        assert_eq!(
+            PlanRequest::from_assignment(&described, vec![])
+                .unwrap()
+                .request,
+            "From the description."
+        );
+        let bare = task(serde_json::json!({"plan": {}}), "");
+        assert_eq!(
+            PlanRequest::from_assignment(&bare, vec![]).unwrap().request,
+            "Plan the offsite"
+        );
+        let prompt = task(serde_json::json!({"prompt": "x"}), "");
+        assert_eq!(PlanRequest::from_assignment(&prompt, vec![]), None);
     }
 }

@@ -188,7 +188,7 @@ async fn measure<S>(
     store: S,
 ) -> anyhow::Result<DispatchFigures>
 where
-    S: Store + Queue + Clone + Counts,
+    S: Store + Queue + crate::store::usage::UsageLog + Clone + Counts,
 {
     let mut syncer = Syncer::new(source, "bench", store.clone());
     let cold = syncer.sync().await?;
