@@ -102,3 +102,61 @@ impl DispatchArgs {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("invalid duration `{text}`: {e}"))
 }
+
+/// The language model the Chief of Staff and the Seed use. Without a key they work offline
+/// (deterministically), so nothing here is required.
+#[derive(Debug, Clone, Args)]
+pub struct LlmArgs {
+    /// API key of the OpenAI-compatible endpoint (OpenRouter by default).
+    #[arg(
+        long = "llm-api-key",
+        env = "OPENROUTER_API_KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// The endpoint's base URL, up to `/chat/completions`.
+    #[arg(long = "llm-base-url", env = "AGENTOPS_LLM_BASE_URL", default_value = agentops_agents::llm::OPENROUTER_URL)]
+    pub base_url: String,
+    /// Models tried in order, comma-separated; the default is Llama 3.3 70B, gpt-4o-mini,
+    /// Claude 3.5 Sonnet.
+    #[arg(
+        long = "llm-models",
+        env = "AGENTOPS_LLM_MODELS",
+        value_delimiter = ','
+    )]
+    pub models: Vec<String>,
+    /// How long one attempt at one model may take.
+    #[arg(long = "llm-timeout", env = "AGENTOPS_LLM_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Calls per minute to each provider, shared by all agents (through Redis with
+    /// `--redis`); 0 for no limit.
+    #[arg(
+        long = "llm-rate-limit",
+        env = "AGENTOPS_LLM_RATE_LIMIT",
+        default_value = "0"
+    )]
+    pub rate_limit_per_minute: u64,
+}
+
+impl LlmArgs {
+    /// `None` without a key: the agents then use the offline provider.
+    pub fn config(&self) -> Option<agentops_agents::llm::LlmConfig> {
+        let key = self
+            .api_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())?;
+        let mut config = agentops_agents::llm::LlmConfig::new(key);
+        config.base_url = self.base_url.clone();
+        if !self.models.is_empty() {
+            config.models = self.models.clone();
+        }
+        config.timeout = self.timeout;
+        config.rate_limit =
+            (self.rate_limit_per_minute > 0).then_some(agentops_agents::llm::RateLimit {
+                requests: self.rate_limit_per_minute,
+                per: Duration::from_secs(60),
+            });
+        Some(config)
+    }
+}

@@ -6,6 +6,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod llm;
 pub mod presence;
 pub mod reconcile;
 pub mod source;

@@ -182,6 +182,16 @@ impl TaskContext {
             .await
             .map(drop)
     }
+
+    /// Records one model call as a `model_usage` row (`POST /api/v1/model-usage`); the
+    /// controller takes the agent's name from the token. Sent once, like progress.
+    pub async fn record_usage(&self, usage: &crate::llm::UsageRecord) -> Result<(), Error> {
+        self.shared
+            .client
+            .post::<_, serde::de::IgnoredAny>("/api/v1/model-usage", usage, CALL_TIMEOUT)
+            .await
+            .map(drop)
+    }
 }
 
 impl std::fmt::Debug for TaskContext {

@@ -18,6 +18,7 @@ use uuid::Uuid;
 use crate::dispatch::Dispatcher;
 use crate::store::StoreError;
 use crate::store::queue::{AgentIdentity, Artifact, Completion, Lease, Queue, Refusal};
+use crate::store::usage::{UsageLog, UsageRow};
 
 pub struct ApiState<Q> {
     pub dispatcher: Arc<Dispatcher<Q>>,
@@ -38,7 +39,7 @@ impl<Q: Queue> ApiState<Q> {
     }
 }
 
-pub fn router<Q: Queue>(state: Arc<ApiState<Q>>) -> Router {
+pub fn router<Q: Queue + UsageLog>(state: Arc<ApiState<Q>>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz::<Q>))
@@ -52,6 +53,7 @@ pub fn router<Q: Queue>(state: Arc<ApiState<Q>>) -> Router {
         .route("/api/v1/tasks/{id}/fail", post(fail::<Q>))
         .route("/api/v1/tasks/{id}/question", post(question::<Q>))
         .route("/api/v1/tasks/{id}/release", post(release::<Q>))
+        .route("/api/v1/model-usage", post(model_usage::<Q>))
         .with_state(state)
 }
 
@@ -426,4 +428,18 @@ async fn release<Q: Queue>(
         run_lease: body.run_lease,
     };
     answer(state.dispatcher.release(&agent, lease).await?)
+}
+
+/// One model call of the authenticated agent: a `model_usage` row under its name.
+async fn model_usage<Q: Queue + UsageLog>(
+    State(state): State<Arc<ApiState<Q>>>,
+    Authenticated(agent): Authenticated,
+    Json(record): Json<agentops_agents::llm::UsageRecord>,
+) -> Result<Response, ApiError> {
+    let row = match UsageRow::new(&agent.name, &record) {
+        Ok(row) => row,
+        Err(why) => return Ok(bad_request(format!("invalid model usage: {why}"))),
+    };
+    state.dispatcher.queue().record_usage(&row).await?;
+    Ok(ok())
 }

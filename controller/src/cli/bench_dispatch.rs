@@ -198,7 +198,13 @@ async fn measure<S>(
     store: S,
 ) -> anyhow::Result<DispatchFigures>
 where
-    S: Store + Queue + crate::store::queue::Outbox + crate::store::queue::Liveness + Clone + Counts,
+    S: Store
+        + Queue
+        + crate::store::queue::Outbox
+        + crate::store::queue::Liveness
+        + crate::store::usage::UsageLog
+        + Clone
+        + Counts,
 {
     let mut syncer = Syncer::new(source, "bench", store.clone());
     let cold = syncer.sync().await?;

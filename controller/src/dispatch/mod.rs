@@ -139,6 +139,11 @@ impl<Q: Queue> Dispatcher<Q> {
         &self.config
     }
 
+    /// The store behind the queue, for what the API records besides the queue's operations.
+    pub fn queue(&self) -> &Q {
+        &self.queue
+    }
+
     /// Work may be ready: let the waiting claimers look.
     pub fn wake(&self) {
         // notify_one stores a permit, so a wake during a round is not lost.
