@@ -966,6 +966,23 @@ async fn a_run_survives_redis_going_away() {
     assert_eq!(offline, 0, "an agent was taken for gone");
     agents.stop().await;
     assert_each_completed_once(db, RUN_TASKS).await;
+
+    // What the run did is on /metrics, counted by the controller itself.
+    let run = RUN_TASKS as f64;
+    assert!(up.metric("agentops_tasks_claimed_total").await >= run);
+    assert_eq!(up.metric("agentops_tasks_completed_total").await, run);
+    assert!(up.metric("agentops_pickup_latency_seconds_count").await >= run);
+    assert!(up.metric("agentops_pickup_latency_seconds_sum").await > 0.0);
+    assert!(
+        up.metric("agentops_store_batches_total{op=\"complete\"}")
+            .await
+            >= 1.0
+    );
+    let (_, body) = http_get(&up.addr, "/metrics").await.unwrap();
+    assert!(
+        body.contains("agentops_queue_depth") && body.contains("agentops_lease_expiries_total"),
+        "{body}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

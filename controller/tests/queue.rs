@@ -835,7 +835,7 @@ async fn complete_batch_answers_each_item<S: TestStore + Queue>() {
     let answers = t
         .q()
         .complete_as(
-"worker",
+            "worker",
             &[first.clone(), stale, unknown, third, first.clone()],
         )
         .await

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::Format;
 use super::bench::{admin, fast_import, peak_rss_mb, project_name, with_database};
 use crate::api::ApiState;
+use crate::dispatch::metrics::{self, BatchTotals};
 use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::reconcile::sync::Syncer;
 use crate::source::git::{GitSource, Location};
@@ -69,6 +70,9 @@ struct DispatchFigures {
     lost: i64,
     duplicates: i64,
     peak_rss_mb: f64,
+    /// Where the drain's time went: the claim and completion batches the dispatcher wrote.
+    claim_batches: BatchTotals,
+    complete_batches: BatchTotals,
 }
 
 const TASKS_PER_PROJECT: usize = 100;
@@ -220,8 +224,7 @@ where
     .await?;
     let bus = backends.bus.describe();
     let presence = backends.presence.describe();
-    let dispatcher =
-        Dispatcher::with_backends(store.clone(), DispatchConfig::default(), backends);
+    let dispatcher = Dispatcher::with_backends(store.clone(), DispatchConfig::default(), backends);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let api = format!("http://{}", listener.local_addr()?);
     let server = axum::serve(
@@ -267,6 +270,8 @@ where
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let drain = began.elapsed();
+    let claim_batches = dispatcher.metrics.store_batch_totals(metrics::CLAIM);
+    let complete_batches = dispatcher.metrics.store_batch_totals(metrics::COMPLETE);
 
     // Pick-up: one task per commit, agents idle and long-polling.
     let mut pickups = Vec::with_capacity(bench.pickups);
@@ -335,6 +340,8 @@ where
         lost: expected as i64 - completed,
         duplicates,
         peak_rss_mb: peak_rss_mb(),
+        claim_batches,
+        complete_batches,
     })
 }
 

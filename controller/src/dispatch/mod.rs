@@ -255,8 +255,21 @@ impl<Q: Queue> Dispatcher<Q> {
                 max: w.max,
             })
             .collect();
+        let began = std::time::Instant::now();
         let answers = match self.queue.claim(&claimers, &self.config.policy).await {
-            Ok(answers) => answers,
+            Ok(answers) => {
+                let tasks = answers.iter().map(Vec::len).sum();
+                self.metrics
+                    .store_batch(metrics::CLAIM, tasks, began.elapsed());
+                let now = chrono::Utc::now();
+                for task in answers.iter().flatten() {
+                    if let Some(ready_at) = task.ready_at {
+                        self.metrics
+                            .picked_up((now - ready_at).to_std().unwrap_or_default());
+                    }
+                }
+                answers
+            }
             Err(e) => {
                 // Nobody was served: all wait for the next round.
                 self.requeue(round);
@@ -355,7 +368,10 @@ impl<Q: Queue> Dispatcher<Q> {
                 })
             })
             .collect();
+        let began = std::time::Instant::now();
         let written = self.queue.complete(&reports).await;
+        self.metrics
+            .store_batch(metrics::COMPLETE, reports.len(), began.elapsed());
         drop(reports);
         drop(writer);
         let mut answers = match written {
@@ -363,9 +379,7 @@ impl<Q: Queue> Dispatcher<Q> {
             Err(e) => {
                 let message = e.to_string();
                 for pending in batch {
-                    let _ = pending
-                        .reply
-                        .send(Err(StoreError::Batch(message.clone())));
+                    let _ = pending.reply.send(Err(StoreError::Batch(message.clone())));
                 }
                 return Err(e);
             }
@@ -374,9 +388,11 @@ impl<Q: Queue> Dispatcher<Q> {
             let mine: Vec<_> = answers.by_ref().take(pending.completions.len()).collect();
             let _ = pending.reply.send(Ok(mine));
         }
-        let answers = answer
-            .try_recv()
-            .unwrap_or_else(|_| Err(StoreError::Batch("our completion was not in the batch".into())))?;
+        let answers = answer.try_recv().unwrap_or_else(|_| {
+            Err(StoreError::Batch(
+                "our completion was not in the batch".into(),
+            ))
+        })?;
         self.completions_written(&answers);
         Ok(answers)
     }

@@ -42,6 +42,9 @@ pub struct Assignment {
     /// The source revision the task was dispatched at.
     pub revision: Option<String>,
     pub lease_expires_at: chrono::DateTime<chrono::Utc>,
+    /// When the task became ready, for the pick-up latency metric; the agent is not told.
+    #[serde(skip)]
+    pub ready_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// An agent asking for up to `max` tasks: one of a batch of claims made together.
@@ -396,7 +399,14 @@ pub(super) fn completion_rows<'a>(
     let mut seen = std::collections::HashMap::with_capacity(completions.len());
     let mut rows = Vec::with_capacity(completions.len());
     let mut repeats = Vec::with_capacity(completions.len());
-    for (i, &AgentCompletion { agent, completion: c }) in completions.iter().enumerate() {
+    for (
+        i,
+        &AgentCompletion {
+            agent,
+            completion: c,
+        },
+    ) in completions.iter().enumerate()
+    {
         if let Some(&first) = seen.get(&c.lease) {
             repeats.push(Some(first));
             continue;

@@ -34,6 +34,17 @@ macro_rules! ready {
     };
 }
 
+/// When task `t` became ready: its last change (the trigger keeps `updated_at`: created,
+/// released, retried), the end of its backoff, or its last dependency's completion.
+macro_rules! ready_at {
+    () => {
+        "GREATEST(t.updated_at, t.not_before, CASE WHEN t.depends_on = '[]' THEN NULL ELSE \
+         (SELECT max(dt.completed_at) FROM jsonb_array_elements_text(t.depends_on) AS d(dep) \
+             JOIN projects dp ON dp.name = split_part(d.dep, '/', 1) \
+             JOIN tasks dt ON dt.project_id = dp.id AND dt.name = split_part(d.dep, '/', 2)) END)"
+    };
+}
+
 /// `(task $1, run_lease $2, agent $3)` still hold task `t`.
 macro_rules! fence {
     () => {
@@ -128,8 +139,10 @@ const AUTHENTICATE: &str = "\
 const CLAIM: &str = concat!(
     "WITH claimers AS (SELECT * FROM jsonb_to_recordset(CAST($1 AS text)::jsonb) \
          AS c(i integer, agent text, max integer)), \
-     named AS (SELECT c.agent, n.id, n.priority, n.created_at FROM claimers c \
-         CROSS JOIN LATERAL (SELECT t.id, t.priority, t.created_at FROM tasks t WHERE ",
+     named AS (SELECT c.agent, n.id, n.priority, n.created_at, n.ready_at FROM claimers c \
+         CROSS JOIN LATERAL (SELECT t.id, t.priority, t.created_at, ",
+    ready_at!(),
+    " AS ready_at FROM tasks t WHERE ",
     ready!(),
     " AND t.assignee = c.agent AND c.agent <> $2 \
          AND (t.capabilities = '[]' OR t.capabilities <@ CAST($3 AS text)::jsonb) \
@@ -138,22 +151,24 @@ const CLAIM: &str = concat!(
      slots AS (SELECT c.agent, row_number() OVER (ORDER BY s.k, c.i) AS n FROM claimers c \
          CROSS JOIN LATERAL generate_series(1, c.max - (SELECT count(*) FROM named \
              WHERE named.agent = c.agent)::integer) AS s(k)), \
-     picked AS (SELECT t.id, t.priority, t.created_at FROM tasks t WHERE ",
+     picked AS (SELECT t.id, t.priority, t.created_at, ",
+    ready_at!(),
+    " AS ready_at FROM tasks t WHERE ",
     ready!(),
     " AND t.assignee = $2 \
          AND (t.capabilities = '[]' OR t.capabilities <@ CAST($3 AS text)::jsonb) \
          ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT (SELECT count(*) FROM slots) \
          FOR UPDATE OF t SKIP LOCKED), \
-     dealt AS (SELECT s.agent, p.id FROM (SELECT id, row_number() OVER ( \
+     dealt AS (SELECT s.agent, p.id, p.ready_at FROM (SELECT id, ready_at, row_number() OVER ( \
              ORDER BY priority DESC NULLS LAST, created_at) AS n FROM picked) p \
          JOIN slots s ON s.n = p.n \
-         UNION ALL SELECT agent, id FROM named), \
+         UNION ALL SELECT agent, id, ready_at FROM named), \
      claimed AS (UPDATE tasks t SET status = 'in_progress', lease_owner = d.agent, \
          assigned_to = d.agent, lease_expires_at = now() + $4 * interval '1 millisecond', \
          run_lease = t.run_lease + 1, started_at = COALESCE(t.started_at, now()), \
          claimed_at = now(), dispatch_revision = t.revision \
      FROM dealt d WHERE t.id = d.id \
-     RETURNING d.agent, t.id, t.project_id, t.run_lease, t.attempt, t.priority, t.created_at, \
+     RETURNING d.agent, d.ready_at, t.id, t.project_id, t.run_lease, t.attempt, t.priority, t.created_at, \
          t.name, t.title, t.description, t.action, t.output, t.acceptance_criteria, \
          t.timeout_seconds, t.revision, t.lease_expires_at), \
      events AS (INSERT INTO events (event_type, source_agent, payload) \
@@ -167,7 +182,7 @@ const CLAIM: &str = concat!(
              THEN 'busy' ELSE a.status END \
          WHERE a.name IN (SELECT l.name FROM agents l WHERE l.name IN \
              (SELECT agent FROM claimers) ORDER BY l.name FOR UPDATE)) \
-     SELECT c.agent, c.id, c.run_lease, c.attempt, \
+     SELECT c.agent, c.ready_at, c.id, c.run_lease, c.attempt, \
          COALESCE((SELECT p.name FROM projects p WHERE p.id = c.project_id), '') AS project, \
          COALESCE(c.name, '') AS name, c.title, COALESCE(c.description, '') AS description, \
          c.action, c.output, c.acceptance_criteria, c.timeout_seconds, c.revision, \
@@ -386,6 +401,7 @@ struct AgentRow {
 #[derive(sqlx::FromRow)]
 struct AssignmentRow {
     agent: String,
+    ready_at: Option<DateTime<Utc>>,
     id: Uuid,
     run_lease: i64,
     attempt: i32,
@@ -549,6 +565,7 @@ impl Queue for PgStore {
                     timeout_seconds: r.timeout_seconds,
                     revision: r.revision,
                     lease_expires_at: r.lease_expires_at,
+                    ready_at: r.ready_at,
                 });
             }
         }

@@ -107,6 +107,11 @@ const CLAIM: &str = concat!(
          WHERE c.value NOT IN (SELECT value FROM json_each(?3))) \
      ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT ?4) \
      RETURNING id, run_lease, attempt, priority, created_at, \
+     max(updated_at, COALESCE(not_before, updated_at), COALESCE((SELECT max(dt.completed_at) \
+         FROM json_each(tasks.depends_on) d \
+         JOIN projects dp ON dp.name = substr(d.value, 1, instr(d.value, '/') - 1) \
+         JOIN tasks dt ON dt.project_id = dp.id \
+             AND dt.name = substr(d.value, instr(d.value, '/') + 1)), updated_at)) AS ready_at, \
      COALESCE((SELECT p.name FROM projects p WHERE p.id = tasks.project_id), '') AS project, \
      COALESCE(name, '') AS name, title, COALESCE(description, '') AS description, action, \
      output, acceptance_criteria, timeout_seconds, revision, lease_expires_at"
@@ -310,6 +315,8 @@ struct AssignmentRow {
     timeout_seconds: Option<i32>,
     revision: Option<String>,
     lease_expires_at: String,
+    /// As it was before this claim: RETURNING does not see what the trigger changes.
+    ready_at: Option<String>,
 }
 
 /// A task row a fenced statement changed (or found held).
@@ -383,14 +390,14 @@ fn modifier(duration: std::time::Duration) -> String {
 type Tx = Transaction<'static, Sqlite>;
 
 async fn claim_one(
-tx: &mut Tx,
-agent: &AgentIdentity,
-max: u32,
-policy: &LeasePolicy,
+    tx: &mut Tx,
+    agent: &AgentIdentity,
+    max: u32,
+    policy: &LeasePolicy,
 ) -> Result<Vec<Assignment>, StoreError> {
-if max == 0 {
-    return Ok(Vec::new());
-}
+    if max == 0 {
+        return Ok(Vec::new());
+    }
     let mut rows: Vec<AssignmentRow> = sqlx::query_as(CLAIM)
         .bind(&agent.name)
         .bind(&agent.agent_type)
@@ -446,11 +453,11 @@ if max == 0 {
                 timeout_seconds: r.timeout_seconds,
                 revision: r.revision,
                 lease_expires_at: parse_time(&r.lease_expires_at)?,
+                ready_at: r.ready_at.as_deref().map(parse_time).transpose()?,
             })
         })
         .collect()
 }
-
 
 impl SqliteStore {
     async fn begin(&self) -> Result<Tx, StoreError> {
