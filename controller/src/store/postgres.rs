@@ -1,7 +1,9 @@
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 
 use super::sql::{POSTGRES_SQL, Sql};
@@ -17,15 +19,22 @@ pub struct PgStore {
 
 impl PgStore {
     pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
+        let connect_error = |source| StoreError::Connect {
+            url: url.to_owned(),
+            source,
+        };
+        // No JIT: the batch statements' set-returning functions (`jsonb_to_recordset`,
+        // `generate_series`) have no row estimates, so the planner guesses costs high enough
+        // to compile each one, and a claim that runs in milliseconds spent 1.6 s in LLVM.
+        let options = PgConnectOptions::from_str(url)
+            .map_err(connect_error)?
+            .options([("jit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
+            .connect_with(options)
             .await
-            .map_err(|source| StoreError::Connect {
-                url: url.to_owned(),
-                source,
-            })?;
+            .map_err(connect_error)?;
         Ok(PgStore {
             pool,
             sql: &POSTGRES_SQL,
