@@ -83,9 +83,7 @@ macro_rules! agent_idle {
         concat!(
             "agent AS (UPDATE agents SET last_active_at = now(), status = CASE ",
             "WHEN status = 'busy' AND NOT EXISTS (SELECT 1 FROM tasks h ",
-            "WHERE h.status = 'in_progress' AND h.assigned_to = ",
-            $agent,
-            " AND h.lease_owner = ",
+            "WHERE h.status = 'in_progress' AND h.lease_owner = ",
             $agent,
             " AND h.id NOT IN (SELECT id FROM ",
             $ended,
@@ -205,7 +203,7 @@ const HEARTBEAT: &str = "\
     agent AS (UPDATE agents SET last_active_at = now(), status = CASE \
         WHEN status NOT IN ('busy', 'idle') THEN status \
         WHEN EXISTS (SELECT 1 FROM tasks h WHERE h.status = 'in_progress' \
-            AND h.assigned_to = $2 AND h.lease_owner = $2) THEN 'busy' ELSE 'idle' END \
+            AND h.lease_owner = $2) THEN 'busy' ELSE 'idle' END \
         WHERE name = $2) \
     SELECT r.id, \
         EXISTS (SELECT 1 FROM held h WHERE h.id = r.id AND h.run_lease = r.run_lease) AS held, \
@@ -255,7 +253,7 @@ const COMPLETE: &str = concat!(
     // In name order, like the claim: see there.
     "agent AS (UPDATE agents a SET last_active_at = now(), status = CASE \
          WHEN a.status = 'busy' AND NOT EXISTS (SELECT 1 FROM tasks h \
-             WHERE h.assigned_to = a.name AND h.lease_owner = a.name \
+             WHERE h.lease_owner = a.name \
              AND h.status = 'in_progress' AND h.id NOT IN (SELECT id FROM done)) \
          THEN 'idle' ELSE a.status END \
          WHERE a.name IN (SELECT l.name FROM agents l WHERE l.name IN \

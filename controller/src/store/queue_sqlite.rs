@@ -91,7 +91,8 @@ const TOUCH_SESSION: &str = concat!(
     " WHERE token_hash = ?1"
 );
 
-/// ?1 agent, ?2 its type, ?3 its capabilities, ?4 how many, ?5 the lease as a modifier.
+/// ?1 agent, ?2 the assignee to take tasks of (the agent's name or its role), ?3 its
+/// capabilities, ?4 how many, ?5 the lease as a modifier.
 const CLAIM: &str = concat!(
     "UPDATE tasks SET status = 'in_progress', lease_owner = ?1, assigned_to = ?1, \
      lease_expires_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?5), \
@@ -102,7 +103,7 @@ const CLAIM: &str = concat!(
     ", dispatch_revision = revision \
      WHERE id IN (SELECT t.id FROM tasks t WHERE ",
     ready!(),
-    " AND (t.assignee = ?1 OR t.assignee = ?2) \
+    " AND t.assignee = ?2 \
      AND NOT EXISTS (SELECT 1 FROM json_each(t.capabilities) c \
          WHERE c.value NOT IN (SELECT value FROM json_each(?3))) \
      ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT ?4) \
@@ -145,7 +146,7 @@ const AGENT_ENDED: &str = concat!(
     "UPDATE agents SET last_active_at = ",
     now!(),
     ", status = CASE WHEN status = 'busy' AND NOT EXISTS (SELECT 1 FROM tasks h \
-         WHERE h.status = 'in_progress' AND h.assigned_to = ?1 AND h.lease_owner = ?1) \
+         WHERE h.status = 'in_progress' AND h.lease_owner = ?1) \
          THEN 'idle' ELSE status END \
      WHERE name = ?1"
 );
@@ -398,21 +399,38 @@ async fn claim_one(
     if max == 0 {
         return Ok(Vec::new());
     }
-    let mut rows: Vec<AssignmentRow> = sqlx::query_as(CLAIM)
-        .bind(&agent.name)
-        .bind(&agent.agent_type)
-        .bind(json_text(&agent.capabilities)?)
-        .bind(i64::from(max))
-        .bind(modifier(policy.lease))
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(query_error("claiming tasks"))?;
-    // RETURNING comes in no particular order.
-    rows.sort_by(|a, b| {
-        b.priority
-            .cmp(&a.priority)
-            .then_with(|| a.created_at.cmp(&b.created_at))
-    });
+    // Tasks that name the agent first, then its role's, as on Postgres. Two statements on
+    // one assignee each, because each then walks `idx_tasks_pending_assignee` in claim order
+    // and stops at the limit; `assignee IN (name, role)` made SQLite sort every pending task.
+    let capabilities = json_text(&agent.capabilities)?;
+    let mut rows: Vec<AssignmentRow> = Vec::new();
+    let pools: &[&str] = if agent.name == agent.agent_type {
+        &[&agent.agent_type]
+    } else {
+        &[&agent.name, &agent.agent_type]
+    };
+    for assignee in pools {
+        let room = i64::from(max) - rows.len() as i64;
+        if room <= 0 {
+            break;
+        }
+        let mut taken: Vec<AssignmentRow> = sqlx::query_as(CLAIM)
+            .bind(&agent.name)
+            .bind(assignee)
+            .bind(&capabilities)
+            .bind(room)
+            .bind(modifier(policy.lease))
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(query_error("claiming tasks"))?;
+        // RETURNING comes in no particular order.
+        taken.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then_with(|| a.created_at.cmp(&b.created_at))
+        });
+        rows.append(&mut taken);
+    }
     let claimed: Vec<Value> = rows
         .iter()
         .map(|r| {
