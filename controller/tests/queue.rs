@@ -94,6 +94,7 @@ fn done(a: &Assignment, result: serde_json::Value) -> Completion {
         lease: lease(a),
         result,
         artifacts: Vec::new(),
+        review: false,
     }
 }
 
@@ -722,6 +723,7 @@ async fn complete_batch_answers_each_item<S: TestStore + Queue>() {
         },
         result: json!({"n": 2}),
         artifacts: Vec::new(),
+        review: false,
     };
     let unknown = Completion {
         lease: Lease {
@@ -730,6 +732,7 @@ async fn complete_batch_answers_each_item<S: TestStore + Queue>() {
         },
         result: json!({}),
         artifacts: Vec::new(),
+        review: false,
     };
     let third = done(three, json!({"n": 3}));
     let answers = t

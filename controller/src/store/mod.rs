@@ -11,6 +11,7 @@ mod queue_sqlite;
 mod rows;
 mod sql;
 mod sqlite;
+pub mod writeback;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -56,6 +56,10 @@ pub struct Completion {
     pub lease: Lease,
     pub result: serde_json::Value,
     pub artifacts: Vec<Artifact>,
+    /// The output awaits a person's review (a pull request or a result branch): the task goes
+    /// to `review` instead of `completed`, and is completed when the output is merged.
+    #[serde(default)]
+    pub review: bool,
 }
 
 /// An output an agent stored somewhere (`key` is its object-storage key or branch path).
@@ -347,6 +351,8 @@ pub(super) struct CompletionRow<'a> {
     pub run_lease: i64,
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub result: &'a serde_json::Value,
+    /// `review` instead of `completed` (see [`Completion::review`]).
+    pub review: bool,
     /// The `completion` task update's message.
     pub message: String,
     pub artifacts: Vec<ArtifactRow<'a>>,
@@ -383,6 +389,7 @@ pub(super) fn completion_rows(
             id: c.lease.id.hyphenated().to_string(),
             run_lease: c.lease.run_lease,
             result: &c.result,
+            review: c.review,
             message: completion_message(&c.result),
             artifacts: c
                 .artifacts

@@ -177,11 +177,12 @@ const EXISTS: &str = "SELECT count(*) FROM tasks WHERE id = ?1";
 
 /// ?1 completions as [`CompletionRow`], ?2 agent.
 const COMPLETE: &str = concat!(
-    "UPDATE tasks SET status = 'completed', completed_at = ",
+    "UPDATE tasks SET status = CASE WHEN r.review THEN 'review' ELSE 'completed' END, \
+     completed_at = CASE WHEN r.review THEN NULL ELSE ",
     now!(),
-    ", result = r.result, lease_owner = NULL, lease_expires_at = NULL, status_message = NULL \
+    " END, result = r.result, lease_owner = NULL, lease_expires_at = NULL, status_message = NULL \
      FROM (SELECT value ->> '$.id' AS id, value ->> '$.run_lease' AS run_lease, \
-         value -> '$.result' AS result FROM json_each(?1)) AS r \
+         value -> '$.result' AS result, value ->> '$.review' AS review FROM json_each(?1)) AS r \
      WHERE tasks.id = r.id AND tasks.run_lease = r.run_lease AND tasks.lease_owner = ?2 \
      AND tasks.status = 'in_progress'",
     returning!()
@@ -739,7 +740,13 @@ impl Queue for SqliteStore {
             }
             let completed: Vec<Value> = done
                 .iter()
-                .map(|d| event("task.completed", agent, d.payload(Some(agent))))
+                .map(|d| {
+                    let kind = match d.status.as_str() {
+                        "review" => "task.review",
+                        _ => "task.completed",
+                    };
+                    event(kind, agent, d.payload(Some(agent)))
+                })
                 .collect();
             events(&mut tx, &completed).await?;
         }
