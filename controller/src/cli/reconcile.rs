@@ -103,9 +103,14 @@ pub async fn once(
                 writeback.author(),
                 Retry::default(),
             );
-            match status.flush().await.context("committing the status")? {
-                Some(commit) => eprintln!("status committed: {commit}"),
-                None => eprintln!("status unchanged"),
+            match status.flush().await {
+                Ok(Some(commit)) => eprintln!("status committed: {commit}"),
+                Ok(None) => eprintln!("status unchanged"),
+                Err(e) => {
+                    // The pass ran; the status is committed by the next one.
+                    eprintln!("status not committed: {}", crate::error_chain(&e));
+                    return Ok(ExitCode::from(1));
+                }
             }
         }
     });
@@ -135,7 +140,8 @@ async fn writeback_loop<S>(
     S: Writeback,
 {
     let mut status = status;
-    let mut tick = tokio::time::interval(interval);
+    // Not at once: the first sync has not reached the store yet.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let flush = tokio::select! {

@@ -321,15 +321,15 @@ fn changed_paths(
         .collect()
 }
 
-/// Refuse to refresh files a person is editing: each must match the old commit in both the
-/// index and the working tree.
+/// Refuse to refresh files a person is editing: in both the index and the working tree each
+/// must match the old commit (or already be what the new one brings).
 fn check_clean(
     local: &Repository,
     changed: &[(String, Option<Oid>, Option<Oid>)],
 ) -> Result<(), PushFailure> {
     let index = local.index().map_err(PushFailure::Failed)?;
     let workdir = local.workdir().expect("non-bare").to_owned();
-    for (path, old, _) in changed {
+    for (path, old, new) in changed {
         let in_index = index.get_path(Path::new(path), 0).map(|e| e.id);
         let on_disk = match std::fs::read(workdir.join(path)) {
             Ok(bytes) => Some(
@@ -337,7 +337,12 @@ fn check_clean(
             ),
             Err(_) => None,
         };
-        if in_index != *old || on_disk != *old {
+        // What is there is either what the old commit had, or already what we bring. A file
+        // neither committed nor staged is a leftover of an earlier refresh (a person's commit
+        // dropped it from the index): ours to overwrite.
+        let known = |id: Option<Oid>| id == *old || id == *new;
+        let untracked_leftover = old.is_none() && in_index.is_none();
+        if !known(in_index) || !(known(on_disk) || untracked_leftover) {
             return Err(PushFailure::LocalEdits(path.clone()));
         }
     }
