@@ -341,7 +341,8 @@ fn check_clean(
         // neither committed nor staged is a leftover of an earlier refresh (a person's commit
         // dropped it from the index): ours to overwrite.
         let known = |id: Option<Oid>| id == *old || id == *new;
-        let untracked_leftover = old.is_none() && in_index.is_none();
+        let untracked_leftover =
+            old.is_none() && in_index.is_none() && path.starts_with(&format!("{DIR}/"));
         if !known(in_index) || !(known(on_disk) || untracked_leftover) {
             return Err(PushFailure::LocalEdits(path.clone()));
         }
@@ -772,7 +773,11 @@ pub fn commit_result(
             OutputMode::Commit => Some(head),
             OutputMode::PullRequest => branch_tip(&repo, source, &branch),
         };
-        match push(&repo, source, commit, &branch, old, None) {
+        // Onto a checked-out branch of a local repository, the written files are brought into
+        // its working tree as the status files are; a result branch is nobody's checkout.
+        let written: Vec<String> = req.files.iter().map(|f| f.path.clone()).collect();
+        let refresh = (req.mode == OutputMode::Commit).then_some(written.as_slice());
+        match push(&repo, source, commit, &branch, old, refresh) {
             Ok(()) => {
                 if req.mode == OutputMode::PullRequest
                     && !matches!(source.location, Location::Folder(_))
