@@ -644,6 +644,42 @@ async fn reconcile_once_flushes_the_status() {
     assert_eq!(remote.head(), head.id());
 }
 
+/// `up` commits the status on its interval and once more on its way out.
+#[tokio::test]
+async fn up_commits_the_status_before_it_exits() {
+    let remote = Remote::new();
+    let p = project("web", "The website");
+    remote.commit("specs", &[("projects/web/project.yaml", Some(p.as_str()))]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentops"));
+    command
+        .args(["up", "--repo", &remote.url(), "--exit-when-idle"])
+        .args(["--status-interval", "100ms", "--listen"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--database")
+        .arg(format!(
+            "sqlite://{}",
+            dir.path().join("db.sqlite").display()
+        ))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("AGENTOPS_LOG", "warn")
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("up exits once idle")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let repo = remote.repo();
+    let head = repo.find_commit(remote.head()).unwrap();
+    assert_eq!(head.author().name().ok(), Some("agentops"), "{stderr}");
+    assert!(is_own_commit(&repo, &head));
+    let yaml = remote.file(head.id(), ".agentops/status/web.yaml").unwrap();
+    assert!(yaml.contains("project: \"web\"\nphase: active"), "{yaml}");
+    assert!(yaml.contains("tasks: {}"), "{yaml}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Results
 // ---------------------------------------------------------------------------------------------
