@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use agentops_agents::runtime::{
-    Agent, AgentConfig, Assignment, Error, Handler, Outcome, TaskContext,
+    Agent, AgentConfig, Assignment, Error, Handler, Outcome, OutputFile, TaskContext,
 };
 use axum::http::StatusCode;
 use common::{Fake, id, task};
@@ -124,6 +124,38 @@ async fn claims_up_to_its_free_slots_and_batches_completions() {
             largest > 1 && s.complete_requests.len() < 64,
             "completions are batched: {:?}",
             s.complete_requests
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_carry_output_files() {
+    let fake = Fake::start().await;
+    fake.push(task("writer", json!({"prompt": "write"})));
+    let running = start(
+        &fake,
+        1,
+        |_task: Assignment, _ctx: TaskContext| async move {
+            Outcome::complete_with_files(
+                json!({"summary": "wrote"}),
+                vec![
+                    OutputFile::text("site/copy.md", "# Hi\n"),
+                    OutputFile::bytes("site/logo.bin", vec![0, 0xff]).executable(),
+                ],
+            )
+        },
+    );
+    fake.wait_until("the task completes", |s| s.completed.len() == 1)
+        .await;
+    running.stop().await;
+    fake.with(|s| {
+        assert_eq!(
+            s.completed_files,
+            [(
+                id("writer"),
+                json!([{"path": "site/copy.md", "content": "# Hi\n"},
+                       {"path": "site/logo.bin", "content_base64": "AP8=", "mode": "executable"}])
+            )]
         );
     });
 }

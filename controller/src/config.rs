@@ -85,6 +85,76 @@ pub struct DispatchArgs {
     pub redis: Option<String>,
 }
 
+/// Write-back: status commits, result commits, and the forge that reviews results.
+#[derive(Debug, Clone, Args)]
+pub struct WritebackArgs {
+    /// Status changes are committed at most once per this interval.
+    #[arg(long, env = "AGENTOPS_STATUS_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub status_interval: Duration,
+    /// Do not commit status files to Git.
+    #[arg(long, env = "AGENTOPS_NO_STATUS")]
+    pub no_status: bool,
+    /// The author (and committer) of the controller's commits.
+    #[arg(long, env = "AGENTOPS_AUTHOR_NAME", default_value = "agentops")]
+    pub author_name: String,
+    #[arg(
+        long,
+        env = "AGENTOPS_AUTHOR_EMAIL",
+        default_value = "agentops@localhost"
+    )]
+    pub author_email: String,
+    /// A GitHub token: result branches get pull requests, and merging one completes its task.
+    /// Without it, a result branch merged into the followed branch counts as merged.
+    #[arg(long, env = "AGENTOPS_GITHUB_TOKEN", hide_env_values = true)]
+    pub github_token: Option<String>,
+    /// The GitHub API, e.g. `https://HOST/api/v3` for GitHub Enterprise.
+    #[arg(
+        long,
+        env = "AGENTOPS_GITHUB_API_URL",
+        default_value = "https://api.github.com"
+    )]
+    pub github_api_url: String,
+    /// `OWNER/REPO` on GitHub; taken from the remote URL when not given.
+    #[arg(long, env = "AGENTOPS_GITHUB_REPO")]
+    pub github_repo: Option<String>,
+    /// The secret GitHub signs webhook deliveries with (`POST /hooks/github`); without it
+    /// every delivery is refused.
+    #[arg(long, env = "AGENTOPS_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+}
+
+impl WritebackArgs {
+    pub fn author(&self) -> crate::writeback::Author {
+        crate::writeback::Author {
+            name: self.author_name.clone(),
+            email: self.author_email.clone(),
+        }
+    }
+
+    /// The forge results are reviewed on: GitHub with a token, else the branches alone.
+    pub fn forge(
+        &self,
+        source: &crate::source::git::GitSource,
+    ) -> Result<std::sync::Arc<dyn crate::forge::Forge>, crate::forge::ForgeError> {
+        use crate::forge::{Branches, ForgeError, GitHub, github::GitHubConfig, owner_repo};
+        let Some(token) = &self.github_token else {
+            return Ok(std::sync::Arc::new(Branches {
+                source: source.clone(),
+            }));
+        };
+        let url = source.location.url();
+        let (owner, repo) = match &self.github_repo {
+            Some(full) => full
+                .split_once('/')
+                .map(|(o, r)| (o.to_owned(), r.to_owned()))
+                .ok_or_else(|| ForgeError::NoRepository(full.clone()))?,
+            None => owner_repo(&url).ok_or(ForgeError::NoRepository(url))?,
+        };
+        let config = GitHubConfig::new(&self.github_api_url, token, &owner, &repo);
+        Ok(std::sync::Arc::new(GitHub::new(config)?))
+    }
+}
+
 /// How long one Redis call may take before it is given up (and dispatch carries on).
 pub const PRESENCE_TIMEOUT: Duration = Duration::from_millis(250);
 

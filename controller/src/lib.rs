@@ -6,11 +6,13 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod forge;
 pub mod llm;
 pub mod presence;
 pub mod reconcile;
 pub mod source;
 pub mod store;
+pub mod writeback;
 
 /// An error and its causes on one line, for logs.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -509,6 +509,7 @@ async fn events_of_a_claim_and_a_completion_are_on_nats() {
         },
         result: json!({"summary": "done"}),
         artifacts: Vec::new(),
+        review: false,
     };
     assert_eq!(d.complete(&worker, &[completion]).await.unwrap(), [Ok(())]);
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentops::store::queue::{
-    AgentCompletion, AgentIdentity, Artifact, Assignment, Claimer, Completion, FailOutcome, Lease,
-    LeasePolicy, LeaseState, Queue, Refusal,
+    AgentIdentity, Artifact, Assignment, Claimer, Completion, FailOutcome, Lease, LeasePolicy,
+    LeaseState, Queue, Refusal,
 };
 use common::*;
 use serde_json::json;
@@ -37,39 +37,6 @@ both_backends_multi_thread!(concurrent_claimers_never_share_a_task);
 // ---------------------------------------------------------------------------------------------
 // Fixtures
 // ---------------------------------------------------------------------------------------------
-
-/// One agent's claim or reports, as the batch operations of [`Queue`] take them.
-trait QueueExt: Queue {
-    async fn claim_for(
-        &self,
-        agent: &AgentIdentity,
-        max: u32,
-        policy: &LeasePolicy,
-    ) -> Result<Vec<Assignment>, agentops::store::StoreError> {
-        let claimer = Claimer {
-            agent: agent.clone(),
-            max,
-        };
-        Ok(self
-            .claim(std::slice::from_ref(&claimer), policy)
-            .await?
-            .remove(0))
-    }
-
-    async fn complete_as(
-        &self,
-        agent: &str,
-        completions: &[Completion],
-    ) -> Result<Vec<Result<(), Refusal>>, agentops::store::StoreError> {
-        let batch: Vec<AgentCompletion<'_>> = completions
-            .iter()
-            .map(|completion| AgentCompletion { agent, completion })
-            .collect();
-        self.complete(&batch).await
-    }
-}
-
-impl<Q: Queue> QueueExt for Q {}
 
 /// A task file for `projects/<project>/tasks/<name>.yaml`; `extra` adds `spec` lines.
 fn task_spec(name: &str, extra: &[&str]) -> String {
@@ -128,6 +95,7 @@ fn done(a: &Assignment, result: serde_json::Value) -> Completion {
         lease: lease(a),
         result,
         artifacts: Vec::new(),
+        review: false,
     }
 }
 
@@ -822,6 +790,7 @@ async fn complete_batch_answers_each_item<S: TestStore + Queue>() {
         },
         result: json!({"n": 2}),
         artifacts: Vec::new(),
+        review: false,
     };
     let unknown = Completion {
         lease: Lease {
@@ -830,6 +799,7 @@ async fn complete_batch_answers_each_item<S: TestStore + Queue>() {
         },
         result: json!({}),
         artifacts: Vec::new(),
+        review: false,
     };
     let third = done(three, json!({"n": 3}));
     let answers = t

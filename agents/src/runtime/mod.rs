@@ -41,7 +41,7 @@ use tracing::Instrument;
 
 pub use client::Error;
 pub use nudges::{DISPATCH_PREFIX, DISPATCH_STREAM, consumer_name};
-pub use protocol::{AgentType, Artifact, Assignment, UnknownAgentType};
+pub use protocol::{AgentType, Artifact, Assignment, OutputFile, UnknownAgentType};
 
 use crate::error_chain;
 use client::{CALL_TIMEOUT, Client};
@@ -111,6 +111,10 @@ pub enum Outcome {
     Complete {
         result: serde_json::Value,
         artifacts: Vec<Artifact>,
+        /// Files the controller commits for the task: on its result branch for review, or
+        /// with `output.mode: commit` on the followed branch. Paths must lie within the task's
+        /// `output.paths`.
+        files: Vec<OutputFile>,
     },
     /// A retryable failure goes back to ready (attempt + 1) until the task's retries are
     /// spent; any other fails the task.
@@ -124,6 +128,16 @@ impl Outcome {
         Outcome::Complete {
             result,
             artifacts: Vec::new(),
+            files: Vec::new(),
+        }
+    }
+
+    /// Complete with output files for the controller to commit.
+    pub fn complete_with_files(result: serde_json::Value, files: Vec<OutputFile>) -> Outcome {
+        Outcome::Complete {
+            result,
+            artifacts: Vec::new(),
+            files,
         }
     }
 
@@ -448,13 +462,18 @@ async fn run_task<H: Handler>(
         // For work the handler started outside its future, which outlives the drop above.
         cancel.cancel();
         match outcome {
-            Some(Outcome::Complete { result, artifacts }) => {
+            Some(Outcome::Complete {
+                result,
+                artifacts,
+                files,
+            }) => {
                 shared
                     .complete(Completion {
                         id: id.clone(),
                         run_lease,
                         result,
                         artifacts,
+                        files,
                     })
                     .await
             }

@@ -112,6 +112,54 @@ pub struct Artifact {
     pub mime_type: Option<String>,
 }
 
+/// A file for the controller to commit as (part of) a task's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// Relative to the repository root, within the task's `output.paths`.
+    pub path: String,
+    /// The content as text…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// …or as base64, for bytes that are not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_base64: Option<String>,
+    /// `file` (the default) or `executable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+impl OutputFile {
+    pub fn text(path: impl Into<String>, content: impl Into<String>) -> OutputFile {
+        OutputFile {
+            path: path.into(),
+            content: Some(content.into()),
+            content_base64: None,
+            mode: None,
+        }
+    }
+
+    /// Any bytes: sent as text when they are UTF-8, as base64 otherwise.
+    pub fn bytes(path: impl Into<String>, content: Vec<u8>) -> OutputFile {
+        use base64::Engine as _;
+        match String::from_utf8(content) {
+            Ok(text) => OutputFile::text(path, text),
+            Err(e) => OutputFile {
+                path: path.into(),
+                content: None,
+                content_base64: Some(
+                    base64::engine::general_purpose::STANDARD.encode(e.as_bytes()),
+                ),
+                mode: None,
+            },
+        }
+    }
+
+    pub fn executable(mut self) -> OutputFile {
+        self.mode = Some("executable".to_owned());
+        self
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub(crate) struct RegisterRequest {
     pub name: String,
@@ -170,6 +218,8 @@ pub(crate) struct Completion {
     pub result: serde_json::Value,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<Artifact>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<OutputFile>,
 }
 
 #[derive(Debug, Serialize)]
@@ -272,6 +322,19 @@ mod tests {
         assert_eq!(
             serde_json::to_value(Report::Release { run_lease: 3 }).unwrap(),
             serde_json::json!({"run_lease": 3})
+        );
+    }
+
+    #[test]
+    fn output_files_are_text_or_base64() {
+        assert_eq!(
+            serde_json::to_value(OutputFile::text("site/a.md", "hi")).unwrap(),
+            serde_json::json!({"path": "site/a.md", "content": "hi"})
+        );
+        assert_eq!(
+            serde_json::to_value(OutputFile::bytes("site/b.bin", vec![0xff, 0x00]).executable())
+                .unwrap(),
+            serde_json::json!({"path": "site/b.bin", "content_base64": "/wA=", "mode": "executable"})
         );
     }
 

@@ -62,6 +62,8 @@ pub struct Ledger {
     /// Size of every `/api/v1/complete` request, whatever its answer.
     pub complete_requests: Vec<usize>,
     pub completed: Vec<(String, Value)>,
+    /// The `files` of each accepted completion that carried any.
+    pub completed_files: Vec<(String, Value)>,
     pub failed: Vec<(String, String, bool)>,
     pub questions: Vec<(String, String)>,
     pub progress: Vec<(String, String)>,
@@ -347,6 +349,9 @@ async fn complete_many(
                 let ok = s.end_lease("completion", &id, item);
                 if ok {
                     s.completed.push((id.clone(), item["result"].clone()));
+                    if let Some(files) = item.get("files") {
+                        s.completed_files.push((id.clone(), files.clone()));
+                    }
                 }
                 json!({"id": id, "ok": ok})
             })

@@ -1,11 +1,11 @@
-//! The HTTP interface: health, metrics, and the agent protocol under `/api/v1`
-//! (`agents/PROTOCOL.md` is its contract).
+//! The HTTP interface: health, metrics, the agent protocol under `/api/v1`
+//! (`agents/PROTOCOL.md` is its contract), and the GitHub webhook.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -19,25 +19,48 @@ use crate::dispatch::Dispatcher;
 use crate::store::StoreError;
 use crate::store::queue::{AgentIdentity, Artifact, Completion, Lease, Queue, Refusal};
 use crate::store::usage::{UsageLog, UsageRow};
+use crate::writeback::paths::OutputFile;
+use crate::writeback::{ResultError, Results};
+
+mod hooks;
+
+pub use hooks::Hooks;
 
 pub struct ApiState<Q> {
     pub dispatcher: Arc<Dispatcher<Q>>,
     pub registry: Registry,
     /// Set once the first sync has reached the store.
     pub ready: AtomicBool,
+    /// Commits the files a completion carries; without it such completions are refused.
+    pub results: Option<Arc<dyn Results>>,
+    /// The webhook's secret and whom it nudges; without it `/hooks/github` answers 404.
+    pub hooks: Option<Hooks>,
 }
 
 impl<Q: Queue> ApiState<Q> {
     pub fn new(dispatcher: Arc<Dispatcher<Q>>) -> Arc<ApiState<Q>> {
+        ApiState::with_writeback(dispatcher, None, None)
+    }
+
+    pub fn with_writeback(
+        dispatcher: Arc<Dispatcher<Q>>,
+        results: Option<Arc<dyn Results>>,
+        hooks: Option<Hooks>,
+    ) -> Arc<ApiState<Q>> {
         let mut registry = Registry::default();
         dispatcher.metrics.register(&mut registry);
         Arc::new(ApiState {
             dispatcher,
             registry,
             ready: AtomicBool::new(false),
+            results,
+            hooks,
         })
     }
 }
+
+/// Output files make completions large; the rest of the protocol stays at axum's 2 MB.
+const COMPLETE_BODY_LIMIT: usize = 64 << 20;
 
 pub fn router<Q: Queue + UsageLog>(state: Arc<ApiState<Q>>) -> Router {
     Router::new()
@@ -47,13 +70,20 @@ pub fn router<Q: Queue + UsageLog>(state: Arc<ApiState<Q>>) -> Router {
         .route("/api/v1/agents/register", post(register::<Q>))
         .route("/api/v1/claim", post(claim::<Q>))
         .route("/api/v1/heartbeat", post(heartbeat::<Q>))
-        .route("/api/v1/complete", post(complete_many::<Q>))
+        .route(
+            "/api/v1/complete",
+            post(complete_many::<Q>).layer(DefaultBodyLimit::max(COMPLETE_BODY_LIMIT)),
+        )
         .route("/api/v1/tasks/{id}/progress", post(progress::<Q>))
-        .route("/api/v1/tasks/{id}/complete", post(complete_one::<Q>))
+        .route(
+            "/api/v1/tasks/{id}/complete",
+            post(complete_one::<Q>).layer(DefaultBodyLimit::max(COMPLETE_BODY_LIMIT)),
+        )
         .route("/api/v1/tasks/{id}/fail", post(fail::<Q>))
         .route("/api/v1/tasks/{id}/question", post(question::<Q>))
         .route("/api/v1/tasks/{id}/release", post(release::<Q>))
         .route("/api/v1/model-usage", post(model_usage::<Q>))
+        .route("/hooks/github", post(hooks::github::<Q>))
         .with_state(state)
 }
 
@@ -63,6 +93,24 @@ pub enum ApiError {
     Unauthorized,
     Refused(Refusal),
     Store(StoreError),
+    /// The request is wrong in a way the message explains (400).
+    BadRequest(String),
+    /// Git or the forge failed; the same request may succeed later (503).
+    Unavailable(String),
+}
+
+impl From<ResultError> for ApiError {
+    fn from(e: ResultError) -> Self {
+        match e {
+            ResultError::Refused(r) => ApiError::Refused(r),
+            ResultError::Path(e) => ApiError::BadRequest(e.to_string()),
+            ResultError::Writeback(e) => {
+                let message = crate::error_chain(&e);
+                tracing::error!("committing a result: {message}");
+                ApiError::Unavailable(message)
+            }
+        }
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -87,6 +135,8 @@ impl IntoResponse for ApiError {
                 tracing::error!("api: {message}");
                 (StatusCode::INTERNAL_SERVER_ERROR, message)
             }
+            ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, message),
+            ApiError::Unavailable(message) => (StatusCode::SERVICE_UNAVAILABLE, message),
         };
         (status, Json(serde_json::json!({ "error": message }))).into_response()
     }
@@ -276,6 +326,104 @@ struct CompleteBody {
     result: serde_json::Value,
     #[serde(default)]
     artifacts: Vec<Artifact>,
+    #[serde(default)]
+    files: Vec<FileBody>,
+}
+
+/// An output file: its content as text or as base64, and how Git should hold it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBody {
+    pub path: String,
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub content_base64: Option<String>,
+    /// `file` (the default), `executable`, or `symlink` (always refused).
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+impl FileBody {
+    fn into_output(self) -> Result<OutputFile, String> {
+        use base64::Engine as _;
+        let content = match (self.content, self.content_base64) {
+            (Some(text), None) => text.into_bytes(),
+            (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .map_err(|e| {
+                    format!(
+                        "output file `{}`: content_base64 is not base64: {e}",
+                        self.path
+                    )
+                })?,
+            (None, None) => Vec::new(),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "output file `{}`: give content or content_base64, not both",
+                    self.path
+                ));
+            }
+        };
+        let (executable, symlink) = match self.mode.as_deref() {
+            None | Some("file") => (false, false),
+            Some("executable") => (true, false),
+            Some("symlink") => (false, true),
+            Some(other) => {
+                return Err(format!(
+                    "output file `{}`: mode `{other}` is not one of file, executable, symlink",
+                    self.path
+                ));
+            }
+        };
+        Ok(OutputFile {
+            path: self.path,
+            content,
+            executable,
+            symlink,
+        })
+    }
+}
+
+/// Commit a completion's files (if any) and fold where they went into its result.
+async fn commit_files<Q: Queue>(
+    state: &ApiState<Q>,
+    agent: &AgentIdentity,
+    completion: &mut Completion,
+    files: Vec<FileBody>,
+) -> Result<(), ApiError> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    let files = files
+        .into_iter()
+        .map(FileBody::into_output)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::BadRequest)?;
+    let Some(results) = &state.results else {
+        return Err(ApiError::BadRequest(
+            "this controller does not write output files to Git".to_owned(),
+        ));
+    };
+    let committed = results
+        .commit(
+            agent.name.clone(),
+            completion.lease.id,
+            completion.lease.run_lease,
+            files,
+        )
+        .await?;
+    completion.review = committed.review;
+    let result = std::mem::take(&mut completion.result);
+    completion.result = match result {
+        serde_json::Value::Object(mut map) => {
+            map.insert("output".to_owned(), committed.output);
+            serde_json::Value::Object(map)
+        }
+        serde_json::Value::Null => serde_json::json!({ "output": committed.output }),
+        other => serde_json::json!({ "value": other, "output": committed.output }),
+    };
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -324,14 +472,16 @@ async fn complete_one<Q: Queue>(
     Path(id): Path<Uuid>,
     Json(body): Json<CompleteBody>,
 ) -> Result<Response, ApiError> {
-    let completion = Completion {
+    let mut completion = Completion {
         lease: Lease {
             id,
             run_lease: body.run_lease,
         },
         result: body.result,
         artifacts: body.artifacts,
+        review: false,
     };
+    commit_files(&state, &agent, &mut completion, body.files).await?;
     let mut answers = state.dispatcher.complete(&agent, &[completion]).await?;
     answer(answers.pop().unwrap_or(Err(Refusal::NoTask)))
 }
@@ -349,6 +499,8 @@ struct CompleteManyItem {
     result: serde_json::Value,
     #[serde(default)]
     artifacts: Vec<Artifact>,
+    #[serde(default)]
+    files: Vec<FileBody>,
 }
 
 async fn complete_many<Q: Queue>(
@@ -356,29 +508,58 @@ async fn complete_many<Q: Queue>(
     Authenticated(agent): Authenticated,
     Json(body): Json<CompleteManyBody>,
 ) -> Result<Response, ApiError> {
-    let ids: Vec<Uuid> = body.tasks.iter().map(|t| t.id).collect();
-    let completions: Vec<Completion> = body
-        .tasks
-        .into_iter()
-        .map(|t| Completion {
+    // Files are committed first, one completion at a time; a completion whose files cannot
+    // be committed is answered on its own and left out of the batch.
+    let mut answers: Vec<(Uuid, Option<Result<(), String>>)> = Vec::new();
+    let mut completions: Vec<Completion> = Vec::new();
+    for t in body.tasks {
+        let mut completion = Completion {
             lease: Lease {
                 id: t.id,
                 run_lease: t.run_lease,
             },
             result: t.result,
             artifacts: t.artifacts,
-        })
-        .collect();
-    let answers = state.dispatcher.complete(&agent, &completions).await?;
-    let tasks: Vec<serde_json::Value> = ids
-        .iter()
-        .zip(answers)
-        .map(|(id, a)| match a {
-            Ok(()) => serde_json::json!({"id": id, "ok": true}),
-            Err(r) => serde_json::json!({"id": id, "ok": false, "error": r.to_string()}),
+            review: false,
+        };
+        match commit_files(&state, &agent, &mut completion, t.files).await {
+            Ok(()) => {
+                answers.push((t.id, None));
+                completions.push(completion);
+            }
+            Err(ApiError::Store(e)) => return Err(ApiError::Store(e)),
+            Err(e) => answers.push((t.id, Some(Err(refusal_text(e))))),
+        }
+    }
+    let mut batch = state
+        .dispatcher
+        .complete(&agent, &completions)
+        .await?
+        .into_iter();
+    let tasks: Vec<serde_json::Value> = answers
+        .into_iter()
+        .map(|(id, answer)| {
+            let answer = answer.unwrap_or_else(|| match batch.next() {
+                Some(Ok(())) => Ok(()),
+                Some(Err(r)) => Err(r.to_string()),
+                None => Err(Refusal::NoTask.to_string()),
+            });
+            match answer {
+                Ok(()) => serde_json::json!({"id": id, "ok": true}),
+                Err(error) => serde_json::json!({"id": id, "ok": false, "error": error}),
+            }
         })
         .collect();
     Ok(Json(serde_json::json!({ "tasks": tasks })).into_response())
+}
+
+fn refusal_text(e: ApiError) -> String {
+    match e {
+        ApiError::Unauthorized => "unauthorized".to_owned(),
+        ApiError::Refused(r) => r.to_string(),
+        ApiError::Store(e) => crate::error_chain(&e),
+        ApiError::BadRequest(m) | ApiError::Unavailable(m) => m,
+    }
 }
 
 async fn fail<Q: Queue>(

@@ -34,6 +34,8 @@ pub enum Bench {
     /// Drain generated no-op tasks with in-process agents over the real HTTP protocol, then
     /// measure pick-up latency of tasks committed one at a time to idle agents.
     Dispatch(super::bench_dispatch::DispatchBench),
+    /// Phase changes across many projects, written back to a Git remote as status commits.
+    Writeback(super::bench_writeback::WritebackBench),
 }
 
 pub async fn run(_global: &GlobalConfig, bench: Bench) -> anyhow::Result<ExitCode> {
@@ -44,6 +46,7 @@ pub async fn run(_global: &GlobalConfig, bench: Bench) -> anyhow::Result<ExitCod
             format,
         } => sync(tasks, database.as_deref(), format).await,
         Bench::Dispatch(bench) => super::bench_dispatch::run(bench).await,
+        Bench::Writeback(bench) => super::bench_writeback::run(bench).await,
     }
 }
 

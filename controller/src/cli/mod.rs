@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_dispatch;
+mod bench_writeback;
 mod reconcile;
 mod status;
 mod validate;
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{DispatchArgs, GlobalConfig, SourceConfig, StoreConfig};
+use crate::config::{DispatchArgs, GlobalConfig, SourceConfig, StoreConfig, WritebackArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,7 +48,8 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
-    /// One full pass: sync the source into the store, then exit.
+    /// One full pass: sync the source into the store, follow outputs in review, commit the
+    /// status, then exit.
     Reconcile {
         /// Run one pass and exit (the only mode; `up` is the long-running controller).
         #[arg(long, required = true)]
@@ -56,6 +58,8 @@ pub enum Command {
         source: SourceConfig,
         #[command(flatten)]
         store: StoreConfig,
+        #[command(flatten)]
+        writeback: WritebackArgs,
     },
     /// Run the controller: sync on every change of the source and dispatch ready tasks to
     /// agents over the HTTP API.
@@ -66,6 +70,8 @@ pub enum Command {
         store: StoreConfig,
         #[command(flatten)]
         dispatch: DispatchArgs,
+        #[command(flatten)]
+        writeback: WritebackArgs,
         /// Exit 0 once no task is pending or in progress.
         #[arg(long)]
         exit_when_idle: bool,
@@ -95,13 +101,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = cli.global;
     match cli.command {
         Command::Validate { path, format } => validate::run(&path, format),
-        Command::Reconcile { source, store, .. } => reconcile::once(&global, &source, &store).await,
+        Command::Reconcile {
+            source,
+            store,
+            writeback,
+            ..
+        } => reconcile::once(&global, &source, &store, &writeback).await,
         Command::Up {
             source,
             store,
             dispatch,
+            writeback,
             exit_when_idle,
-        } => reconcile::up(&global, &source, &store, &dispatch, exit_when_idle).await,
+        } => {
+            reconcile::up(
+                &global,
+                &source,
+                &store,
+                &dispatch,
+                &writeback,
+                exit_when_idle,
+            )
+            .await
+        }
         Command::Status {
             store,
             project,

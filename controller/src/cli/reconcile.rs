@@ -6,14 +6,19 @@ use anyhow::Context;
 
 use crate::api::ApiState;
 use crate::bus::{Bus, InProcessBus, NatsBus};
-use crate::config::{DispatchArgs, GlobalConfig, PRESENCE_TIMEOUT, SourceConfig, StoreConfig};
+use crate::config::{
+    DispatchArgs, GlobalConfig, PRESENCE_TIMEOUT, SourceConfig, StoreConfig, WritebackArgs,
+};
 use crate::dispatch::{Backends, Dispatcher};
 use crate::presence::{MemoryPresence, Presence, RedisPresence};
 use crate::reconcile::sync::{SyncReport, Syncer};
 use crate::source::git::{GitSource, Location};
 use crate::source::watch::{Reason, Triggers};
+use crate::store::queue::LeasePolicy;
+use crate::store::writeback::Writeback;
 use crate::store::{AnyStore, Store};
 use crate::with_store;
+use crate::writeback::{GitResults, Retry, ReviewReport, Reviews, StatusWriter};
 
 /// The Git source `--repo`, `--branch` and `--path` describe.
 pub fn git_source(global: &GlobalConfig, cfg: &SourceConfig) -> anyhow::Result<GitSource> {
@@ -73,16 +78,97 @@ pub async fn once(
     global: &GlobalConfig,
     source_cfg: &SourceConfig,
     store_cfg: &StoreConfig,
+    writeback: &WritebackArgs,
 ) -> anyhow::Result<ExitCode> {
     let source = git_source(global, source_cfg)?;
+    let forge = writeback.forge(&source).context("configuring the forge")?;
     let store = AnyStore::connect(&store_cfg.url(global)).await?;
     with_store!(store, store => {
         store.migrate().await?;
-        let mut syncer = Syncer::new(source, &source_cfg.source_name, store);
+        let mut syncer = Syncer::new(source.clone(), &source_cfg.source_name, store.clone());
         let report = syncer.sync().await?;
         print_report(&report);
+        let reviews = Reviews {
+            store: store.clone(),
+            forge,
+            base: source.branch.clone(),
+            policy: LeasePolicy::default(),
+        };
+        print_reviews(&reviews.check().await?);
+        if !writeback.no_status {
+            let mut status = StatusWriter::new(
+                store,
+                &source_cfg.source_name,
+                source,
+                writeback.author(),
+                Retry::default(),
+            );
+            match status.flush().await {
+                Ok(Some(commit)) => eprintln!("status committed: {commit}"),
+                Ok(None) => eprintln!("status unchanged"),
+                Err(e) => {
+                    // The pass ran; the status is committed by the next one.
+                    eprintln!("status not committed: {}", crate::error_chain(&e));
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
     });
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_reviews(report: &ReviewReport) {
+    if *report != ReviewReport::default() {
+        eprintln!(
+            "reviews: {} proposed, {} merged, {} retried, {} failed, {} errors",
+            report.proposed, report.merged, report.retried, report.failed, report.errors
+        );
+    }
+}
+
+/// The write-back loop of `up`: follows outputs in review on every tick and webhook nudge, and
+/// commits the status once per tick (so at most once per interval), and once more on the way
+/// out.
+async fn writeback_loop<S>(
+    status: Option<StatusWriter<S>>,
+    reviews: Reviews<S>,
+    interval: std::time::Duration,
+    review_nudge: Arc<tokio::sync::Notify>,
+    stop: tokio_util::sync::CancellationToken,
+    on_merge: impl Fn(&ReviewReport) + Send + 'static,
+) where
+    S: Writeback,
+{
+    let mut status = status;
+    // Not at once: the first sync has not reached the store yet.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let flush = tokio::select! {
+            _ = tick.tick() => true,
+            () = review_nudge.notified() => false,
+            () = stop.cancelled() => break,
+        };
+        match reviews.check().await {
+            Ok(report) => {
+                print_reviews(&report);
+                on_merge(&report);
+            }
+            Err(e) => tracing::warn!("review check failed: {}", crate::error_chain(&e)),
+        }
+        if flush && let Some(status) = status.as_mut() {
+            match status.flush().await {
+                Ok(Some(commit)) => tracing::info!(%commit, "status committed"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("status not committed: {}", crate::error_chain(&e)),
+            }
+        }
+    }
+    if let Some(status) = status.as_mut()
+        && let Err(e) = status.flush().await
+    {
+        tracing::warn!("final status not committed: {}", crate::error_chain(&e));
+    }
 }
 
 pub async fn up(
@@ -90,9 +176,11 @@ pub async fn up(
     source_cfg: &SourceConfig,
     store_cfg: &StoreConfig,
     dispatch_args: &DispatchArgs,
+    writeback: &WritebackArgs,
     exit_when_idle: bool,
 ) -> anyhow::Result<ExitCode> {
     let source = git_source(global, source_cfg)?;
+    let forge = writeback.forge(&source).context("configuring the forge")?;
     let mut triggers = Triggers::new(source_cfg.poll_interval);
     match &source.location {
         Location::Folder(folder) => triggers.watch(&[(folder.clone(), true)])?,
@@ -112,7 +200,53 @@ pub async fn up(
         store.migrate().await?;
         let dispatcher =
             Dispatcher::with_backends(store.clone(), dispatch_args.config(), backends);
-        let api = ApiState::new(dispatcher.clone());
+        let review_nudge = Arc::new(tokio::sync::Notify::new());
+        let results = GitResults {
+            store: store.clone(),
+            source: source.clone(),
+            author: writeback.author(),
+            retry: Retry::default(),
+        };
+        let hooks = crate::api::Hooks {
+            secret: writeback.webhook_secret.clone(),
+            sync: triggers.nudger(),
+            review: review_nudge.clone(),
+        };
+        let review_check = review_nudge.clone();
+        let api = ApiState::with_writeback(dispatcher.clone(), Some(Arc::new(results)), Some(hooks));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let status = (!writeback.no_status).then(|| {
+            StatusWriter::new(
+                store.clone(),
+                &source_cfg.source_name,
+                source.clone(),
+                writeback.author(),
+                Retry::default(),
+            )
+        });
+        let reviews = Reviews {
+            store: store.clone(),
+            forge,
+            base: source.branch.clone(),
+            policy: dispatch_args.config().policy,
+        };
+        let woken = dispatcher.clone();
+        let writeback_task = tokio::spawn(writeback_loop(
+            status,
+            reviews,
+            writeback.status_interval,
+            review_nudge,
+            stop.clone(),
+            move |report| {
+                if report.proposed + report.merged + report.retried + report.failed > 0 {
+                    woken.events_recorded();
+                }
+                if report.merged + report.retried > 0 {
+                    // Dependents of merged work, and retried work, may be ready now.
+                    woken.wake();
+                }
+            },
+        ));
         let server = axum::serve(listener, crate::api::router(api.clone()));
         tokio::spawn(async move {
             if let Err(e) = server.await {
@@ -130,15 +264,13 @@ pub async fn up(
                 _ = idle_check.tick(), if exit_when_idle && api.ready.load(Relaxed) => {
                     if syncer.store().open_tasks().await? == 0 {
                         eprintln!("idle: no task is pending or in progress");
-                        dispatcher.flush_events(EXIT_FLUSH).await;
-                        return Ok(ExitCode::SUCCESS);
+                        break;
                     }
                     continue;
                 }
                 _ = tokio::signal::ctrl_c() => {
                     eprintln!("stopping");
-                    dispatcher.flush_events(EXIT_FLUSH).await;
-                    return Ok(ExitCode::SUCCESS);
+                    break;
                 }
             };
             match syncer.sync().await {
@@ -156,7 +288,18 @@ pub async fn up(
                 }
                 Err(e) => tracing::error!("sync failed: {}", crate::error_chain(&e)),
             }
+            if reason == Reason::Nudge {
+                // A webhook delivery may be about a pull request: look at the reviews too.
+                review_check.notify_one();
+            }
         }
+        // The last status, then the last events.
+        stop.cancel();
+        if tokio::time::timeout(EXIT_FLUSH * 15, writeback_task).await.is_err() {
+            tracing::warn!("gave up waiting for the last status commit");
+        }
+        dispatcher.flush_events(EXIT_FLUSH).await;
+        Ok(ExitCode::SUCCESS)
     })
 }
 

@@ -7,6 +7,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use git2::{
     FetchOptions, ObjectType, Oid, RemoteCallbacks, Repository, Tree, TreeWalkMode, TreeWalkResult,
@@ -86,7 +87,18 @@ pub struct GitSource {
     /// The bare repository the controller reads (and later writes status) in.
     pub mirror: PathBuf,
     pub token: Option<String>,
+    /// The last head whose own (status) commits were skipped, and the commit they led back
+    /// to, so that a long run of them is walked once, not on every sync.
+    own_commits: Arc<Mutex<Option<(Oid, Oid)>>>,
 }
+
+/// The trailer every status commit carries; with a change confined to `.agentops/`, it marks
+/// a commit as the controller's own.
+pub const REVISION_TRAILER: &str = "Agentops-Revision:";
+
+/// How far back a run of the controller's own commits is followed before giving up (and
+/// syncing the head as it is, which costs a cursor move, nothing more).
+const OWN_COMMITS_MAX: usize = 10_000;
 
 /// One revision of the source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,10 +158,12 @@ impl GitSource {
             subpath: subpath.trim_matches('/').to_owned(),
             mirror,
             token,
+            own_commits: Arc::default(),
         }
     }
 
-    fn tracking_ref(&self) -> String {
+    /// The ref the mirror keeps the followed branch in.
+    pub fn tracking_ref(&self) -> String {
         match self.location {
             Location::Folder(_) => format!("refs/heads/{}", self.branch),
             _ => format!("refs/remotes/origin/{}", self.branch),
@@ -198,13 +212,24 @@ impl GitSource {
         self.snapshot(repo)
     }
 
-    fn fetch_remote(&self, repo: &Repository) -> Result<(), SourceError> {
-        let mut remote = repo
-            .find_remote("origin")
-            .map_err(|source| SourceError::Git {
-                doing: "finding the remote",
-                source,
-            })?;
+    /// Fetch the followed branch (and `extra` branches, which may not exist) without
+    /// reading anything. A folder has no remote: its import branch is the truth.
+    pub fn refresh(&self, repo: &Repository, extra: &[&str]) -> Result<(), SourceError> {
+        if matches!(self.location, Location::Folder(_)) {
+            return Ok(());
+        }
+        self.fetch_refspecs(repo, self.branch_refspecs(extra))
+    }
+
+    fn branch_refspecs(&self, extra: &[&str]) -> Vec<String> {
+        std::iter::once(self.branch.as_str())
+            .chain(extra.iter().copied())
+            .map(|b| format!("+refs/heads/{b}:refs/remotes/origin/{b}"))
+            .collect()
+    }
+
+    /// Credentials for `https://` remotes, for fetches and pushes alike.
+    pub fn callbacks(&self) -> RemoteCallbacks<'static> {
         let mut callbacks = RemoteCallbacks::new();
         if let Some(token) = &self.token {
             let token = token.clone();
@@ -212,15 +237,88 @@ impl GitSource {
                 git2::Cred::userpass_plaintext("x-access-token", &token)
             });
         }
+        callbacks
+    }
+
+    fn fetch_refspecs(&self, repo: &Repository, refspecs: Vec<String>) -> Result<(), SourceError> {
+        let mut remote = repo
+            .find_remote("origin")
+            .map_err(|source| SourceError::Git {
+                doing: "finding the remote",
+                source,
+            })?;
         let mut options = FetchOptions::new();
-        options.remote_callbacks(callbacks);
-        let refspec = format!("+refs/heads/{0}:refs/remotes/origin/{0}", self.branch);
-        remote
-            .fetch(&[&refspec], Some(&mut options), None)
-            .map_err(|source| SourceError::Fetch {
+        options.remote_callbacks(self.callbacks());
+        // A result branch that does not exist yet is not an error: fetch what there is. Each
+        // refspec goes alone so that a missing one does not hide the others.
+        let mut first_error = None;
+        for (i, refspec) in refspecs.iter().enumerate() {
+            if let Err(source) = remote.fetch(&[refspec], Some(&mut options), None)
+                && i == 0
+            {
+                first_error = Some(source);
+            }
+        }
+        match first_error {
+            Some(source) => Err(SourceError::Fetch {
                 url: self.location.url(),
                 source,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The commit the mirror has for the followed branch, own commits included.
+    pub fn head(&self, repo: &Repository) -> Result<Oid, SourceError> {
+        repo.find_reference(&self.tracking_ref())
+            .and_then(|r| r.peel_to_commit())
+            .map(|c| c.id())
+            .map_err(|_| SourceError::NoBranch {
+                url: self.location.url(),
+                branch: self.branch.clone(),
             })
+    }
+
+    /// The newest commit at or below `head` that is not one of the controller's own status
+    /// commits: what the specs are synced at. Own commits change only `.agentops/`, so
+    /// skipping them changes no spec, and a status commit costs the store nothing.
+    pub fn spec_commit<'r>(
+        &self,
+        repo: &'r Repository,
+        head: git2::Commit<'r>,
+    ) -> Result<git2::Commit<'r>, SourceError> {
+        let memo = *self.own_commits.lock().expect("own commits lock");
+        let mut commit = head.clone();
+        for _ in 0..OWN_COMMITS_MAX {
+            if let Some((memo_head, memo_spec)) = memo
+                && commit.id() == memo_head
+            {
+                commit = repo
+                    .find_commit(memo_spec)
+                    .map_err(|source| SourceError::Git {
+                        doing: "reading a commit",
+                        source,
+                    })?;
+                break;
+            }
+            if !is_own_commit(repo, &commit) {
+                break;
+            }
+            commit = commit.parent(0).map_err(|source| SourceError::Git {
+                doing: "reading a commit's parent",
+                source,
+            })?;
+        }
+        if commit.id() != head.id() && is_own_commit(repo, &commit) {
+            // Gave up on a very long run: sync the head itself.
+            commit = head.clone();
+        }
+        *self.own_commits.lock().expect("own commits lock") = Some((head.id(), commit.id()));
+        Ok(commit)
+    }
+
+    fn fetch_remote(&self, repo: &Repository) -> Result<(), SourceError> {
+        self.fetch_refspecs(repo, self.branch_refspecs(&[]))
     }
 
     /// The revision the mirror currently has, without fetching.
@@ -231,12 +329,13 @@ impl GitSource {
                     url: self.location.url(),
                     branch: self.branch.clone(),
                 })?;
-        let commit = reference
+        let head = reference
             .peel_to_commit()
             .map_err(|source| SourceError::Git {
                 doing: "reading the branch's commit",
                 source,
             })?;
+        let commit = self.spec_commit(repo, head)?;
         let root = commit.tree().map_err(|source| SourceError::Git {
             doing: "reading the commit's tree",
             source,
@@ -264,6 +363,33 @@ impl GitSource {
             revision: format!("{}@sha1:{}", self.branch, commit.id()),
         })
     }
+}
+
+/// A status commit of the controller: one parent, the revision trailer, and no change outside
+/// `.agentops/`. The trailer alone is not trusted, so a person's commit that quotes it still
+/// syncs.
+pub fn is_own_commit(repo: &Repository, commit: &git2::Commit<'_>) -> bool {
+    if commit.parent_count() != 1
+        || !commit
+            .message_raw()
+            .is_ok_and(|m| m.lines().any(|l| l.starts_with(REVISION_TRAILER)))
+    {
+        return false;
+    }
+    let (Ok(parent), Ok(tree)) = (commit.parent(0), commit.tree()) else {
+        return false;
+    };
+    let Ok(parent_tree) = parent.tree() else {
+        return false;
+    };
+    let _ = repo;
+    let outside = |t: &Tree<'_>| -> Vec<(Vec<u8>, Oid, i32)> {
+        t.iter()
+            .filter(|e| e.name_bytes() != b".agentops")
+            .map(|e| (e.name_bytes().to_vec(), e.id(), e.filemode()))
+            .collect()
+    };
+    outside(&tree) == outside(&parent_tree)
 }
 
 /// The spec files that differ between two trees; every spec file of `new` when there is no

@@ -14,12 +14,31 @@ fn git(doing: &'static str) -> impl Fn(git2::Error) -> SourceError {
 /// Commit the folder's current content on `branch` if it differs from the branch's head.
 /// Returns whether a commit was made.
 pub fn snapshot(repo: &Repository, folder: &Path, branch: &str) -> Result<bool, SourceError> {
-    let tree = write_tree(repo, folder)?;
+    let mut tree = write_tree(repo, folder)?;
     let refname = format!("refs/heads/{branch}");
     let parent = repo
         .find_reference(&refname)
         .ok()
         .and_then(|r| r.peel_to_commit().ok());
+    // The controller's status lives only in the import repository: keep it across snapshots.
+    if let Some(status) = parent
+        .as_ref()
+        .and_then(|p| p.tree().ok())
+        .and_then(|t| t.get_name(".agentops").map(|e| (e.id(), e.filemode())))
+    {
+        let base = repo
+            .find_tree(tree)
+            .map_err(git("reading the snapshot tree"))?;
+        if base.get_name(".agentops").is_none() {
+            let mut builder = repo
+                .treebuilder(Some(&base))
+                .map_err(git("building a tree"))?;
+            builder
+                .insert(".agentops", status.0, status.1)
+                .map_err(git("keeping the status directory"))?;
+            tree = builder.write().map_err(git("writing a tree"))?;
+        }
+    }
     if parent.as_ref().is_some_and(|p| p.tree_id() == tree) {
         return Ok(false);
     }

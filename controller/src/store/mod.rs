@@ -12,6 +12,7 @@ mod rows;
 mod sql;
 mod sqlite;
 pub mod usage;
+pub mod writeback;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -74,6 +74,10 @@ pub struct Completion {
     pub lease: Lease,
     pub result: serde_json::Value,
     pub artifacts: Vec<Artifact>,
+    /// The output awaits a person's review (a pull request or a result branch): the task goes
+    /// to `review` instead of `completed`, and is completed when the output is merged.
+    #[serde(default)]
+    pub review: bool,
 }
 
 /// A completion and the agent that reports it: completions of many agents are written in one
@@ -375,6 +379,8 @@ pub(super) struct CompletionRow<'a> {
     pub run_lease: i64,
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub result: &'a serde_json::Value,
+    /// `review` instead of `completed` (see [`Completion::review`]).
+    pub review: bool,
     /// The `completion` task update's message.
     pub message: String,
     pub artifacts: Vec<ArtifactRow<'a>>,
@@ -419,6 +425,7 @@ pub(super) fn completion_rows<'a>(
             id: c.lease.id.hyphenated().to_string(),
             run_lease: c.lease.run_lease,
             result: &c.result,
+            review: c.review,
             message: completion_message(&c.result),
             artifacts: c
                 .artifacts

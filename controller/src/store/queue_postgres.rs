@@ -231,13 +231,15 @@ const PROGRESS: &str = concat!(
 /// $1 completions as [`CompletionRow`], each naming its agent.
 const COMPLETE: &str = concat!(
     "WITH input AS (SELECT * FROM jsonb_to_recordset(CAST($1 AS text)::jsonb) \
-         AS r(i integer, agent text, id uuid, run_lease bigint, result jsonb, message text, \
-             artifacts jsonb)), \
-     done AS (UPDATE tasks t SET status = 'completed', completed_at = now(), result = r.result, \
+         AS r(i integer, agent text, id uuid, run_lease bigint, result jsonb, review boolean, \
+             message text, artifacts jsonb)), \
+     done AS (UPDATE tasks t SET \
+         status = CASE WHEN r.review THEN 'review' ELSE 'completed' END, \
+         completed_at = CASE WHEN r.review THEN NULL ELSE now() END, result = r.result, \
          lease_owner = NULL, lease_expires_at = NULL, status_message = NULL \
          FROM input r WHERE t.id = r.id AND t.run_lease = r.run_lease AND t.lease_owner = r.agent \
          AND t.status = 'in_progress' \
-         RETURNING r.i, r.agent, t.id, t.project_id, t.name, t.run_lease, t.attempt), \
+         RETURNING r.i, r.agent, t.id, t.project_id, t.name, t.run_lease, t.attempt, t.status), \
      updates AS (INSERT INTO task_updates (task_id, agent_name, update_type, message) \
          SELECT d.id, d.agent, 'completion', r.message FROM done d JOIN input r ON r.i = d.i), \
      stored AS (INSERT INTO artifacts (task_id, agent_name, artifact_type, name, s3_key, \
@@ -247,7 +249,8 @@ const COMPLETE: &str = concat!(
          CROSS JOIN LATERAL jsonb_to_recordset(r.artifacts) \
              AS a(name text, type text, key text, size_bytes bigint, mime_type text)), \
      events AS (INSERT INTO events (event_type, source_agent, payload) \
-         SELECT 'task.completed', d.agent, ",
+         SELECT CASE WHEN d.status = 'review' THEN 'task.review' ELSE 'task.completed' END, \
+             d.agent, ",
     payload!("d", "d.agent"),
     " FROM done d), ",
     // In name order, like the claim: see there.

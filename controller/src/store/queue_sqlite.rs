@@ -184,11 +184,13 @@ const EXISTS: &str = "SELECT count(*) FROM tasks WHERE id = ?1";
 
 /// ?1 completions as [`CompletionRow`], ?2 agent.
 const COMPLETE: &str = concat!(
-    "UPDATE tasks SET status = 'completed', completed_at = ",
+    "UPDATE tasks SET status = CASE WHEN r.review THEN 'review' ELSE 'completed' END, \
+     completed_at = CASE WHEN r.review THEN NULL ELSE ",
     now!(),
-    ", result = r.result, lease_owner = NULL, lease_expires_at = NULL, status_message = NULL \
+    " END, result = r.result, lease_owner = NULL, lease_expires_at = NULL, status_message = NULL \
      FROM (SELECT value ->> '$.id' AS id, value ->> '$.run_lease' AS run_lease, \
-         value ->> '$.agent' AS agent, value -> '$.result' AS result FROM json_each(?1)) AS r \
+         value ->> '$.agent' AS agent, value -> '$.result' AS result, \
+         value ->> '$.review' AS review FROM json_each(?1)) AS r \
      WHERE tasks.id = r.id AND tasks.run_lease = r.run_lease AND tasks.lease_owner = r.agent \
      AND tasks.status = 'in_progress'",
     returning!()
@@ -789,7 +791,11 @@ impl Queue for SqliteStore {
                         .get(&(d.id.as_str(), d.run_lease))
                         .copied()
                         .unwrap_or_default();
-                    event("task.completed", agent, d.payload(Some(agent)))
+                    let kind = match d.status.as_str() {
+                        "review" => "task.review",
+                        _ => "task.completed",
+                    };
+                    event(kind, agent, d.payload(Some(agent)))
                 })
                 .collect();
             events(&mut tx, &completed).await?;

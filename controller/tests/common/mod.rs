@@ -1186,3 +1186,37 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// One agent's claim or reports, as the batch operations of [`Queue`] take them.
+#[allow(dead_code)] // each test binary uses its own part of the fixtures
+pub trait QueueExt: agentops::store::queue::Queue {
+    async fn claim_for(
+        &self,
+        agent: &agentops::store::queue::AgentIdentity,
+        max: u32,
+        policy: &agentops::store::queue::LeasePolicy,
+    ) -> Result<Vec<agentops::store::queue::Assignment>, agentops::store::StoreError> {
+        let claimer = agentops::store::queue::Claimer {
+            agent: agent.clone(),
+            max,
+        };
+        Ok(self
+            .claim(std::slice::from_ref(&claimer), policy)
+            .await?
+            .remove(0))
+    }
+
+    async fn complete_as(
+        &self,
+        agent: &str,
+        completions: &[agentops::store::queue::Completion],
+    ) -> Result<Vec<Result<(), agentops::store::queue::Refusal>>, agentops::store::StoreError> {
+        let batch: Vec<agentops::store::queue::AgentCompletion<'_>> = completions
+            .iter()
+            .map(|completion| agentops::store::queue::AgentCompletion { agent, completion })
+            .collect();
+        self.complete(&batch).await
+    }
+}
+
+impl<Q: agentops::store::queue::Queue> QueueExt for Q {}
