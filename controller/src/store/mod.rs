@@ -11,6 +11,7 @@ mod queue_sqlite;
 mod rows;
 mod sql;
 mod sqlite;
+pub mod tools;
 pub mod usage;
 pub mod writeback;
 
