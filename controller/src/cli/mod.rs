@@ -79,7 +79,8 @@ pub enum Command {
         agents: EmbeddedArgs,
         #[command(flatten)]
         llm: LlmArgs,
-        /// Exit 0 once no task is pending or in progress.
+        /// Exit 0 once no task can move without a person: none in progress, none pending with
+        /// its dependencies completed (work in review waits for a merge).
         #[arg(long)]
         exit_when_idle: bool,
     },

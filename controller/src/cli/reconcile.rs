@@ -234,6 +234,14 @@ pub async fn up(
             base: source.branch.clone(),
             policy: dispatch_args.config().policy,
         };
+        // Before `--exit-when-idle` gives up, outputs merged meanwhile are looked at once more:
+        // their dependents may be able to run.
+        let idle_reviews = Reviews {
+            store: store.clone(),
+            forge: forge.clone(),
+            base: source.branch.clone(),
+            policy: dispatch_args.config().policy,
+        };
         let woken = dispatcher.clone();
         let writeback_task = tokio::spawn(writeback_loop(
             status,
@@ -287,7 +295,20 @@ pub async fn up(
                 reason = triggers.next() => reason,
                 _ = idle_check.tick(), if exit_when_idle && api.ready.load(Relaxed) => {
                     if syncer.store().open_tasks().await? == 0 {
-                        eprintln!("idle: no task is pending or in progress");
+                        match idle_reviews.check().await {
+                            Ok(report) if report.merged + report.retried > 0 => {
+                                print_reviews(&report);
+                                dispatcher.events_recorded();
+                                dispatcher.wake();
+                                continue;
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!("review check failed: {}", crate::error_chain(&e)),
+                        }
+                        if syncer.store().open_tasks().await? != 0 {
+                            continue;
+                        }
+                        eprintln!("idle: no task can move without a person");
                         break;
                     }
                     continue;
