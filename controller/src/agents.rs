@@ -5,7 +5,8 @@
 //! mirror (for checkouts and proposal branches) and its store (tools, model usage).
 //!
 //! The Seed's `run` and `tool` actions run in a fresh checkout of the task's dispatch
-//! revision, with a cleared environment (only `PATH`, and `HOME`/`TMPDIR` pointing into the
+//! revision (brought up to the followed branch's head when that descends from it, so the
+//! merged outputs of its dependencies are there), with a cleared environment (only `PATH`, and `HOME`/`TMPDIR` pointing into the
 //! task's own temporary directory), under the task's timeout. Files the command adds or
 //! changes are its output; one outside `output.paths` fails the task and nothing is
 //! committed. Its stdout and stderr are kept as `<task>.log` in its output folder.
@@ -562,12 +563,24 @@ pub fn check_out(
     dir: &Path,
 ) -> Result<HashMap<String, Oid>, AgentError> {
     let repo = source.open()?;
+    // Outputs merged since the dispatch (a dependency's, typically) are what the task works
+    // on, so the head is taken when it descends from the dispatch revision; a dispatch
+    // revision the head has moved away from (a force-push) is kept as it was.
+    if let Err(e) = source.refresh(&repo, &[]) {
+        tracing::warn!("checking out without a fetch: {}", error_chain(&e));
+    }
+    let head = source.head(&repo)?;
     let commit = match revision
         .and_then(revision_commit)
         .filter(|c| repo.find_commit(*c).is_ok())
     {
-        Some(commit) => commit,
-        None => source.head(&repo)?,
+        Some(dispatched)
+            if dispatched != head
+                && !repo.graph_descendant_of(head, dispatched).unwrap_or(false) =>
+        {
+            dispatched
+        }
+        _ => head,
     };
     let tree = repo
         .find_commit(commit)
