@@ -858,62 +858,6 @@ pub enum BranchState {
     Closed,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_message_carries_the_revision_trailer() {
-        let m = status_message(2, Some("main@sha1:abc"));
-        assert!(m.starts_with("agentops: status of 2 projects\n\n"));
-        assert!(m.ends_with("\nAgentops-Revision: main@sha1:abc\n"));
-    }
-
-    #[test]
-    fn revision_commit_reads_the_oid() {
-        let oid = "0123456789abcdef0123456789abcdef01234567";
-        assert_eq!(
-            revision_commit(&format!("main@sha1:{oid}")),
-            Some(Oid::from_str(oid).unwrap())
-        );
-        assert_eq!(revision_commit("main"), None);
-    }
-
-    #[test]
-    fn insert_path_refuses_symlinks_and_files_in_the_way() {
-        let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::init_bare(dir.path()).unwrap();
-        let target = repo.blob(b"elsewhere").unwrap();
-        let file = repo.blob(b"text").unwrap();
-        let mut builder = repo.treebuilder(None).unwrap();
-        builder
-            .insert("link", target, FileMode::Link.into())
-            .unwrap();
-        builder.insert("file", file, FileMode::Blob.into()).unwrap();
-        let base = repo.find_tree(builder.write().unwrap()).unwrap();
-        let blob = repo.blob(b"new").unwrap();
-        let mode = FileMode::Blob.into();
-        let err = |path: &str| {
-            let parts: Vec<&str> = path.split('/').collect();
-            match insert_path(&repo, Some(&base), &parts, path, blob, mode) {
-                Err(WritebackError::Path(e)) => e,
-                other => panic!("{path}: {other:?}"),
-            }
-        };
-        assert!(matches!(err("link/x"), PathError::ThroughSymlink { link, .. } if link == "link"));
-        assert!(matches!(err("link"), PathError::Symlink { .. }));
-        assert!(matches!(err("file/x"), PathError::NotADirectory { at, .. } if at == "file"));
-        let parts = ["new", "deep", "x.txt"];
-        let tree = insert_path(&repo, Some(&base), &parts, "new/deep/x.txt", blob, mode).unwrap();
-        let tree = repo.find_tree(tree).unwrap();
-        assert_eq!(
-            tree.get_path(Path::new("new/deep/x.txt")).unwrap().id(),
-            blob
-        );
-        assert_eq!(tree.get_name("file").unwrap().id(), file);
-    }
-}
-
 /// Commit `files` on `branch` (a proposal: a new project, a tool), starting from the followed
 /// branch's head or on top of the branch's earlier commits, and push it without force.
 pub fn commit_proposal(
@@ -969,4 +913,60 @@ pub fn commit_proposal(
         attempts: retry.attempts.max(1),
         last,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_message_carries_the_revision_trailer() {
+        let m = status_message(2, Some("main@sha1:abc"));
+        assert!(m.starts_with("agentops: status of 2 projects\n\n"));
+        assert!(m.ends_with("\nAgentops-Revision: main@sha1:abc\n"));
+    }
+
+    #[test]
+    fn revision_commit_reads_the_oid() {
+        let oid = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(
+            revision_commit(&format!("main@sha1:{oid}")),
+            Some(Oid::from_str(oid).unwrap())
+        );
+        assert_eq!(revision_commit("main"), None);
+    }
+
+    #[test]
+    fn insert_path_refuses_symlinks_and_files_in_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path()).unwrap();
+        let target = repo.blob(b"elsewhere").unwrap();
+        let file = repo.blob(b"text").unwrap();
+        let mut builder = repo.treebuilder(None).unwrap();
+        builder
+            .insert("link", target, FileMode::Link.into())
+            .unwrap();
+        builder.insert("file", file, FileMode::Blob.into()).unwrap();
+        let base = repo.find_tree(builder.write().unwrap()).unwrap();
+        let blob = repo.blob(b"new").unwrap();
+        let mode = FileMode::Blob.into();
+        let err = |path: &str| {
+            let parts: Vec<&str> = path.split('/').collect();
+            match insert_path(&repo, Some(&base), &parts, path, blob, mode) {
+                Err(WritebackError::Path(e)) => e,
+                other => panic!("{path}: {other:?}"),
+            }
+        };
+        assert!(matches!(err("link/x"), PathError::ThroughSymlink { link, .. } if link == "link"));
+        assert!(matches!(err("link"), PathError::Symlink { .. }));
+        assert!(matches!(err("file/x"), PathError::NotADirectory { at, .. } if at == "file"));
+        let parts = ["new", "deep", "x.txt"];
+        let tree = insert_path(&repo, Some(&base), &parts, "new/deep/x.txt", blob, mode).unwrap();
+        let tree = repo.find_tree(tree).unwrap();
+        assert_eq!(
+            tree.get_path(Path::new("new/deep/x.txt")).unwrap().id(),
+            blob
+        );
+        assert_eq!(tree.get_name("file").unwrap().id(), file);
+    }
 }
