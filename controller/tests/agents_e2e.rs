@@ -462,3 +462,55 @@ async fn a_run_cannot_read_the_controllers_secrets() {
         );
     }
 }
+
+/// A task that names a tool that does not exist is blocked with a question, and the Seed
+/// proposes the tool on `agentops/proposals/tool-<name>` with files `validate` accepts.
+#[tokio::test]
+async fn a_missing_tool_is_drafted_and_proposed() {
+    let setup = Setup::new(|work| {
+        limits_project(
+            work,
+            "apiVersion: agentops.dev/v1alpha1\nkind: Task\nmetadata:\n  name: shout\nspec:\n  \
+             title: Shout the greeting\n  action:\n    tool:\n      name: shout\n      \
+             with: {text: hello, out: out/shout.txt}\n  output: {paths: [out/]}\n",
+        );
+    });
+    setup.up().await;
+    assert_eq!(
+        setup.tasks().await,
+        [("limits/shout".to_owned(), "blocked".to_owned())]
+    );
+    let pool = setup.sqlite().await;
+    let question: Option<String> =
+        sqlx::query_scalar("SELECT status_message FROM tasks WHERE name = 'shout'")
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+    let question = question.expect("a question");
+    assert!(
+        question.contains("`shout`") && question.contains("agentops/proposals/tool-shout"),
+        "{question}"
+    );
+    assert!(
+        setup
+            .branches()
+            .contains(&"agentops/proposals/tool-shout".to_owned())
+    );
+    git(
+        &setup.clone,
+        &["checkout", "-q", "origin/agentops/proposals/tool-shout"],
+    );
+    let spec = std::fs::read_to_string(setup.clone.join("tools/shout.yaml")).unwrap();
+    assert!(spec.contains("kind: Tool"), "{spec}");
+    let validate = std::process::Command::new(BIN)
+        .arg("validate")
+        .arg(&setup.clone)
+        .output()
+        .unwrap();
+    assert!(
+        validate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&validate.stdout)
+    );
+    git(&setup.clone, &["checkout", "-q", "main"]);
+}
