@@ -820,6 +820,37 @@ mod tests {
     }
 
     #[test]
+    fn changed_files_are_the_new_and_the_modified() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |path: &str, content: &str| {
+            let target = dir.path().join(path);
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::write(target, content).unwrap();
+        };
+        write("same.txt", "same\n");
+        write("edited.txt", "before\n");
+        let hash = |content: &str| Oid::hash_object(ObjectType::Blob, content.as_bytes()).unwrap();
+        let original: HashMap<String, Oid> = [
+            ("same.txt".to_owned(), hash("same\n")),
+            ("edited.txt".to_owned(), hash("before\n")),
+            ("deleted.txt".to_owned(), hash("gone\n")),
+        ]
+        .into();
+        write("edited.txt", "after\n");
+        write("new/deep/file.txt", "new\n");
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
+        let changed = changed_files(dir.path(), &original).unwrap();
+        let paths: Vec<&str> = changed.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["edited.txt", "link (a symlink)", "new/deep/file.txt"]
+        );
+        assert_eq!(changed[0].content, b"after\n");
+        // A symlink is never within any output path.
+        assert!(!is_within(&changed[1].path, &["link".to_owned()]));
+    }
+
+    #[test]
     fn the_environment_holds_no_secret() {
         let env = clean_env(Path::new("/h"), Path::new("/t"));
         let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();

@@ -514,3 +514,34 @@ async fn a_missing_tool_is_drafted_and_proposed() {
     );
     git(&setup.clone, &["checkout", "-q", "main"]);
 }
+
+/// A command that outlives its task's timeout is stopped and the task fails (no retries
+/// left); nothing it would have written reaches Git.
+#[tokio::test]
+async fn a_run_is_stopped_at_its_timeout() {
+    let setup = Setup::new(|work| {
+        limits_project(
+            work,
+            &run_task(
+                "slow",
+                "sleep 30 && mkdir -p out && echo late > out/late.txt",
+                "out/",
+            )
+            .replace("timeout: 1m", "timeout: 1s"),
+        );
+    });
+    let started = std::time::Instant::now();
+    setup.up().await;
+    assert!(started.elapsed() < Duration::from_secs(25));
+    assert_eq!(
+        setup.tasks().await,
+        [("limits/slow".to_owned(), "failed".to_owned())]
+    );
+    let pool = setup.sqlite().await;
+    let error: Option<String> = sqlx::query_scalar("SELECT error FROM tasks WHERE name = 'slow'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(error.unwrap().contains("timed out"));
+    assert_eq!(setup.file_on_main("out/late.txt"), None);
+}
