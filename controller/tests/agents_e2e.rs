@@ -545,3 +545,105 @@ async fn a_run_is_stopped_at_its_timeout() {
     assert!(error.unwrap().contains("timed out"));
     assert_eq!(setup.file_on_main("out/late.txt"), None);
 }
+
+/// What the fake GitHub API was asked.
+#[derive(Debug, Clone)]
+struct Call {
+    method: String,
+    path: String,
+    auth: Option<String>,
+    body: Value,
+}
+
+/// With a forge, `ask` opens the pull request "New project: …" for its branch, and prints
+/// its URL. GitHub is a fake inside the test that records every call.
+#[tokio::test]
+async fn ask_opens_a_pull_request_on_the_forge() {
+    use std::sync::{Arc, Mutex};
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+    let recorded = calls.clone();
+    let app = axum::Router::new().fallback(
+        move |method: axum::http::Method,
+              uri: axum::http::Uri,
+              headers: axum::http::HeaderMap,
+              body: axum::body::Bytes| {
+            let recorded = recorded.clone();
+            async move {
+                let call = Call {
+                    method: method.to_string(),
+                    path: uri
+                        .path_and_query()
+                        .map(|p| p.as_str().to_owned())
+                        .unwrap_or_default(),
+                    auth: headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned),
+                    body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                };
+                recorded.lock().unwrap().push(call.clone());
+                let answer = if call.method == "GET" {
+                    serde_json::json!([])
+                } else {
+                    serde_json::json!({
+                        "number": 12,
+                        "html_url": "https://github.example/owner/repo/pull/12",
+                        "state": "open"
+                    })
+                };
+                let status = if call.method == "GET" { 200 } else { 201 };
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    axum::Json(answer),
+                )
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let setup = Setup::new(|work| {
+        std::fs::write(work.join("README.md"), "specs\n").unwrap();
+    });
+    let mut ask = setup.command(&[
+        "ask",
+        "Plan the team offsite.\n- Book a venue\n- Send invitations",
+    ]);
+    ask.env("AGENTOPS_GITHUB_TOKEN", "test-token")
+        .env("AGENTOPS_GITHUB_API_URL", &api)
+        .env("AGENTOPS_GITHUB_REPO", "owner/repo");
+    let output = Setup::run(ask).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let branch = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("branch "))
+        .expect("a branch")
+        .to_owned();
+    assert!(branch.starts_with("agentops/proposals/"), "{stdout}");
+    assert!(
+        stdout.contains("pull request https://github.example/owner/repo/pull/12"),
+        "{stdout}"
+    );
+    assert!(setup.branches().contains(&branch));
+
+    let calls = calls.lock().unwrap().clone();
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.auth.as_deref() == Some("Bearer test-token")),
+        "{calls:?}"
+    );
+    let post = calls
+        .iter()
+        .find(|c| c.method == "POST")
+        .expect("a pull request opened");
+    assert_eq!(post.path, "/repos/owner/repo/pulls");
+    assert_eq!(post.body["head"], branch.as_str());
+    assert_eq!(post.body["base"], "main");
+    assert_eq!(post.body["title"], "New project: Plan the team offsite");
+    assert!(
+        post.body["body"].as_str().unwrap().contains("Book a venue"),
+        "{post:?}"
+    );
+}
