@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use agentops_agents::command::{run_in, text};
 use agentops_agents::drafts::ToolNeed;
-use agentops_agents::llm::Caller;
+use agentops_agents::llm::{Caller, LlmConfig, RateLimiter};
 use agentops_agents::plan::RepoFile;
 use agentops_agents::prompt::{PromptWork, is_within, outside_outputs};
 use agentops_agents::provider::{AnyProvider, PlanRequest, Provider};
@@ -181,8 +181,9 @@ pub fn taken_projects(source: &GitSource) -> Result<Vec<String>, AgentError> {
         .collect())
 }
 
-/// The `Agent` specs at the followed branch's head: each becomes an embedded specialist.
-pub fn specialists(source: &GitSource) -> Result<Vec<AgentConfig>, AgentError> {
+/// The `Agent` specs at the followed branch's head: each becomes an embedded specialist,
+/// with the models its spec lists.
+pub fn specialists(source: &GitSource) -> Result<Vec<(AgentConfig, Vec<String>)>, AgentError> {
     let repo = source.open()?;
     let head = source.head(&repo)?;
     let tree = repo
@@ -216,12 +217,13 @@ pub fn specialists(source: &GitSource) -> Result<Vec<AgentConfig>, AgentError> {
                 .ok()
                 .and_then(|v| v.as_str().and_then(|t| t.parse().ok()))
                 .unwrap_or(AgentType::Specialist);
-            AgentConfig {
+            let config = AgentConfig {
                 agent_type,
                 capabilities: spec.capabilities.clone(),
                 concurrency: spec.concurrency.max(1) as usize,
                 ..AgentConfig::new("", name)
-            }
+            };
+            (config, spec.models.clone())
         })
         .collect())
 }
@@ -230,7 +232,11 @@ pub fn specialists(source: &GitSource) -> Result<Vec<AgentConfig>, AgentError> {
 pub struct Embedded<S> {
     pub store: S,
     pub source: GitSource,
-    pub provider: AnyProvider,
+    pub provider: Arc<AnyProvider>,
+    /// The model configuration `provider` was made from (`None`: offline), for specialists
+    /// whose spec names their own models.
+    pub llm: Option<LlmConfig>,
+    pub limiter: Arc<dyn RateLimiter>,
     pub usage: StoreUsageSink<S>,
     pub proposer: Proposer,
 }
@@ -239,6 +245,8 @@ pub struct Embedded<S> {
 pub struct Worker<S> {
     pub shared: Arc<Embedded<S>>,
     pub name: String,
+    /// The shared provider, or a specialist's own models.
+    pub provider: Arc<AnyProvider>,
 }
 
 impl<S: ToolRegistry + UsageLog + Clone> Handler for Worker<S> {
@@ -320,7 +328,7 @@ impl<S: ToolRegistry + UsageLog + Clone> Worker<S> {
             Ok(work) => work,
             Err(e) => return Outcome::fail(error_chain(&e), false),
         };
-        let written = match self.shared.provider.write(&self.caller(task), &work).await {
+        let written = match self.provider.write(&self.caller(task), &work).await {
             Ok(written) => written,
             Err(e) => return Outcome::fail(error_chain(&e), e.is_retryable()),
         };
@@ -368,12 +376,7 @@ impl<S: ToolRegistry + UsageLog + Clone> Worker<S> {
     }
 
     async fn propose_tool(&self, task: &Assignment, need: &ToolNeed) -> Outcome {
-        let draft = match self
-            .shared
-            .provider
-            .draft_tool(&self.caller(task), need)
-            .await
-        {
+        let draft = match self.provider.draft_tool(&self.caller(task), need).await {
             Ok(draft) => draft,
             Err(e) => return Outcome::fail(error_chain(&e), e.is_retryable()),
         };
@@ -407,7 +410,7 @@ impl<S: ToolRegistry + UsageLog + Clone> Worker<S> {
             return Outcome::fail("the task's action is not `plan`", false);
         };
         match plan_and_propose(
-            &self.shared.provider,
+            &self.provider,
             &self.caller(task),
             &self.shared.proposer,
             &request,
@@ -771,11 +774,29 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
                 ..AgentConfig::new(&api, "cos")
             },
         ];
-        configs.extend(specialists.into_iter().map(|c| AgentConfig {
-            api: api.clone(),
-            claim_wait: Duration::from_secs(2),
-            ..c
-        }));
+        let mut providers: Vec<Arc<AnyProvider>> = vec![shared.provider.clone(); configs.len()];
+        for (config, models) in specialists {
+            let provider = match &shared.llm {
+                Some(llm) if !models.is_empty() => {
+                    let mut own = llm.clone();
+                    own.models = models;
+                    match AnyProvider::new(Some(own), shared.limiter.clone()) {
+                        Ok(provider) => Arc::new(provider),
+                        Err(e) => {
+                            tracing::warn!(agent = %config.name, "the shared models instead of its own: {}", error_chain(&e));
+                            shared.provider.clone()
+                        }
+                    }
+                }
+                _ => shared.provider.clone(),
+            };
+            providers.push(provider);
+            configs.push(AgentConfig {
+                api: api.clone(),
+                claim_wait: Duration::from_secs(2),
+                ..config
+            });
+        }
         let names: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
         eprintln!(
             "embedded agents: {} ({})",
@@ -783,10 +804,11 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
             shared.provider.describe()
         );
         let mut running = tokio::task::JoinSet::new();
-        for config in configs {
+        for (config, provider) in configs.into_iter().zip(providers) {
             let worker = Worker {
                 shared: shared.clone(),
                 name: config.name.clone(),
+                provider,
             };
             let stop = stop.clone();
             running.spawn(async move {

@@ -274,8 +274,12 @@ pub async fn up(
                 Arc::new(crate::agents::Embedded {
                     store: store.clone(),
                     source: source.clone(),
-                    provider: agentops_agents::provider::AnyProvider::new(llm.config(), limiter)
-                        .context("configuring the language model")?,
+                    provider: Arc::new(
+                        agentops_agents::provider::AnyProvider::new(llm.config(), limiter.clone())
+                            .context("configuring the language model")?,
+                    ),
+                    llm: llm.config(),
+                    limiter,
                     usage: crate::store::usage::StoreUsageSink::new(store.clone()),
                     proposer: crate::agents::Proposer {
                         source: source.clone(),
