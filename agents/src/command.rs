@@ -65,19 +65,41 @@ fn command(action: &serde_json::Value) -> Option<Vec<String>> {
     (!argv.is_empty()).then_some(argv)
 }
 
-struct Output {
-    status: ExitStatus,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
+/// What a finished command left: its exit status and the tails of its output streams.
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
 }
 
 async fn run(argv: &[String]) -> io::Result<Output> {
     let dir = tempfile::tempdir()?;
-    let mut command = tokio::process::Command::new(&argv[0]);
+    let path: Vec<(String, std::ffi::OsString)> = std::env::var_os("PATH")
+        .map(|p| ("PATH".to_owned(), p))
+        .into_iter()
+        .collect();
+    run_in(argv, dir.path(), &path).await
+}
+
+/// Runs `argv` in `dir` with only the variables `env` gives (nothing is inherited), in its
+/// own process group that is killed when the command ends or the future is dropped.
+pub async fn run_in(
+    argv: &[String],
+    dir: &std::path::Path,
+    env: &[(String, std::ffi::OsString)],
+) -> io::Result<Output> {
+    let Some(program) = argv.first() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an empty command",
+        ));
+    };
+    let mut command = tokio::process::Command::new(program);
     command
         .args(&argv[1..])
-        .current_dir(dir.path())
+        .current_dir(dir)
         .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -86,9 +108,6 @@ async fn run(argv: &[String]) -> io::Result<Output> {
         .process_group(0)
         // Also has tokio reap the child.
         .kill_on_drop(true);
-    if let Some(path) = std::env::var_os("PATH") {
-        command.env("PATH", path);
-    }
     let mut child = command.spawn()?;
     let _group = child.id().map(KillGroup);
     let stdout = tail(child.stdout.take().expect("piped"), OUTPUT_LIMIT);
@@ -136,7 +155,7 @@ async fn tail(mut stream: impl AsyncRead + Unpin, limit: usize) -> io::Result<Ve
 }
 
 /// Output as text; a tail may start inside a UTF-8 sequence, whose leftover bytes are skipped.
-fn text(bytes: &[u8]) -> String {
+pub fn text(bytes: &[u8]) -> String {
     let start = bytes
         .iter()
         .take(3)

@@ -230,3 +230,19 @@ impl LlmArgs {
         Some(config)
     }
 }
+
+/// The agents `up` runs in its own process.
+#[derive(Debug, Clone, Args)]
+pub struct EmbeddedArgs {
+    /// Run no agents inside the controller; only remote agents take work.
+    #[arg(long, env = "AGENTOPS_NO_AGENTS")]
+    pub no_agents: bool,
+    /// The capabilities the embedded Seed registers with, comma-separated.
+    #[arg(
+        long,
+        env = "AGENTOPS_SEED_CAPABILITIES",
+        value_delimiter = ',',
+        default_value = "writing,research,code"
+    )]
+    pub seed_capabilities: Vec<String>,
+}

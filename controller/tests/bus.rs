@@ -305,6 +305,8 @@ impl Binary {
                 &db.url,
             ])
             .args(["--listen", &addr, "--heartbeat", "1s", "--lease", "5s"])
+            // These tests play the agents themselves.
+            .arg("--no-agents")
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,6 +1,7 @@
 //! The `agentops` command line: one function per subcommand, each taking its typed
 //! configuration and returning an exit code.
 
+mod ask;
 mod bench;
 mod bench_dispatch;
 mod bench_writeback;
@@ -12,7 +13,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{DispatchArgs, GlobalConfig, SourceConfig, StoreConfig, WritebackArgs};
+use crate::config::{
+    DispatchArgs, EmbeddedArgs, GlobalConfig, LlmArgs, SourceConfig, StoreConfig, WritebackArgs,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -72,9 +75,31 @@ pub enum Command {
         dispatch: DispatchArgs,
         #[command(flatten)]
         writeback: WritebackArgs,
-        /// Exit 0 once no task is pending or in progress.
+        #[command(flatten)]
+        agents: EmbeddedArgs,
+        #[command(flatten)]
+        llm: LlmArgs,
+        /// Exit 0 once no task can move without a person: none in progress, none pending with
+        /// its dependencies completed (work in review waits for a merge).
         #[arg(long)]
         exit_when_idle: bool,
+    },
+    /// Ask the Chief of Staff for a project: it plans it and proposes it on a branch
+    /// `agentops/proposals/<project>` (with a pull request when a forge is configured).
+    Ask {
+        /// What the project should achieve, in plain words.
+        request: String,
+        /// The project's name; chosen from the request when not given.
+        #[arg(long)]
+        project: Option<String>,
+        #[command(flatten)]
+        source: SourceConfig,
+        #[command(flatten)]
+        store: StoreConfig,
+        #[command(flatten)]
+        writeback: WritebackArgs,
+        #[command(flatten)]
+        llm: LlmArgs,
     },
     /// Show projects and tasks with phase, agent, attempt and age.
     Status {
@@ -112,15 +137,38 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store,
             dispatch,
             writeback,
+            agents,
+            llm,
             exit_when_idle,
         } => {
+            let embedded = (!agents.no_agents).then_some((agents, llm));
             reconcile::up(
                 &global,
                 &source,
                 &store,
                 &dispatch,
                 &writeback,
+                embedded.as_ref(),
                 exit_when_idle,
+            )
+            .await
+        }
+        Command::Ask {
+            request,
+            project,
+            source,
+            store,
+            writeback,
+            llm,
+        } => {
+            ask::run(
+                &global,
+                &source,
+                &store,
+                &writeback,
+                &llm,
+                &request,
+                project.as_deref(),
             )
             .await
         }

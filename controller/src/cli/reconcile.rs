@@ -177,6 +177,7 @@ pub async fn up(
     store_cfg: &StoreConfig,
     dispatch_args: &DispatchArgs,
     writeback: &WritebackArgs,
+    embedded: Option<&(crate::config::EmbeddedArgs, crate::config::LlmArgs)>,
     exit_when_idle: bool,
 ) -> anyhow::Result<ExitCode> {
     let source = git_source(global, source_cfg)?;
@@ -195,6 +196,9 @@ pub async fn up(
         .with_context(|| format!("listening on {}", dispatch_args.listen))?;
     eprintln!("listening on http://{}", listener.local_addr()?);
     let backends = backends(dispatch_args).await?;
+    let api_url = format!("http://{}", listener.local_addr()?);
+    let limiter: Arc<dyn agentops_agents::llm::RateLimiter> =
+        Arc::new(crate::llm::PresenceRateLimiter(backends.presence.clone()));
     let store = AnyStore::connect(&store_cfg.url(global)).await?;
     with_store!(store, store => {
         store.migrate().await?;
@@ -226,7 +230,15 @@ pub async fn up(
         });
         let reviews = Reviews {
             store: store.clone(),
-            forge,
+            forge: forge.clone(),
+            base: source.branch.clone(),
+            policy: dispatch_args.config().policy,
+        };
+        // Before `--exit-when-idle` gives up, outputs merged meanwhile are looked at once more:
+        // their dependents may be able to run.
+        let idle_reviews = Reviews {
+            store: store.clone(),
+            forge: forge.clone(),
             base: source.branch.clone(),
             policy: dispatch_args.config().policy,
         };
@@ -255,6 +267,30 @@ pub async fn up(
         });
         dispatcher.start();
         let _background = dispatcher.spawn_background();
+        let agents_stop = tokio_util::sync::CancellationToken::new();
+        let mut agents_task = None;
+        let mut agents_pending = match embedded {
+            Some((agents, llm)) => Some((
+                Arc::new(crate::agents::Embedded {
+                    store: store.clone(),
+                    source: source.clone(),
+                    provider: Arc::new(
+                        agentops_agents::provider::AnyProvider::new(llm.config(), limiter.clone())
+                            .context("configuring the language model")?,
+                    ),
+                    llm: llm.config(),
+                    limiter,
+                    usage: crate::store::usage::StoreUsageSink::new(store.clone()),
+                    proposer: crate::agents::Proposer {
+                        source: source.clone(),
+                        author: writeback.author(),
+                        forge: forge.clone(),
+                    },
+                }),
+                agents.seed_capabilities.clone(),
+            )),
+            None => None,
+        };
         let mut syncer = Syncer::new(source, &source_cfg.source_name, store);
         // Agents finish work between syncs, so idleness is checked on its own clock.
         let mut idle_check = tokio::time::interval(std::time::Duration::from_millis(500));
@@ -263,7 +299,20 @@ pub async fn up(
                 reason = triggers.next() => reason,
                 _ = idle_check.tick(), if exit_when_idle && api.ready.load(Relaxed) => {
                     if syncer.store().open_tasks().await? == 0 {
-                        eprintln!("idle: no task is pending or in progress");
+                        match idle_reviews.check().await {
+                            Ok(report) if report.merged + report.retried > 0 => {
+                                print_reviews(&report);
+                                dispatcher.events_recorded();
+                                dispatcher.wake();
+                                continue;
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!("review check failed: {}", crate::error_chain(&e)),
+                        }
+                        if syncer.store().open_tasks().await? != 0 {
+                            continue;
+                        }
+                        eprintln!("idle: no task can move without a person");
                         break;
                     }
                     continue;
@@ -276,6 +325,15 @@ pub async fn up(
             match syncer.sync().await {
                 Ok(report) => {
                     api.ready.store(true, Relaxed);
+                    // After the first sync: the mirror then holds the agent specs.
+                    if let Some((shared, capabilities)) = agents_pending.take() {
+                        agents_task = Some(crate::agents::spawn(
+                            shared,
+                            api_url.clone(),
+                            capabilities,
+                            agents_stop.clone(),
+                        ));
+                    }
                     if report.events > 0 {
                         dispatcher.events_recorded();
                     }
@@ -293,7 +351,13 @@ pub async fn up(
                 review_check.notify_one();
             }
         }
-        // The last status, then the last events.
+        // The agents hand back what they hold, then the last status, then the last events.
+        agents_stop.cancel();
+        if let Some(agents) = agents_task
+            && tokio::time::timeout(EXIT_FLUSH * 5, agents).await.is_err()
+        {
+            tracing::warn!("gave up waiting for the embedded agents to stop");
+        }
         stop.cancel();
         if tokio::time::timeout(EXIT_FLUSH * 15, writeback_task).await.is_err() {
             tracing::warn!("gave up waiting for the last status commit");

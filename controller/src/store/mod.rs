@@ -11,6 +11,7 @@ mod queue_sqlite;
 mod rows;
 mod sql;
 mod sqlite;
+pub mod tools;
 pub mod usage;
 pub mod writeback;
 
@@ -126,12 +127,28 @@ pub trait Store: Send + Sync + 'static {
 
     fn source_status(&self) -> impl Future<Output = Result<Vec<SourceStatus>, StoreError>> + Send;
 
-    /// Tasks that are pending or in progress.
+    /// Tasks that can still move without a person: in progress, or pending with every
+    /// dependency completed (a backoff still to wait out included). A task waiting on work in
+    /// review, or on a failed or blocked task, waits for a person and is not counted.
     fn open_tasks(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
 }
 
-pub(crate) const OPEN_TASKS: &str =
-    "SELECT count(*) FROM tasks WHERE status IN ('pending', 'in_progress')";
+pub(crate) const OPEN_TASKS_POSTGRES: &str = "SELECT count(*) FROM tasks t \
+    WHERE t.pruned_at IS NULL AND (t.status = 'in_progress' OR (t.status = 'pending' \
+    AND NOT COALESCE((SELECT sp.suspend FROM projects sp WHERE sp.id = t.project_id), false) \
+    AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(t.depends_on) AS d(dep) \
+        WHERE NOT EXISTS (SELECT 1 FROM tasks dt JOIN projects dp ON dp.id = dt.project_id \
+            WHERE dp.name = split_part(d.dep, '/', 1) \
+            AND dt.name = split_part(d.dep, '/', 2) AND dt.status = 'completed'))))";
+
+pub(crate) const OPEN_TASKS_SQLITE: &str = "SELECT count(*) FROM tasks t \
+    WHERE t.pruned_at IS NULL AND (t.status = 'in_progress' OR (t.status = 'pending' \
+    AND NOT EXISTS (SELECT 1 FROM projects sp WHERE sp.id = t.project_id AND sp.suspend = 1) \
+    AND NOT EXISTS (SELECT 1 FROM json_each(t.depends_on) d \
+        WHERE NOT EXISTS (SELECT 1 FROM tasks dt JOIN projects dp ON dp.id = dt.project_id \
+            WHERE dp.name = substr(d.value, 1, instr(d.value, '/') - 1) \
+            AND dt.name = substr(d.value, instr(d.value, '/') + 1) \
+            AND dt.status = 'completed'))))";
 
 /// Either backend, chosen by the URL's scheme.
 pub enum AnyStore {

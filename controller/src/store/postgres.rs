@@ -143,7 +143,7 @@ impl Store for PgStore {
     }
 
     async fn open_tasks(&self) -> Result<i64, StoreError> {
-        sqlx::query_scalar(OPEN_TASKS)
+        sqlx::query_scalar(OPEN_TASKS_POSTGRES)
             .fetch_one(&self.pool)
             .await
             .map_err(query_error("counting open tasks"))

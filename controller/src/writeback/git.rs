@@ -858,6 +858,63 @@ pub enum BranchState {
     Closed,
 }
 
+/// Commit `files` on `branch` (a proposal: a new project, a tool), starting from the followed
+/// branch's head or on top of the branch's earlier commits, and push it without force.
+pub fn commit_proposal(
+    source: &GitSource,
+    committer: &Author,
+    retry: Retry,
+    branch: &str,
+    message: &str,
+    files: &[OutputFile],
+) -> Result<CommittedResult, WritebackError> {
+    let repo = source.open()?;
+    let signature = committer.signature()?;
+    let mut wait = retry.backoff;
+    let mut last = String::new();
+    for attempt in 0..retry.attempts.max(1) {
+        if attempt > 0 {
+            std::thread::sleep(wait);
+            wait = Retry::next(wait);
+        }
+        source.refresh(&repo, &[branch])?;
+        let head = source.head(&repo)?;
+        let tip = branch_tip(&repo, source, branch);
+        let parent = repo
+            .find_commit(tip.unwrap_or(head))
+            .map_err(git("reading the base commit"))?;
+        let base_tree = parent.tree().map_err(git("reading the base tree"))?;
+        let tree = tree_with_files(&repo, &base_tree, files)?;
+        let tree = repo.find_tree(tree).map_err(git("reading a tree"))?;
+        let commit = repo
+            .commit(None, &signature, &signature, message, &tree, &[&parent])
+            .map_err(git("committing the proposal"))?;
+        match push(&repo, source, commit, branch, tip, None) {
+            Ok(()) => {
+                if !matches!(source.location, Location::Folder(_)) {
+                    let tracking = format!("refs/remotes/origin/{branch}");
+                    repo.reference(&tracking, commit, true, "agentops: proposal pushed")
+                        .map_err(git("recording the pushed branch"))?;
+                }
+                return Ok(CommittedResult {
+                    branch: branch.to_owned(),
+                    commit,
+                    base: head,
+                });
+            }
+            Err(failure) => {
+                tracing::warn!(attempt, branch, "proposal push: {failure}");
+                last = failure.to_string();
+            }
+        }
+    }
+    Err(WritebackError::Push {
+        what: format!("the proposal {branch}"),
+        attempts: retry.attempts.max(1),
+        last,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
