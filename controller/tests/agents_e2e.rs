@@ -513,6 +513,20 @@ async fn a_missing_tool_is_drafted_and_proposed() {
         String::from_utf8_lossy(&validate.stdout)
     );
     git(&setup.clone, &["checkout", "-q", "main"]);
+
+    // Once the tool is merged, the task is no longer blocked: it runs and completes.
+    setup.merge("agentops/proposals/tool-shout");
+    setup.complete_everything().await;
+    assert_eq!(
+        setup.tasks().await,
+        [("limits/shout".to_owned(), "completed".to_owned())]
+    );
+    let unblocked: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'task.unblocked'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(unblocked, 1);
 }
 
 /// A command that outlives its task's timeout is stopped and the task fails (no retries
@@ -646,4 +660,84 @@ async fn ask_opens_a_pull_request_on_the_forge() {
         post.body["body"].as_str().unwrap().contains("Book a venue"),
         "{post:?}"
     );
+}
+
+/// Work that needs a capability no agent has: the Seed drafts a specialist `Agent` spec and
+/// proposes it on a branch whose files `validate` accepts; once a person merges it, the next
+/// `up` runs that specialist, which takes the task and completes it.
+#[tokio::test]
+async fn a_missing_specialist_is_proposed_and_runs_once_merged() {
+    let setup = Setup::new(|work| {
+        limits_project(
+            work,
+            "apiVersion: agentops.dev/v1alpha1\nkind: Task\nmetadata:\n  name: translate\n\
+             spec:\n  title: Translate the greeting\n  assignee: specialist\n  \
+             capabilities: [translation]\n  action:\n    prompt: Translate hello into French \
+             and write out/hello-fr.md\n  output: {mode: commit, paths: [out/]}\n",
+        );
+    });
+    // Nobody can take the task, so `up` would not go idle on its own: run it until the
+    // proposal is there.
+    let mut up = setup.command(&["up"]);
+    up.args(["--listen", "127.0.0.1:0", "--status-interval", "100ms"]);
+    let mut running = up.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let branch = loop {
+        if let Some(b) = setup
+            .branches()
+            .into_iter()
+            .find(|b| b.starts_with("agentops/proposals/agent-"))
+        {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no specialist was proposed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    running.kill().await.unwrap();
+    assert_eq!(
+        setup.tasks().await,
+        [("limits/translate".to_owned(), "pending".to_owned())],
+        "nobody could take it"
+    );
+
+    setup.fetch();
+    git(
+        &setup.clone,
+        &["checkout", "-q", &format!("origin/{branch}")],
+    );
+    let name = branch.trim_start_matches("agentops/proposals/agent-");
+    let spec = std::fs::read_to_string(setup.clone.join(format!("agents/{name}.yaml"))).unwrap();
+    assert!(
+        spec.contains("kind: Agent") && spec.contains("translation"),
+        "{spec}"
+    );
+    let validate = std::process::Command::new(BIN)
+        .arg("validate")
+        .arg(&setup.clone)
+        .output()
+        .unwrap();
+    assert!(
+        validate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&validate.stdout)
+    );
+    git(&setup.clone, &["checkout", "-q", "main"]);
+
+    setup.merge(&branch);
+    setup.up().await;
+    assert_eq!(
+        setup.tasks().await,
+        [("limits/translate".to_owned(), "completed".to_owned())]
+    );
+    let pool = setup.sqlite().await;
+    let by: Option<String> =
+        sqlx::query_scalar("SELECT assigned_to FROM tasks WHERE name = 'translate'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(by.as_deref(), Some(name), "the specialist did it");
+    assert!(setup.file_on_main("out/hello-fr.md").is_some());
 }

@@ -291,7 +291,7 @@ pub async fn up(
             )),
             None => None,
         };
-        let mut syncer = Syncer::new(source, &source_cfg.source_name, store);
+        let mut syncer = Syncer::new(source, &source_cfg.source_name, store.clone());
         // Agents finish work between syncs, so idleness is checked on its own clock.
         let mut idle_check = tokio::time::interval(std::time::Duration::from_millis(500));
         loop {
@@ -338,6 +338,20 @@ pub async fn up(
                         dispatcher.events_recorded();
                     }
                     if report.object_writes > 0 {
+                        // A tool that a blocked task waited for may have arrived with it.
+                        match crate::store::tools::ToolRegistry::unblock_tool_waiters(&store)
+                            .await
+                        {
+                            Ok(0) => {}
+                            Ok(n) => {
+                                eprintln!("{n} task(s) waiting for a tool can run now");
+                                dispatcher.events_recorded();
+                            }
+                            Err(e) => tracing::warn!(
+                                "cannot unblock tasks waiting for tools: {}",
+                                crate::error_chain(&e)
+                            ),
+                        }
                         dispatcher.wake();
                     }
                     if reason == Reason::Start || report.files_parsed > 0 || report.cursor_moved {
