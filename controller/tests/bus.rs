@@ -464,8 +464,7 @@ async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
 }
 
 async fn unpublished(db: &TestDb) -> i64 {
-    db.scalar("SELECT count(*) FROM events WHERE processed_at IS NULL")
-        .await
+    db.scalar("SELECT count(*) FROM event_outbox").await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -583,7 +582,8 @@ async fn events_of_a_claim_and_a_completion_are_on_nats() {
 
     // Published again: the stream keeps one of each.
     let published = d.metrics.bus_published_total("events");
-    db.execute("UPDATE events SET processed_at = NULL").await;
+    db.execute("INSERT INTO event_outbox (event_id) SELECT id FROM events ORDER BY created_at")
+        .await;
     d.events_recorded();
     eventually(
         Duration::from_secs(10),
@@ -1170,7 +1170,7 @@ where
     assert_eq!(store.ready_tasks(10).await.unwrap().len(), 3);
     let events = db.scalar("SELECT count(*) FROM events").await;
     assert_eq!(
-        store.unpublished_events(1000).await.unwrap().len() as i64,
+        store.unpublished_events(1000).await.unwrap().events.len() as i64,
         events
     );
 

@@ -3,8 +3,8 @@
 //! Requests never wait on NATS or Redis: they leave a note here (a [`Notify`], an agent's
 //! name in a set) and return. Three loops pick the notes up:
 //!
-//! - the **relay** publishes committed events from the store's outbox (`events` rows whose
-//!   `processed_at` is empty) and then marks them published. A publish that fails is counted
+//! - the **relay** publishes committed events from the store's outbox (`event_outbox`, which
+//!   a trigger fills as `events` rows are written) and then clears them. A publish that fails is counted
 //!   and tried again with backoff; the rows wait in the table meanwhile, so a NATS outage
 //!   delays events but loses none. JetStream drops a re-published event by its id.
 //! - the **announcer** publishes up to [`ANNOUNCE_PER_POOL`] ready tasks per pool whenever work
@@ -220,33 +220,40 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
 
     /// Publish one batch of unpublished events.
     async fn relay_pass(&self, health: &mut Health, store_health: &mut Health) -> Pass {
-        let events = match self.queue.unpublished_events(RELAY_BATCH).await {
-            Ok(events) => {
+        let batch = match self.queue.unpublished_events(RELAY_BATCH).await {
+            Ok(batch) => {
                 store_health.ok();
-                events
+                batch
             }
             Err(e) => {
                 store_health.failed(&e);
                 return Pass::Failed;
             }
         };
-        if events.is_empty() {
+        if batch.entries.is_empty() {
             return Pass::Done;
         }
-        if let Err(e) = self.backplane.backends.bus.publish_events(&events).await {
-            self.metrics.bus_failed(EVENTS);
-            health.failed(&e);
-            return Pass::Failed;
+        if !batch.events.is_empty() {
+            if let Err(e) = self
+                .backplane
+                .backends
+                .bus
+                .publish_events(&batch.events)
+                .await
+            {
+                self.metrics.bus_failed(EVENTS);
+                health.failed(&e);
+                return Pass::Failed;
+            }
+            health.ok();
+            self.metrics.bus_published(EVENTS, batch.events.len());
         }
-        health.ok();
-        self.metrics.bus_published(EVENTS, events.len());
-        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-        if let Err(e) = self.queue.mark_published(&ids).await {
+        if let Err(e) = self.queue.mark_published(&batch.entries).await {
             // Published again on the next pass, and dropped by the bus as a duplicate.
             store_health.failed(&e);
             return Pass::Failed;
         }
-        if events.len() == RELAY_BATCH as usize {
+        if batch.entries.len() == RELAY_BATCH as usize {
             Pass::More
         } else {
             Pass::Done

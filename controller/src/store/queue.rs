@@ -281,21 +281,33 @@ pub struct ReadyTask {
     pub run_lease: i64,
 }
 
+/// Events waiting in the outbox, oldest first.
+#[derive(Debug, Default)]
+pub struct OutboxBatch {
+    /// The outbox entries read, to hand to [`Outbox::mark_published`] once published. There
+    /// can be more than events: an entry whose event row is gone is only cleared.
+    pub entries: Vec<i64>,
+    pub events: Vec<StoredEvent>,
+}
+
 /// What the event relay and the announcer need from the store.
 ///
-/// The `events` table is the outbox: every operation writes its events in its own
-/// transaction, and the relay publishes rows whose `processed_at` is still empty, then sets
-/// it. So an event reaches the bus only once it is committed, and one that could not be
-/// published (the bus was down, the controller stopped) is published later.
+/// Every operation writes its events in its own transaction, and a trigger on `events` queues
+/// each new row in `event_outbox` in that same transaction. The relay publishes what is queued
+/// and then deletes it. So an event reaches the bus only once it is committed, and one that
+/// could not be published (the bus was down, the controller stopped) is published later.
 pub trait Outbox: Send + Sync + 'static {
-    /// Up to `limit` events not yet handed to the bus, oldest first.
+    /// Up to `limit` outbox entries, oldest first, with their events.
     fn unpublished_events(
         &self,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<StoredEvent>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<OutboxBatch, StoreError>> + Send;
 
-    /// Record that these events were handed to the bus.
-    fn mark_published(&self, ids: &[Uuid]) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Record that these outbox entries were handed to the bus.
+    fn mark_published(
+        &self,
+        entries: &[i64],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Up to `per_pool` ready tasks of each pool, in claim order (priority, then age).
     fn ready_tasks(

@@ -94,6 +94,35 @@ macro_rules! agent_idle {
     };
 }
 
+/// Agent `$a`'s `last_active_at` is more than a second old, or… (the condition that follows).
+///
+/// Claims and completions write an agents row only when they change its status or this
+/// holds. They come by the thousand per second, and writing the row on each was a large share
+/// of a claim; heartbeats and registrations still write it every time, and liveness allows
+/// three heartbeats (30 s by default), so a second's lag is no loss.
+macro_rules! stale_or {
+    ($a:literal) => {
+        concat!(
+            "(",
+            $a,
+            ".last_active_at IS NULL OR ",
+            $a,
+            ".last_active_at < now() - interval '1000 milliseconds') OR"
+        )
+    };
+}
+
+/// Agent `$a` holds a task in progress besides those completed in CTE `done`.
+macro_rules! holds_more {
+    ($a:literal) => {
+        concat!(
+            "SELECT 1 FROM tasks h WHERE h.lease_owner = ",
+            $a,
+            ".name AND h.status = 'in_progress' AND h.id NOT IN (SELECT id FROM done)"
+        )
+    };
+}
+
 /// The wait before the retry that follows the row's attempt (`LeasePolicy::backoff`), from
 /// the base `$base` and the cap `$max` in milliseconds, as a time from now.
 macro_rules! backoff {
@@ -163,9 +192,10 @@ const CLAIM: &str = concat!(
          UNION ALL SELECT agent, id, ready_at FROM named), \
      claimed AS (UPDATE tasks t SET status = 'in_progress', lease_owner = d.agent, \
          assigned_to = d.agent, lease_expires_at = now() + $4 * interval '1 millisecond', \
+         updated_at = now(), \
          run_lease = t.run_lease + 1, started_at = COALESCE(t.started_at, now()), \
          claimed_at = now(), dispatch_revision = t.revision \
-     FROM dealt d WHERE t.id = d.id \
+     FROM dealt d WHERE t.id = d.id AND t.id = ANY(ARRAY(SELECT id FROM dealt)) \
      RETURNING d.agent, d.ready_at, t.id, t.project_id, t.run_lease, t.attempt, t.priority, t.created_at, \
          t.name, t.title, t.description, t.action, t.output, t.acceptance_criteria, \
          t.timeout_seconds, t.revision, t.lease_expires_at), \
@@ -179,7 +209,10 @@ const CLAIM: &str = concat!(
          status = CASE WHEN EXISTS (SELECT 1 FROM claimed c WHERE c.agent = a.name) \
              THEN 'busy' ELSE a.status END \
          WHERE a.name IN (SELECT l.name FROM agents l WHERE l.name IN \
-             (SELECT agent FROM claimers) ORDER BY l.name FOR UPDATE)) \
+             (SELECT agent FROM claimers) AND (",
+    stale_or!("l"),
+    " (l.status <> 'busy' AND EXISTS (SELECT 1 FROM claimed c WHERE c.agent = l.name))) \
+             ORDER BY l.name FOR UPDATE)) \
      SELECT c.agent, c.ready_at, c.id, c.run_lease, c.attempt, \
          COALESCE((SELECT p.name FROM projects p WHERE p.id = c.project_id), '') AS project, \
          COALESCE(c.name, '') AS name, c.title, COALESCE(c.description, '') AS description, \
@@ -236,7 +269,7 @@ const COMPLETE: &str = concat!(
      done AS (UPDATE tasks t SET \
          status = CASE WHEN r.review THEN 'review' ELSE 'completed' END, \
          completed_at = CASE WHEN r.review THEN NULL ELSE now() END, result = r.result, \
-         lease_owner = NULL, lease_expires_at = NULL, status_message = NULL \
+         lease_owner = NULL, lease_expires_at = NULL, status_message = NULL, updated_at = now() \
          FROM input r WHERE t.id = r.id AND t.run_lease = r.run_lease AND t.lease_owner = r.agent \
          AND t.status = 'in_progress' \
          RETURNING r.i, r.agent, t.id, t.project_id, t.name, t.run_lease, t.attempt, t.status), \
@@ -255,12 +288,15 @@ const COMPLETE: &str = concat!(
     " FROM done d), ",
     // In name order, like the claim: see there.
     "agent AS (UPDATE agents a SET last_active_at = now(), status = CASE \
-         WHEN a.status = 'busy' AND NOT EXISTS (SELECT 1 FROM tasks h \
-             WHERE h.lease_owner = a.name \
-             AND h.status = 'in_progress' AND h.id NOT IN (SELECT id FROM done)) \
-         THEN 'idle' ELSE a.status END \
+         WHEN a.status = 'busy' AND NOT EXISTS (",
+    holds_more!("a"),
+    ") THEN 'idle' ELSE a.status END \
          WHERE a.name IN (SELECT l.name FROM agents l WHERE l.name IN \
-             (SELECT agent FROM input) ORDER BY l.name FOR UPDATE)) \
+             (SELECT agent FROM done) AND (",
+    stale_or!("l"),
+    " (l.status = 'busy' AND NOT EXISTS (",
+    holds_more!("l"),
+    "))) ORDER BY l.name FOR UPDATE)) \
      SELECT r.i, CASE WHEN d.i IS NOT NULL THEN 0 \
          WHEN EXISTS (SELECT 1 FROM tasks x WHERE x.id = r.id) THEN 1 ELSE 2 END AS outcome \
      FROM input r LEFT JOIN done d ON d.i = r.i"
@@ -371,7 +407,7 @@ const BLOCK: &str = "\
         CROSS JOIN LATERAL jsonb_array_elements_text(t.depends_on) WITH ORDINALITY AS d(dep, n) \
         JOIN projects dp ON dp.name = split_part(d.dep, '/', 1) \
         JOIN tasks dt ON dt.project_id = dp.id AND dt.name = split_part(d.dep, '/', 2) \
-        WHERE t.status = 'pending' AND t.pruned_at IS NULL \
+        WHERE t.status = 'pending' AND t.depends_on <> '[]' AND t.pruned_at IS NULL \
         AND dt.status IN ('failed', 'cancelled') \
         ORDER BY t.id, d.n), \
     blocked AS (UPDATE tasks t SET status = 'blocked', \
@@ -729,24 +765,32 @@ impl Queue for PgStore {
 // The outbox and agent liveness
 // ---------------------------------------------------------------------------------------------
 
-/// $1 how many. Walks `idx_events_unprocessed`.
+/// $1 how many. An entry whose event is gone comes with an empty event.
 const UNPUBLISHED: &str = "\
-    SELECT id, event_type, source_agent, target_agent, payload, created_at FROM events \
-    WHERE processed_at IS NULL ORDER BY created_at, id LIMIT $1";
+    SELECT o.seq, e.id, e.event_type, e.source_agent, e.target_agent, e.payload, e.created_at \
+    FROM (SELECT seq, event_id FROM event_outbox ORDER BY seq LIMIT $1) o \
+    LEFT JOIN events e ON e.id = o.event_id ORDER BY o.seq";
 
-/// $1 ids.
-const MARK_PUBLISHED: &str =
-    "UPDATE events SET processed_at = now() WHERE id = ANY($1) AND processed_at IS NULL";
+/// $1 outbox entries.
+const MARK_PUBLISHED: &str = "DELETE FROM event_outbox WHERE seq = ANY($1)";
 
 /// $1 how many per pool.
+///
+/// The pools are found by skipping through `idx_tasks_pending_assignee` one assignee at a time
+/// (a loose index scan), and each pool's first tasks by walking it in claim order: the cost
+/// follows the number of pools and of tasks announced, not the length of the queue.
 const READY_TASKS: &str = concat!(
-    "SELECT pool, id, run_lease FROM (SELECT t.assignee AS pool, t.id, t.run_lease, \
-         row_number() OVER (PARTITION BY t.assignee \
-             ORDER BY t.priority DESC NULLS LAST, t.created_at) AS n \
-         FROM tasks t WHERE ",
+    "WITH RECURSIVE pools AS ( \
+         SELECT (SELECT min(x.assignee) FROM tasks x WHERE x.status = 'pending') AS pool \
+         UNION ALL \
+         SELECT (SELECT min(x.assignee) FROM tasks x WHERE x.status = 'pending' \
+             AND x.assignee > p.pool) FROM pools p WHERE p.pool IS NOT NULL) \
+     SELECT p.pool, r.id, r.run_lease FROM pools p CROSS JOIN LATERAL ( \
+         SELECT t.id, t.run_lease, t.priority, t.created_at FROM tasks t WHERE ",
     ready!(),
-    " AND t.assignee IS NOT NULL) r \
-     WHERE n <= $1 ORDER BY pool, n"
+    " AND t.assignee = p.pool ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT $1) r \
+     WHERE p.pool IS NOT NULL \
+     ORDER BY p.pool, r.priority DESC NULLS LAST, r.created_at"
 );
 
 const AGENT_LIVENESS: &str = "\
@@ -777,11 +821,12 @@ const MARK_ONLINE: &str = "\
 
 #[derive(sqlx::FromRow)]
 struct EventRow {
-    id: Uuid,
-    event_type: String,
+    seq: i64,
+    id: Option<Uuid>,
+    event_type: Option<String>,
     source_agent: Option<String>,
     target_agent: Option<String>,
-    payload: Json<serde_json::Value>,
+    payload: Option<Json<serde_json::Value>>,
     created_at: Option<DateTime<Utc>>,
 }
 
@@ -794,34 +839,38 @@ struct LivenessRow {
 }
 
 impl Outbox for PgStore {
-    async fn unpublished_events(&self, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn unpublished_events(&self, limit: u32) -> Result<OutboxBatch, StoreError> {
         let rows: Vec<EventRow> = sqlx::query_as(UNPUBLISHED)
             .bind(i64::from(limit))
             .fetch_all(self.pool())
             .await
             .map_err(query_error("reading unpublished events"))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| StoredEvent {
-                id: r.id,
-                event_type: r.event_type,
-                source_agent: r.source_agent,
-                target_agent: r.target_agent,
-                payload: r.payload.0,
-                created_at: r.created_at,
-            })
-            .collect())
+        let mut batch = OutboxBatch::default();
+        for r in rows {
+            batch.entries.push(r.seq);
+            if let (Some(id), Some(event_type)) = (r.id, r.event_type) {
+                batch.events.push(StoredEvent {
+                    id,
+                    event_type,
+                    source_agent: r.source_agent,
+                    target_agent: r.target_agent,
+                    payload: r.payload.map_or(serde_json::Value::Null, |p| p.0),
+                    created_at: r.created_at,
+                });
+            }
+        }
+        Ok(batch)
     }
 
-    async fn mark_published(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
-        if ids.is_empty() {
+    async fn mark_published(&self, entries: &[i64]) -> Result<u64, StoreError> {
+        if entries.is_empty() {
             return Ok(0);
         }
         let done = sqlx::query(MARK_PUBLISHED)
-            .bind(ids)
+            .bind(entries)
             .execute(self.pool())
             .await
-            .map_err(query_error("marking events published"))?;
+            .map_err(query_error("clearing published events from the outbox"))?;
         Ok(done.rows_affected())
     }
 

@@ -281,7 +281,7 @@ const BLOCK: &str = "\
           FROM tasks t, json_each(t.depends_on) d \
           JOIN projects dp ON dp.name = substr(d.value, 1, instr(d.value, '/') - 1) \
           JOIN tasks dt ON dt.project_id = dp.id AND dt.name = substr(d.value, instr(d.value, '/') + 1) \
-          WHERE t.status = 'pending' AND t.pruned_at IS NULL \
+          WHERE t.status = 'pending' AND t.depends_on <> '[]' AND t.pruned_at IS NULL \
           AND dt.status IN ('failed', 'cancelled')) AS dep \
     WHERE tasks.id = dep.id AND dep.n = 1 AND tasks.status = 'pending' \
     RETURNING id, name, status_message, \
@@ -1023,17 +1023,15 @@ impl Queue for SqliteStore {
 // The outbox and agent liveness
 // ---------------------------------------------------------------------------------------------
 
-/// ?1 how many. Walks `idx_events_unprocessed`.
+/// ?1 how many. An entry whose event is gone comes with an empty event.
 const UNPUBLISHED: &str = "\
-    SELECT id, event_type, source_agent, target_agent, payload, created_at FROM events \
-    WHERE processed_at IS NULL ORDER BY created_at, id LIMIT ?1";
+    SELECT o.seq, e.id, e.event_type, e.source_agent, e.target_agent, e.payload, e.created_at \
+    FROM (SELECT seq, event_id FROM event_outbox ORDER BY seq LIMIT ?1) o \
+    LEFT JOIN events e ON e.id = o.event_id ORDER BY o.seq";
 
-/// ?1 ids as a JSON array.
-const MARK_PUBLISHED: &str = concat!(
-    "UPDATE events SET processed_at = ",
-    now!(),
-    " WHERE id IN (SELECT value FROM json_each(?1)) AND processed_at IS NULL"
-);
+/// ?1 outbox entries as a JSON array.
+const MARK_PUBLISHED: &str =
+    "DELETE FROM event_outbox WHERE seq IN (SELECT value FROM json_each(?1))";
 
 /// ?1 how many per pool.
 const READY_TASKS: &str = concat!(
@@ -1070,11 +1068,12 @@ const MARK_ONLINE: &str = "\
 
 #[derive(sqlx::FromRow)]
 struct EventRow {
-    id: String,
-    event_type: String,
+    seq: i64,
+    id: Option<String>,
+    event_type: Option<String>,
     source_agent: Option<String>,
     target_agent: Option<String>,
-    payload: String,
+    payload: Option<String>,
     created_at: Option<String>,
 }
 
@@ -1131,39 +1130,41 @@ impl SqliteStore {
 }
 
 impl Outbox for SqliteStore {
-    async fn unpublished_events(&self, limit: u32) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn unpublished_events(&self, limit: u32) -> Result<OutboxBatch, StoreError> {
         let rows: Vec<EventRow> = sqlx::query_as(UNPUBLISHED)
             .bind(i64::from(limit))
             .fetch_all(self.pool())
             .await
             .map_err(query_error("reading unpublished events"))?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredEvent {
-                    id: r
-                        .id
-                        .parse()
-                        .map_err(|_| StoreError::Corrupt(format!("event id `{}`", r.id)))?,
-                    event_type: r.event_type,
-                    source_agent: r.source_agent,
-                    target_agent: r.target_agent,
-                    payload: parse_json(Some(&r.payload))?.unwrap_or(Value::Null),
-                    created_at: r.created_at.as_deref().map(parse_time).transpose()?,
-                })
-            })
-            .collect()
+        let mut batch = OutboxBatch::default();
+        for r in rows {
+            batch.entries.push(r.seq);
+            let (Some(id), Some(event_type)) = (r.id, r.event_type) else {
+                continue;
+            };
+            batch.events.push(StoredEvent {
+                id: id
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("event id `{id}`")))?,
+                event_type,
+                source_agent: r.source_agent,
+                target_agent: r.target_agent,
+                payload: parse_json(r.payload.as_deref())?.unwrap_or(Value::Null),
+                created_at: r.created_at.as_deref().map(parse_time).transpose()?,
+            });
+        }
+        Ok(batch)
     }
 
-    async fn mark_published(&self, ids: &[Uuid]) -> Result<u64, StoreError> {
-        if ids.is_empty() {
+    async fn mark_published(&self, entries: &[i64]) -> Result<u64, StoreError> {
+        if entries.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
         let done = sqlx::query(MARK_PUBLISHED)
-            .bind(json_text(&ids)?)
+            .bind(json_text(&entries)?)
             .execute(self.pool())
             .await
-            .map_err(query_error("marking events published"))?;
+            .map_err(query_error("clearing published events from the outbox"))?;
         Ok(done.rows_affected())
     }
 
