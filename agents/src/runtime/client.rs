@@ -85,14 +85,26 @@ pub(crate) struct Client {
     reregistering: tokio::sync::Mutex<()>,
 }
 
+/// One HTTP client for every agent in the process. Building one loads and parses the
+/// system's CA bundle (some 40 ms of CPU with OpenSSL), which fifty agents in one process
+/// paid fifty times over before their first claim; reqwest's client is a handle to a shared
+/// connection pool and is meant to be reused.
+fn shared_http() -> Result<reqwest::Client, Error> {
+    static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    if let Some(http) = HTTP.get() {
+        return Ok(http.clone());
+    }
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(Error::Client)?;
+    Ok(HTTP.get_or_init(|| http).clone())
+}
+
 impl Client {
     pub fn new(api: &str, identity: RegisterRequest) -> Result<Client, Error> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(Error::Client)?;
         Ok(Client {
-            http,
+            http: shared_http()?,
             api: api.trim_end_matches('/').to_owned(),
             identity,
             session: RwLock::new(Arc::new(Session {
