@@ -1170,7 +1170,12 @@ where
     assert_eq!(store.ready_tasks(10).await.unwrap().len(), 3);
     let events = db.scalar("SELECT count(*) FROM events").await;
     assert_eq!(
-        store.unpublished_events(1000).await.unwrap().events.len() as i64,
+        store
+            .unpublished_events(0, 1000)
+            .await
+            .unwrap()
+            .events
+            .len() as i64,
         events
     );
 

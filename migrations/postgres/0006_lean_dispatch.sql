@@ -29,6 +29,10 @@ CREATE TRIGGER events_to_outbox AFTER INSERT ON events
     REFERENCING NEW TABLE AS inserted
     FOR EACH STATEMENT EXECUTE FUNCTION events_to_outbox();
 
+-- A queue table: rows are deleted soon after they are written, so vacuum it by the number of
+-- dead rows, not by a fraction of a table that is small whenever the relay keeps up.
+ALTER TABLE event_outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000);
+
 DROP INDEX idx_events_unprocessed;
 
 -- Columns of a handful of values: an index on them is a write on every row and is never the
@@ -48,3 +52,20 @@ CREATE TRIGGER tasks_set_updated_at
 -- sweep has to look at. Without it the sweep walked every pending task each second.
 CREATE INDEX idx_tasks_pending_deps ON tasks (id)
     WHERE status = 'pending' AND depends_on <> '[]'::jsonb;
+
+-- Every claim and every completion writes a new version of the task row, and with it an
+-- entry in each index of `tasks` (the changed columns are indexed, so the update cannot be
+-- HOT). Three of the original indexes served no query the controller makes and cost three
+-- entries on each of those writes:
+-- - by status: pending tasks are found through idx_tasks_dispatch and
+--   idx_tasks_pending_assignee, running ones through idx_tasks_held, and the rest now through
+--   a partial index that neither a claim nor a completion enters. A lookup of `completed`
+--   reads most of the table either way;
+-- - by assigned_to: what an agent runs now is idx_tasks_held (lease_owner); what it ran is in
+--   task_updates (agent_name);
+-- - by created_at: listings sort a table they read whole anyway.
+DROP INDEX idx_tasks_status_priority;
+DROP INDEX idx_tasks_assigned_to;
+DROP INDEX idx_tasks_created_at;
+CREATE INDEX idx_tasks_attention ON tasks (status, priority DESC NULLS LAST)
+    WHERE status IN ('blocked', 'review', 'failed', 'cancelled');

@@ -32,6 +32,10 @@ const RELAY_BATCH: u32 = 500;
 /// The relay also looks this often unprompted: events written by another process (a
 /// `reconcile --once`, another controller) have nobody to prompt it.
 const RELAY_EVERY: Duration = Duration::from_secs(1);
+/// At least this long between two relay passes that emptied the outbox: under load, events
+/// then go out in a few large batches instead of a pass (two statements) per claim and
+/// completion.
+const RELAY_GAP: Duration = Duration::from_millis(20);
 /// Ready tasks announced per pool and pass.
 pub const ANNOUNCE_PER_POOL: u32 = 32;
 /// The announcer also looks this often unprompted.
@@ -189,8 +193,12 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
     pub async fn flush_events(&self, within: Duration) {
         let mut health = Health::new("publishing events");
         let mut store_health = Health::new("reading events to publish");
+        let mut after = 0;
         let flush = async {
-            while let Pass::More = self.relay_pass(&mut health, &mut store_health).await {}
+            while let Pass::More = self
+                .relay_pass(&mut after, &mut health, &mut store_health)
+                .await
+            {}
         };
         if tokio::time::timeout(within, flush).await.is_err() {
             tracing::warn!("events left unpublished at exit; they are published by the next run");
@@ -201,8 +209,21 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
         let mut health = Health::new("publishing events");
         let mut store_health = Health::new("reading events to publish");
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // Passes read on from the last entry they published: from the start, the queue's head
+        // is a run of deleted entries until vacuum clears them, and stepping over them made
+        // each pass slower the busier the relay was. Every RELAY_EVERY a pass starts from the
+        // beginning again, for entries of transactions that committed out of order.
+        let mut after = 0;
+        let mut from_start = Instant::now();
         loop {
-            match self.relay_pass(&mut health, &mut store_health).await {
+            if from_start.elapsed() >= RELAY_EVERY {
+                after = 0;
+                from_start = Instant::now();
+            }
+            match self
+                .relay_pass(&mut after, &mut health, &mut store_health)
+                .await
+            {
                 Pass::More => continue,
                 Pass::Done => backoff.reset(),
                 Pass::Failed => {
@@ -215,12 +236,19 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
                 () = self.backplane.events.notified() => {}
                 () = tokio::time::sleep(RELAY_EVERY) => {}
             }
+            tokio::time::sleep(RELAY_GAP).await;
         }
     }
 
-    /// Publish one batch of unpublished events.
-    async fn relay_pass(&self, health: &mut Health, store_health: &mut Health) -> Pass {
-        let batch = match self.queue.unpublished_events(RELAY_BATCH).await {
+    /// Publish one batch of unpublished events from the outbox entries after `after`, and move
+    /// `after` past them.
+    async fn relay_pass(
+        &self,
+        after: &mut i64,
+        health: &mut Health,
+        store_health: &mut Health,
+    ) -> Pass {
+        let batch = match self.queue.unpublished_events(*after, RELAY_BATCH).await {
             Ok(batch) => {
                 store_health.ok();
                 batch
@@ -253,6 +281,7 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
             store_health.failed(&e);
             return Pass::Failed;
         }
+        *after = batch.entries.iter().copied().max().unwrap_or(*after);
         if batch.entries.len() == RELAY_BATCH as usize {
             Pass::More
         } else {

@@ -297,9 +297,14 @@ pub struct OutboxBatch {
 /// and then deletes it. So an event reaches the bus only once it is committed, and one that
 /// could not be published (the bus was down, the controller stopped) is published later.
 pub trait Outbox: Send + Sync + 'static {
-    /// Up to `limit` outbox entries, oldest first, with their events.
+    /// Up to `limit` outbox entries after entry `after`, oldest first, with their events.
+    ///
+    /// Entries are numbered as they are written, but a transaction can commit after one that
+    /// wrote later entries; so `after` is a hint for the next pass of a busy relay, which
+    /// must still come back for everything (`after` = 0) now and then.
     fn unpublished_events(
         &self,
+        after: i64,
         limit: u32,
     ) -> impl Future<Output = Result<OutboxBatch, StoreError>> + Send;
 

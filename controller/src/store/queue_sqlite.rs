@@ -1023,10 +1023,11 @@ impl Queue for SqliteStore {
 // The outbox and agent liveness
 // ---------------------------------------------------------------------------------------------
 
-/// ?1 how many. An entry whose event is gone comes with an empty event.
+/// ?1 after which entry, ?2 how many. An entry whose event is gone comes with an empty
+/// event.
 const UNPUBLISHED: &str = "\
     SELECT o.seq, e.id, e.event_type, e.source_agent, e.target_agent, e.payload, e.created_at \
-    FROM (SELECT seq, event_id FROM event_outbox ORDER BY seq LIMIT ?1) o \
+    FROM (SELECT seq, event_id FROM event_outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2) o \
     LEFT JOIN events e ON e.id = o.event_id ORDER BY o.seq";
 
 /// ?1 outbox entries as a JSON array.
@@ -1130,8 +1131,9 @@ impl SqliteStore {
 }
 
 impl Outbox for SqliteStore {
-    async fn unpublished_events(&self, limit: u32) -> Result<OutboxBatch, StoreError> {
+    async fn unpublished_events(&self, after: i64, limit: u32) -> Result<OutboxBatch, StoreError> {
         let rows: Vec<EventRow> = sqlx::query_as(UNPUBLISHED)
+            .bind(after)
             .bind(i64::from(limit))
             .fetch_all(self.pool())
             .await
