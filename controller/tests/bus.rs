@@ -1192,6 +1192,13 @@ where
     let _background = dispatcher.spawn_background();
     dispatcher.events_recorded();
     dispatcher.wake();
+    // Before anything is claimed, so that all three are still ready to announce.
+    eventually(
+        Duration::from_secs(5),
+        "the ready tasks are announced",
+        || async { dispatcher.metrics.bus_published_total("announcements") >= 3 },
+    )
+    .await;
 
     let worker = AgentIdentity {
         name: "quiet".to_owned(),

@@ -1035,14 +1035,21 @@ const MARK_PUBLISHED: &str =
     "DELETE FROM event_outbox WHERE seq IN (SELECT value FROM json_each(?1))";
 
 /// ?1 how many per pool.
+///
+/// As on Postgres: the pools by a loose scan of `idx_tasks_pending_assignee`, then each pool's
+/// first ready tasks in claim order, so the cost does not grow with the length of the queue.
 const READY_TASKS: &str = concat!(
-    "SELECT pool, id, run_lease FROM (SELECT t.assignee AS pool, t.id, t.run_lease, \
-         row_number() OVER (PARTITION BY t.assignee \
-             ORDER BY t.priority DESC NULLS LAST, t.created_at) AS n \
-         FROM tasks t WHERE ",
+    "WITH RECURSIVE pools(pool) AS ( \
+         SELECT (SELECT min(x.assignee) FROM tasks x WHERE x.status = 'pending') \
+         UNION ALL \
+         SELECT (SELECT min(x.assignee) FROM tasks x WHERE x.status = 'pending' \
+             AND x.assignee > p.pool) FROM pools p WHERE p.pool IS NOT NULL) \
+     SELECT p.pool, r.id, r.run_lease FROM pools p JOIN tasks r ON r.id IN ( \
+         SELECT t.id FROM tasks t WHERE ",
     ready!(),
-    " AND t.assignee IS NOT NULL) r \
-     WHERE n <= ?1 ORDER BY pool, n"
+    " AND t.assignee = p.pool ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT ?1) \
+     WHERE p.pool IS NOT NULL \
+     ORDER BY p.pool, r.priority DESC NULLS LAST, r.created_at"
 );
 
 const AGENT_LIVENESS: &str = "\
