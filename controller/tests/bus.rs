@@ -1285,3 +1285,83 @@ where
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The outbox with transactions that commit out of order
+// ---------------------------------------------------------------------------------------------
+
+/// The relay reads on from the last outbox entry it published. An entry numbered before that
+/// whose transaction commits later (a long sync, say) must still go out: the relay's periodic
+/// pass from the start finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_committed_out_of_order_is_still_published() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = PgStore::open(&db.url).await;
+    let Pool::Pg(pool) = &db.pool else {
+        unreachable!("a Postgres database")
+    };
+
+    let bus = Arc::new(InProcessBus::default());
+    let mut messages = bus.subscribe();
+    let backends = Backends {
+        bus: bus.clone(),
+        presence: Arc::new(MemoryPresence::default()),
+    };
+    let dispatcher = Dispatcher::with_backends(store, config(Duration::from_secs(1)), backends);
+    let _background = dispatcher.spawn_background();
+    let mut subjects: Vec<String> = Vec::new();
+    // The late event takes the lower outbox number but stays uncommitted…
+    let mut late = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO events (event_type, payload) VALUES ('test.late', '{}')")
+        .execute(&mut *late)
+        .await
+        .unwrap();
+    // …while a later one commits and is published, which moves the relay past both numbers.
+    db.execute("INSERT INTO events (event_type, payload) VALUES ('test.early', '{}')")
+        .await;
+    dispatcher.events_recorded();
+    published(&mut messages, &mut subjects, "test.early").await;
+    let (late_seq, early_seq): (i64, i64) = (
+        sqlx::query_scalar("SELECT min(seq) FROM event_outbox")
+            .fetch_one(&mut *late)
+            .await
+            .unwrap(),
+        db.scalar("SELECT last_value FROM event_outbox_seq_seq")
+            .await,
+    );
+    assert!(late_seq < early_seq, "{late_seq} < {early_seq}");
+
+    late.commit().await.unwrap();
+    dispatcher.events_recorded();
+    published(&mut messages, &mut subjects, "test.late").await;
+    assert_eq!(
+        subjects
+            .iter()
+            .filter(|s| s.ends_with("test.early"))
+            .count(),
+        1,
+        "{subjects:?}"
+    );
+    eventually(Duration::from_secs(5), "the outbox is empty", || async {
+        db.scalar("SELECT count(*) FROM event_outbox").await == 0
+    })
+    .await;
+}
+
+/// Waits up to 5 s for a message whose subject ends with `wanted`, noting every subject seen.
+async fn published(
+    messages: &mut tokio::sync::broadcast::Receiver<BusMessage>,
+    seen: &mut Vec<String>,
+    wanted: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !seen.iter().any(|s| s.ends_with(wanted)) {
+        assert!(
+            Instant::now() < deadline,
+            "{wanted} not published: {seen:?}"
+        );
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), messages.recv()).await {
+            seen.push(m.subject);
+        }
+    }
+}
