@@ -120,12 +120,20 @@ const CLAIM: &str = concat!(
      output, acceptance_criteria, timeout_seconds, revision, lease_expires_at"
 );
 
-/// ?1 agent, ?2 whether it took work.
+/// ?1 agent, ?2 whether it took work. Written only to make it `busy` or when `last_active_at`
+/// is a second old (see `stale_or!` on Postgres).
 const AGENT_CLAIMED: &str = concat!(
     "UPDATE agents SET last_active_at = ",
     now!(),
-    ", status = CASE WHEN ?2 THEN 'busy' ELSE status END WHERE name = ?1"
+    ", status = CASE WHEN ?2 THEN 'busy' ELSE status END WHERE name = ?1 \
+     AND ((?2 AND status <> 'busy') OR last_active_at IS NULL \
+         OR last_active_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 seconds'))"
 );
+
+/// ?1 agent names as a JSON array: those that have pending tasks assigned by name.
+const NAMED_PENDING: &str = "\
+    SELECT DISTINCT assignee FROM tasks \
+    WHERE status = 'pending' AND assignee IN (SELECT value FROM json_each(?1))";
 
 /// Seen now, and `busy` or `idle` by what it holds (see the Postgres twin).
 const AGENT_HEARTBEAT: &str = concat!(
@@ -394,25 +402,38 @@ fn modifier(duration: std::time::Duration) -> String {
 
 type Tx = Transaction<'static, Sqlite>;
 
+/// Which of a claimer's two pools may have work this round.
+struct Pools {
+    /// Tasks are assigned to the agent by name.
+    named: bool,
+    /// No earlier claimer of this round with the same role and capabilities emptied it.
+    role: bool,
+}
+
+/// Claims for one agent; also says whether its role's pool ran out.
 async fn claim_one(
     tx: &mut Tx,
     agent: &AgentIdentity,
     max: u32,
     policy: &LeasePolicy,
-) -> Result<Vec<Assignment>, StoreError> {
+    open: Pools,
+) -> Result<(Vec<Assignment>, bool), StoreError> {
     if max == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
     // Tasks that name the agent first, then its role's, as on Postgres. Two statements on
     // one assignee each, because each then walks `idx_tasks_pending_assignee` in claim order
     // and stops at the limit; `assignee IN (name, role)` made SQLite sort every pending task.
     let capabilities = json_text(&agent.capabilities)?;
     let mut rows: Vec<AssignmentRow> = Vec::new();
-    let pools: &[&str] = if agent.name == agent.agent_type {
-        &[&agent.agent_type]
-    } else {
-        &[&agent.name, &agent.agent_type]
-    };
+    let mut pools: Vec<&str> = Vec::with_capacity(2);
+    if open.named && agent.name != agent.agent_type {
+        pools.push(&agent.name);
+    }
+    if open.role {
+        pools.push(&agent.agent_type);
+    }
+    let mut role_emptied = false;
     for assignee in pools {
         let room = i64::from(max) - rows.len() as i64;
         if room <= 0 {
@@ -427,6 +448,9 @@ async fn claim_one(
             .fetch_all(&mut **tx)
             .await
             .map_err(query_error("claiming tasks"))?;
+        if assignee == agent.agent_type && (taken.len() as i64) < room {
+            role_emptied = true;
+        }
         // RETURNING comes in no particular order.
         taken.sort_by(|a, b| {
             b.priority
@@ -459,7 +483,8 @@ async fn claim_one(
         .execute(&mut **tx)
         .await
         .map_err(query_error("updating the agent"))?;
-    rows.into_iter()
+    let assignments = rows
+        .into_iter()
         .map(|r| {
             Ok(Assignment {
                 id: parse_id(&r.id)?,
@@ -478,7 +503,8 @@ async fn claim_one(
                 ready_at: r.ready_at.as_deref().map(parse_time).transpose()?,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok((assignments, role_emptied))
 }
 
 impl SqliteStore {
@@ -648,9 +674,34 @@ impl Queue for SqliteStore {
             return Ok(vec![Vec::new(); claimers.len()]);
         }
         let mut tx = self.begin().await?;
+        // Claimers are served one after another, so a round of fifty idle agents was a
+        // hundred and fifty statements. Agents with no task assigned by name, and a role pool
+        // that an earlier claimer of the round emptied, are skipped.
+        let names: Vec<&str> = claimers
+            .iter()
+            .filter(|c| c.agent.name != c.agent.agent_type)
+            .map(|c| c.agent.name.as_str())
+            .collect();
+        let named: std::collections::HashSet<String> = sqlx::query_scalar(NAMED_PENDING)
+            .bind(json_text(&names)?)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_error("looking for tasks assigned by name"))?
+            .into_iter()
+            .collect();
+        let mut emptied: Vec<(&str, &[String])> = Vec::new();
         let mut answers = Vec::with_capacity(claimers.len());
-        for Claimer { agent, max } in claimers {
-            answers.push(claim_one(&mut tx, agent, *max, policy).await?);
+        for claimer in claimers {
+            let open = Pools {
+                named: named.contains(&claimer.agent.name),
+                role: !emptied.contains(&claimer.pool()),
+            };
+            let (assignments, role_emptied) =
+                claim_one(&mut tx, &claimer.agent, claimer.max, policy, open).await?;
+            if role_emptied {
+                emptied.push(claimer.pool());
+            }
+            answers.push(assignments);
         }
         commit(tx, "committing a claim").await?;
         Ok(answers)
