@@ -193,12 +193,18 @@ const HELD: &str = concat!(
 const EXISTS: &str = "SELECT count(*) FROM tasks WHERE id = ?1";
 
 /// ?1 completions as [`CompletionRow`], ?2 agent.
+///
+/// Sets `updated_at` itself, so that the `tasks_set_updated_at` trigger does not update every
+/// completed row a second time. (The claim cannot: its `RETURNING` reads `updated_at` as the
+/// moment the task became ready.)
 const COMPLETE: &str = concat!(
     "UPDATE tasks SET status = CASE WHEN r.review THEN 'review' ELSE 'completed' END, \
      completed_at = CASE WHEN r.review THEN NULL ELSE ",
     now!(),
-    " END, result = r.result, lease_owner = NULL, lease_expires_at = NULL, status_message = NULL \
-     FROM (SELECT value ->> '$.id' AS id, value ->> '$.run_lease' AS run_lease, \
+    " END, result = r.result, lease_owner = NULL, lease_expires_at = NULL, status_message = NULL, \
+     updated_at = ",
+    now!(),
+    " FROM (SELECT value ->> '$.id' AS id, value ->> '$.run_lease' AS run_lease, \
          value ->> '$.agent' AS agent, value -> '$.result' AS result, \
          value ->> '$.review' AS review FROM json_each(?1)) AS r \
      WHERE tasks.id = r.id AND tasks.run_lease = r.run_lease AND tasks.lease_owner = r.agent \
