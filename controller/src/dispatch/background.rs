@@ -4,9 +4,9 @@
 //! name in a set) and return. Three loops pick the notes up:
 //!
 //! - the **relay** publishes committed events from the store's outbox (`event_outbox`, which
-//!   a trigger fills as `events` rows are written) and then clears them. A publish that fails is counted
-//!   and tried again with backoff; the rows wait in the table meanwhile, so a NATS outage
-//!   delays events but loses none. JetStream drops a re-published event by its id.
+//!   a trigger fills as `events` rows are written) and then clears them. A publish that fails
+//!   is counted and tried again with backoff; the entries wait in the table meanwhile, so a
+//!   NATS outage delays events but loses none. JetStream drops a re-published event by its id.
 //! - the **announcer** publishes up to [`ANNOUNCE_PER_POOL`] ready tasks per pool whenever work
 //!   may be ready, and every [`ANNOUNCE_EVERY`] (a retry's backoff ends without anyone
 //!   noticing). A failed announcement is counted and forgotten: it is only a hint.
