@@ -268,7 +268,7 @@ mod tests {
             event_type: "task.completed".to_owned(),
             source_agent: Some("w".to_owned()),
             target_agent: None,
-            payload: serde_json::json!({"id": "x"}),
+            payload: serde_json::value::to_raw_value(&serde_json::json!({"id": "x"})).unwrap(),
             created_at: None,
         };
         let m = BusMessage::event(&event).unwrap();

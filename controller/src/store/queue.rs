@@ -259,14 +259,16 @@ pub trait Queue: Send + Sync + 'static {
 }
 
 /// An `events` row, as the outbox hands it to the bus.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredEvent {
     pub id: Uuid,
     #[serde(rename = "type")]
     pub event_type: String,
     pub source_agent: Option<String>,
     pub target_agent: Option<String>,
-    pub payload: serde_json::Value,
+    /// Passed through as the store wrote it: the relay never looks inside, and building a
+    /// `Value` of every event only to write it out again was most of the relay's CPU.
+    pub payload: Box<serde_json::value::RawValue>,
     pub created_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
@@ -505,6 +507,14 @@ fn completion_message(result: &serde_json::Value) -> String {
 }
 
 /// A JSON array of strings as a list, skipping anything else.
+/// An event's stored payload, checked to be JSON but not parsed into a tree; none is `null`.
+pub(super) fn raw_json(
+    payload: Option<String>,
+) -> Result<Box<serde_json::value::RawValue>, super::StoreError> {
+    serde_json::value::RawValue::from_string(payload.unwrap_or_else(|| "null".to_owned()))
+        .map_err(|e| super::StoreError::Corrupt(format!("an event payload is not JSON: {e}")))
+}
+
 pub(super) fn strings(value: Option<serde_json::Value>) -> Vec<String> {
     match value {
         Some(serde_json::Value::Array(items)) => items

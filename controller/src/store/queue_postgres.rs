@@ -262,6 +262,9 @@ const PROGRESS: &str = concat!(
 );
 
 /// $1 completions as [`CompletionRow`], each naming its agent.
+///
+/// The tasks are found by primary key (`= ANY(ARRAY(...))`): left to itself, the planner read
+/// every task in progress through `idx_tasks_held` and hashed them against the input.
 const COMPLETE: &str = concat!(
     "WITH input AS (SELECT * FROM jsonb_to_recordset(CAST($1 AS text)::jsonb) \
          AS r(i integer, agent text, id uuid, run_lease bigint, result jsonb, review boolean, \
@@ -271,7 +274,7 @@ const COMPLETE: &str = concat!(
          completed_at = CASE WHEN r.review THEN NULL ELSE now() END, result = r.result, \
          lease_owner = NULL, lease_expires_at = NULL, status_message = NULL, updated_at = now() \
          FROM input r WHERE t.id = r.id AND t.run_lease = r.run_lease AND t.lease_owner = r.agent \
-         AND t.status = 'in_progress' \
+         AND t.status = 'in_progress' AND t.id = ANY(ARRAY(SELECT id FROM input)) \
          RETURNING r.i, r.agent, t.id, t.project_id, t.name, t.run_lease, t.attempt, t.status), \
      updates AS (INSERT INTO task_updates (task_id, agent_name, update_type, message) \
          SELECT d.id, d.agent, 'completion', r.message FROM done d JOIN input r ON r.i = d.i), \
@@ -767,10 +770,18 @@ impl Queue for PgStore {
 
 /// $1 after which entry, $2 how many. An entry whose event is gone comes with an empty
 /// event.
+///
+/// The events are fetched by primary key (`= ANY(ARRAY(...))`): joined plainly, the planner
+/// may hash the whole `events` table on every pass, which cost 20–35 ms a pass with a few
+/// ten thousand events and grows with the table.
 const UNPUBLISHED: &str = "\
-    SELECT o.seq, e.id, e.event_type, e.source_agent, e.target_agent, e.payload, e.created_at \
-    FROM (SELECT seq, event_id FROM event_outbox WHERE seq > $1 ORDER BY seq LIMIT $2) o \
-    LEFT JOIN events e ON e.id = o.event_id ORDER BY o.seq";
+    WITH o AS MATERIALIZED (SELECT seq, event_id FROM event_outbox WHERE seq > $1 \
+        ORDER BY seq LIMIT $2) \
+    SELECT o.seq, e.id, e.event_type, e.source_agent, e.target_agent, \
+        CAST(e.payload AS text) AS payload, e.created_at \
+    FROM o LEFT JOIN events e ON e.id = o.event_id \
+        AND e.id = ANY(ARRAY(SELECT event_id FROM o)) \
+    ORDER BY o.seq";
 
 /// $1 outbox entries.
 const MARK_PUBLISHED: &str = "DELETE FROM event_outbox WHERE seq = ANY($1)";
@@ -827,7 +838,7 @@ struct EventRow {
     event_type: Option<String>,
     source_agent: Option<String>,
     target_agent: Option<String>,
-    payload: Option<Json<serde_json::Value>>,
+    payload: Option<String>,
     created_at: Option<DateTime<Utc>>,
 }
 
@@ -856,7 +867,7 @@ impl Outbox for PgStore {
                     event_type,
                     source_agent: r.source_agent,
                     target_agent: r.target_agent,
-                    payload: r.payload.map_or(serde_json::Value::Null, |p| p.0),
+                    payload: raw_json(r.payload)?,
                     created_at: r.created_at,
                 });
             }

@@ -1215,7 +1215,7 @@ impl Outbox for SqliteStore {
                 event_type,
                 source_agent: r.source_agent,
                 target_agent: r.target_agent,
-                payload: parse_json(r.payload.as_deref())?.unwrap_or(Value::Null),
+                payload: raw_json(r.payload)?,
                 created_at: r.created_at.as_deref().map(parse_time).transpose()?,
             });
         }
