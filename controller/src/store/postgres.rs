@@ -26,9 +26,15 @@ impl PgStore {
         // No JIT: the batch statements' set-returning functions (`jsonb_to_recordset`,
         // `generate_series`) have no row estimates, so the planner guesses costs high enough
         // to compile each one, and a claim that runs in milliseconds spent 1.6 s in LLVM.
+        //
+        // Generic plans from the first execution: Postgres plans a prepared statement afresh
+        // for its first five runs on each connection, and planning a claim or a completion
+        // batch (a dozen CTEs) cost 3–5 ms, as much as running it. Every statement here is
+        // shaped so its plan does not hang on parameter values (batches come as one JSON
+        // parameter whose row count the planner cannot see anyway).
         let options = PgConnectOptions::from_str(url)
             .map_err(connect_error)?
-            .options([("jit", "off")]);
+            .options([("jit", "off"), ("plan_cache_mode", "force_generic_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
