@@ -506,7 +506,6 @@ fn completion_message(result: &serde_json::Value) -> String {
     }
 }
 
-/// A JSON array of strings as a list, skipping anything else.
 /// An event's stored payload, checked to be JSON but not parsed into a tree; none is `null`.
 pub(super) fn raw_json(
     payload: Option<String>,
@@ -515,6 +514,7 @@ pub(super) fn raw_json(
         .map_err(|e| super::StoreError::Corrupt(format!("an event payload is not JSON: {e}")))
 }
 
+/// A JSON array of strings as a list, skipping anything else.
 pub(super) fn strings(value: Option<serde_json::Value>) -> Vec<String> {
     match value {
         Some(serde_json::Value::Array(items)) => items
