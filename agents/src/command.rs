@@ -108,6 +108,7 @@ pub async fn run_in(
         .process_group(0)
         // Also has tokio reap the child.
         .kill_on_drop(true);
+    die_with_this_process(&mut command);
     let mut child = command.spawn()?;
     let _group = child.id().map(KillGroup);
     let stdout = tail(child.stdout.take().expect("piped"), OUTPUT_LIMIT);
@@ -118,6 +119,38 @@ pub async fn run_in(
         stdout,
         stderr,
     })
+}
+
+/// The command is killed when the agent dies, also by SIGKILL, when no `Drop` runs. Left
+/// running, it would go on doing the task's work while the lease runs out and another agent
+/// starts the same task: the work done twice.
+///
+/// Linux sends the signal when the thread that started the command ends. Commands start on
+/// the runtime's worker threads, which live as long as the runtime, never on the blocking
+/// pool's (those come and go). Only the command itself gets the signal: what it started and
+/// detached from itself in the background can outlive a SIGKILLed agent.
+fn die_with_this_process(command: &mut tokio::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        let agent = std::process::id();
+        // SAFETY: between fork and exec the closure makes only async-signal-safe calls
+        // (prctl, getppid) and allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The agent died before the prctl: nobody is left to signal us. (ESRCH: an
+                // error that needs no allocation, which is not safe here.)
+                if libc::getppid() as u32 != agent {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }
 
 /// Kills what is left of the command's process group: everything it started, when the task
