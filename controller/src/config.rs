@@ -79,6 +79,11 @@ pub struct DispatchArgs {
     /// `nats://127.0.0.1:4222`; without it they stay inside the process.
     #[arg(long, env = "AGENTOPS_NATS")]
     pub nats: Option<String>,
+    /// The prefix of every NATS name: subjects `<prefix>.events.…` and `<prefix>.dispatch.…`,
+    /// streams `<PREFIX>_EVENTS` and `<PREFIX>_DISPATCH`, consumers `<prefix>-<pool>`. Give
+    /// each installation sharing a NATS server its own; agents take the same one.
+    #[arg(long, env = "AGENTOPS_BUS_PREFIX", default_value = crate::bus::DEFAULT_BUS_PREFIX)]
+    pub bus_prefix: crate::bus::BusNames,
     /// Redis for agent presence, live progress and rate limits, e.g. `redis://127.0.0.1/`;
     /// without it they are kept in memory.
     #[arg(long, env = "AGENTOPS_REDIS")]

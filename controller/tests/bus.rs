@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentops::api::ApiState;
-use agentops::bus::{Bus, DISPATCH_STREAM, EVENTS_STREAM, NatsBus};
+use agentops::bus::{Bus, BusNames, NatsBus};
 use agentops::bus::{BusMessage, InProcessBus};
 use agentops::dispatch::{Backends, Background, DispatchConfig, Dispatcher};
 use agentops::presence::{MemoryPresence, Presence, RedisPresence};
@@ -29,6 +29,10 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// The streams' names under the default prefix, as agents and `agents/PROTOCOL.md` know them.
+const EVENTS_STREAM: &str = "AGENTOPS_EVENTS";
+const DISPATCH_STREAM: &str = "AGENTOPS_DISPATCH";
 
 // ---------------------------------------------------------------------------------------------
 // Private servers
@@ -485,7 +489,11 @@ async fn events_of_a_claim_and_a_completion_are_on_nats() {
         .subscribe("agentops.events.>")
         .await
         .expect("subscribe");
-    let bus = Arc::new(NatsBus::connect(&nats.url()).await.unwrap());
+    let bus = Arc::new(
+        NatsBus::connect(&nats.url(), BusNames::default())
+            .await
+            .unwrap(),
+    );
     let backends = Backends {
         bus,
         presence: Arc::new(MemoryPresence::default()),
@@ -624,6 +632,58 @@ async fn events_of_a_claim_and_a_completion_are_on_nats() {
 // Announcements
 // ---------------------------------------------------------------------------------------------
 
+/// Two installations on one NATS server, the default one and one with `--bus-prefix staging`:
+/// each announcement lands in its own installation's stream only, and deleting the streams of
+/// one (what `bench dispatch` does with its own) leaves the other's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installations_with_different_prefixes_share_a_server_apart() {
+    let nats = Server::nats();
+    let js = jetstream_of(&nats.url()).await;
+    let default = NatsBus::connect(&nats.url(), BusNames::default())
+        .await
+        .unwrap();
+    let staging = NatsBus::connect(&nats.url(), BusNames::new("staging").unwrap())
+        .await
+        .unwrap();
+    let ready = |task| ReadyTask {
+        pool: "seed".to_owned(),
+        task: Uuid::from_u128(task),
+        run_lease: 1,
+    };
+    default.announce(&[ready(1)]).await.unwrap();
+    staging.announce(&[ready(2), ready(3)]).await.unwrap();
+
+    assert_eq!(stream_messages(&js, DISPATCH_STREAM).await, 1);
+    assert_eq!(stream_messages(&js, "STAGING_DISPATCH").await, 2);
+    let last_task = |stream: &'static str, subject: &'static str| {
+        let js = js.clone();
+        async move {
+            let stored = js
+                .get_stream(stream)
+                .await
+                .unwrap()
+                .get_last_raw_message_by_subject(subject)
+                .await
+                .unwrap();
+            serde_json::from_slice::<Value>(&stored.payload).unwrap()["task"].clone()
+        }
+    };
+    assert_eq!(
+        last_task(DISPATCH_STREAM, "agentops.dispatch.seed").await,
+        json!(Uuid::from_u128(1))
+    );
+    assert_eq!(
+        last_task("STAGING_DISPATCH", "staging.dispatch.seed").await,
+        json!(Uuid::from_u128(3))
+    );
+
+    staging.delete_streams().await.unwrap();
+    assert!(js.get_stream("STAGING_DISPATCH").await.is_err());
+    assert!(js.get_stream("STAGING_EVENTS").await.is_err());
+    assert_eq!(stream_messages(&js, DISPATCH_STREAM).await, 1);
+    assert!(js.get_stream(EVENTS_STREAM).await.is_ok());
+}
+
 /// JetStream keeps one announcement per `<task>:<run_lease>`; and announcements delivered
 /// many times over make extra claims, never extra work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -631,7 +691,11 @@ async fn repeated_announcements_are_dropped_and_repeated_deliveries_do_no_double
     const TASKS: usize = 20;
     let nats = Server::nats();
     let js = jetstream_of(&nats.url()).await;
-    let bus = Arc::new(NatsBus::connect(&nats.url()).await.unwrap());
+    let bus = Arc::new(
+        NatsBus::connect(&nats.url(), BusNames::default())
+            .await
+            .unwrap(),
+    );
 
     let ready = |run_lease| ReadyTask {
         pool: "solo".to_owned(),
@@ -741,7 +805,11 @@ async fn repeated_announcements_are_dropped_and_repeated_deliveries_do_no_double
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_announcement_ends_an_agents_backoff() {
     let nats = Server::nats();
-    let bus = Arc::new(NatsBus::connect(&nats.url()).await.unwrap());
+    let bus = Arc::new(
+        NatsBus::connect(&nats.url(), BusNames::default())
+            .await
+            .unwrap(),
+    );
     // The streams outlive a controller; here the previous one made them.
     bus.ensure_streams().await.unwrap();
     let env = load_env(3).await;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use agentops_agents::command::RunCommand;
 use agentops_agents::error_chain;
-use agentops_agents::runtime::{Agent, AgentConfig, AgentType};
+use agentops_agents::runtime::{Agent, AgentConfig, AgentType, BusNames};
 use clap::Parser;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,10 @@ struct Args {
     /// The controller's NATS server: follow its ready-work announcements (optional).
     #[arg(long, env = "AGENTOPS_NATS")]
     nats: Option<String>,
+    /// The prefix of the controller's NATS subjects, streams and consumers (its own
+    /// `--bus-prefix`).
+    #[arg(long, env = "AGENTOPS_BUS_PREFIX", default_value = agentops_agents::runtime::DEFAULT_BUS_PREFIX)]
+    bus_prefix: BusNames,
 }
 
 #[tokio::main]
@@ -65,6 +69,7 @@ async fn main() -> ExitCode {
         capabilities: args.capabilities,
         concurrency: args.concurrency.get(),
         nats: args.nats,
+        bus: args.bus_prefix,
         ..AgentConfig::new(args.api, args.name)
     };
     match Agent::new(config, RunCommand).run(shutdown).await {

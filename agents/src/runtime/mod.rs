@@ -40,8 +40,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use client::Error;
-pub use nudges::{DISPATCH_PREFIX, DISPATCH_STREAM, consumer_name};
-pub use protocol::{AgentType, Artifact, Assignment, OutputFile, UnknownAgentType};
+pub use protocol::{
+    AgentType, Artifact, Assignment, BusNames, DEFAULT_BUS_PREFIX, InvalidBusPrefix, OutputFile,
+    UnknownAgentType,
+};
 
 use crate::error_chain;
 use client::{CALL_TIMEOUT, Client};
@@ -68,6 +70,8 @@ pub struct AgentConfig {
     /// an announcement as a reason to try the controller again at once instead of waiting
     /// out a backoff. Without it, or while NATS is unreachable, the agent only long-polls.
     pub nats: Option<String>,
+    /// The NATS names the controller uses (its `--bus-prefix`); `agentops` by default.
+    pub bus: BusNames,
 }
 
 impl AgentConfig {
@@ -81,6 +85,7 @@ impl AgentConfig {
             concurrency: 1,
             claim_wait: Duration::from_secs(20),
             nats: None,
+            bus: BusNames::default(),
         }
     }
 }
@@ -264,7 +269,14 @@ impl<H: Handler> Agent<H> {
                     self.config.agent_type.as_str().to_owned(),
                     self.config.name.clone(),
                 ];
-                Nudges::follow(url, &self.config.name, pools, following.clone()).await?
+                Nudges::follow(
+                    url,
+                    &self.config.bus,
+                    &self.config.name,
+                    pools,
+                    following.clone(),
+                )
+                .await?
             }
             None => Nudges::off(),
         };

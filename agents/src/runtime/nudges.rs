@@ -3,7 +3,8 @@
 //! With `AgentConfig::nats` set, the agent reads its two pools, `agentops.dispatch.<type>` and
 //! `agentops.dispatch.<name>`, from the controller's JetStream stream `AGENTOPS_DISPATCH`
 //! through the durable consumers `agentops-<pool>`, which every agent of a pool shares (so
-//! one announcement goes to one agent). Each message is acknowledged as soon as it arrives and
+//! one announcement goes to one agent). `agentops` is the default prefix of these names
+//! ([`BusNames`], `AgentConfig::bus`). Each message is acknowledged as soon as it arrives and
 //! turned into a nudge: a wait between attempts to reach the controller (registering,
 //! claiming) ends early. An announcement is only a hint: the claim still decides who gets
 //! what, so a lost one costs latency and a repeated one an extra claim, never a task.
@@ -20,18 +21,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::client::Error;
+use super::protocol::BusNames;
 use super::reports::Backoff;
 use crate::error_chain;
-
-/// The controller's stream of announcements.
-pub const DISPATCH_STREAM: &str = "AGENTOPS_DISPATCH";
-/// Announcements for pool `p` are published on `agentops.dispatch.p`.
-pub const DISPATCH_PREFIX: &str = "agentops.dispatch";
-
-/// The durable consumer an agent of `pool` reads through.
-pub fn consumer_name(pool: &str) -> String {
-    format!("agentops-{pool}")
-}
 
 /// Fires when an announcement for one of our pools arrives; never, without NATS.
 pub(crate) struct Nudges {
@@ -40,8 +32,14 @@ pub(crate) struct Nudges {
 
 #[derive(Debug, thiserror::Error)]
 enum FollowError {
-    #[error("the stream {DISPATCH_STREAM} is not there (is the controller running with --nats?)")]
-    Stream(#[source] jetstream::context::GetStreamError),
+    #[error(
+        "the stream {stream} is not there (is the controller running with --nats, and the same bus prefix?)"
+    )]
+    Stream {
+        stream: String,
+        #[source]
+        source: jetstream::context::GetStreamError,
+    },
     #[error("cannot open the consumer {name}")]
     Consumer {
         name: String,
@@ -63,6 +61,7 @@ impl Nudges {
     /// (the connection is made, and remade, in the background). Fails only on a bad URL.
     pub async fn follow(
         url: &str,
+        names: &BusNames,
         agent: &str,
         pools: Vec<String>,
         stop: CancellationToken,
@@ -90,6 +89,7 @@ impl Nudges {
         for pool in pools {
             tokio::spawn(follow_pool(
                 jetstream.clone(),
+                names.clone(),
                 pool,
                 notify.clone(),
                 stop.clone(),
@@ -133,6 +133,7 @@ impl Nudges {
 /// the consumer goes away.
 async fn follow_pool(
     jetstream: jetstream::Context,
+    names: BusNames,
     pool: String,
     notify: Arc<Notify>,
     stop: CancellationToken,
@@ -142,7 +143,7 @@ async fn follow_pool(
     let mut failing = false;
     loop {
         let followed = stop
-            .run_until_cancelled(read_pool(&jetstream, &pool, &notify, &mut failing))
+            .run_until_cancelled(read_pool(&jetstream, &names, &pool, &notify, &mut failing))
             .await;
         match followed {
             None => return,
@@ -168,21 +169,27 @@ async fn follow_pool(
 
 async fn read_pool(
     jetstream: &jetstream::Context,
+    names: &BusNames,
     pool: &str,
     notify: &Notify,
     failing: &mut bool,
 ) -> Result<(), FollowError> {
-    let stream = jetstream
-        .get_stream(DISPATCH_STREAM)
-        .await
-        .map_err(FollowError::Stream)?;
-    let name = consumer_name(pool);
+    let stream_name = names.dispatch_stream();
+    let stream =
+        jetstream
+            .get_stream(&stream_name)
+            .await
+            .map_err(|source| FollowError::Stream {
+                stream: stream_name,
+                source,
+            })?;
+    let name = names.consumer(pool);
     let consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
             &name,
             pull::Config {
                 durable_name: Some(name.clone()),
-                filter_subject: format!("{DISPATCH_PREFIX}.{pool}"),
+                filter_subject: format!("{}.{pool}", names.dispatch_subjects()),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
                 ..Default::default()

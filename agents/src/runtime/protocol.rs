@@ -273,6 +273,86 @@ impl Report {
     }
 }
 
+/// The prefix of every NATS name when none is configured.
+pub const DEFAULT_BUS_PREFIX: &str = "agentops";
+
+/// The NATS names of one installation, all derived from one prefix (`agentops` unless
+/// configured): events on `<prefix>.events.<type>` in the stream `<PREFIX>_EVENTS`,
+/// announcements on `<prefix>.dispatch.<pool>` in `<PREFIX>_DISPATCH`, read through the
+/// durable consumers `<prefix>-<pool>`.
+///
+/// Two installations on one NATS server keep apart by taking different prefixes; so do a
+/// benchmark and the installation it runs next to. The controller and its agents must agree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusNames {
+    prefix: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bus prefix {0:?}: use 1 to 32 ASCII letters, digits, '-' or '_'")]
+pub struct InvalidBusPrefix(pub String);
+
+impl BusNames {
+    /// A prefix is one subject token and part of a stream name, so only characters both
+    /// allow without escaping.
+    pub fn new(prefix: &str) -> Result<BusNames, InvalidBusPrefix> {
+        let valid = (1..=32).contains(&prefix.len())
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if valid {
+            Ok(BusNames {
+                prefix: prefix.to_owned(),
+            })
+        } else {
+            Err(InvalidBusPrefix(prefix.to_owned()))
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `<prefix>.events`: an event of type `t` goes on `<prefix>.events.t`.
+    pub fn events_subjects(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    /// `<prefix>.dispatch`: ready work for pool `p` is announced on `<prefix>.dispatch.p`.
+    pub fn dispatch_subjects(&self) -> String {
+        format!("{}.dispatch", self.prefix)
+    }
+
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.prefix.to_ascii_uppercase())
+    }
+
+    pub fn dispatch_stream(&self) -> String {
+        format!("{}_DISPATCH", self.prefix.to_ascii_uppercase())
+    }
+
+    /// The durable consumer the agents of `pool` share.
+    pub fn consumer(&self, pool: &str) -> String {
+        format!("{}-{pool}", self.prefix)
+    }
+}
+
+impl Default for BusNames {
+    fn default() -> Self {
+        BusNames {
+            prefix: DEFAULT_BUS_PREFIX.to_owned(),
+        }
+    }
+}
+
+impl FromStr for BusNames {
+    type Err = InvalidBusPrefix;
+
+    fn from_str(prefix: &str) -> Result<Self, Self::Err> {
+        BusNames::new(prefix)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,5 +424,25 @@ mod tests {
             assert_eq!(name.parse::<AgentType>().unwrap().as_str(), name);
         }
         assert!("boss".parse::<AgentType>().is_err());
+    }
+
+    #[test]
+    fn bus_names_follow_the_prefix() {
+        let default = BusNames::default();
+        assert_eq!(default.events_stream(), "AGENTOPS_EVENTS");
+        assert_eq!(default.dispatch_stream(), "AGENTOPS_DISPATCH");
+        assert_eq!(default.events_subjects(), "agentops.events");
+        assert_eq!(default.dispatch_subjects(), "agentops.dispatch");
+        assert_eq!(default.consumer("seed"), "agentops-seed");
+
+        let bench: BusNames = "bench_42-a".parse().unwrap();
+        assert_eq!(bench.events_stream(), "BENCH_42-A_EVENTS");
+        assert_eq!(bench.dispatch_subjects(), "bench_42-a.dispatch");
+        assert_eq!(bench.consumer("writer"), "bench_42-a-writer");
+
+        for bad in ["", "a.b", "a b", "a*", "a>", "ä", &"x".repeat(33)] {
+            let error = bad.parse::<BusNames>().unwrap_err();
+            assert!(error.to_string().contains(&format!("{bad:?}")), "{error}");
+        }
     }
 }

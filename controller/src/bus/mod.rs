@@ -14,6 +14,9 @@
 //!
 //! [`NatsBus`] puts both on NATS JetStream; [`InProcessBus`] keeps them inside the process on
 //! a broadcast channel, with the same subjects, bodies and de-duplication.
+//!
+//! `agentops` is the default prefix of every name on NATS; `--bus-prefix` changes it
+//! ([`BusNames`]), so that installations (and benchmarks) sharing a server keep apart.
 
 mod nats;
 
@@ -28,18 +31,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+pub use agentops_agents::runtime::{BusNames, DEFAULT_BUS_PREFIX};
 pub use nats::NatsBus;
 
 use crate::store::queue::{ReadyTask, StoredEvent};
 
-/// Subjects of events: `agentops.events.<type>`.
-pub const EVENTS_PREFIX: &str = "agentops.events";
-/// Subjects of announcements: `agentops.dispatch.<pool>`.
-pub const DISPATCH_PREFIX: &str = "agentops.dispatch";
-/// The JetStream stream of events (limits retention: kept for replay).
-pub const EVENTS_STREAM: &str = "AGENTOPS_EVENTS";
-/// The JetStream stream of announcements (work-queue retention: gone once an agent took it).
-pub const DISPATCH_STREAM: &str = "AGENTOPS_DISPATCH";
 /// Within this window a message id seen before is dropped (JetStream's `duplicate_window`).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -55,7 +51,7 @@ pub enum BusError {
     },
     #[error("cannot set up the JetStream stream {stream}")]
     Stream {
-        stream: &'static str,
+        stream: String,
         #[source]
         source: async_nats::jetstream::context::CreateStreamError,
     },
@@ -102,22 +98,30 @@ pub struct BusMessage {
 }
 
 impl BusMessage {
-    pub fn event(event: &StoredEvent) -> Result<BusMessage, BusError> {
+    pub fn event(event: &StoredEvent, names: &BusNames) -> Result<BusMessage, BusError> {
         Ok(BusMessage {
-            subject: format!("{EVENTS_PREFIX}.{}", subject_tokens(&event.event_type)),
+            subject: format!(
+                "{}.{}",
+                names.events_subjects(),
+                subject_tokens(&event.event_type)
+            ),
             message_id: event.id.to_string(),
             body: serde_json::to_vec(event).map_err(BusError::Encode)?.into(),
         })
     }
 
-    pub fn announcement(ready: &ReadyTask) -> Result<BusMessage, BusError> {
+    pub fn announcement(ready: &ReadyTask, names: &BusNames) -> Result<BusMessage, BusError> {
         let body = Announcement {
             pool: ready.pool.clone(),
             task: ready.task,
             run_lease: ready.run_lease,
         };
         Ok(BusMessage {
-            subject: format!("{DISPATCH_PREFIX}.{}", subject_token(&ready.pool)),
+            subject: format!(
+                "{}.{}",
+                names.dispatch_subjects(),
+                subject_token(&ready.pool)
+            ),
             message_id: format!("{}:{}", ready.task, ready.run_lease),
             body: serde_json::to_vec(&body).map_err(BusError::Encode)?.into(),
         })
@@ -184,6 +188,8 @@ impl Seen {
 pub struct InProcessBus {
     sender: broadcast::Sender<BusMessage>,
     seen: Mutex<Seen>,
+    /// Always the default ones: nothing outside the process shares this bus.
+    names: BusNames,
 }
 
 impl Default for InProcessBus {
@@ -198,6 +204,7 @@ impl InProcessBus {
         InProcessBus {
             sender,
             seen: Mutex::new(Seen::default()),
+            names: BusNames::default(),
         }
     }
 
@@ -226,7 +233,7 @@ impl Bus for InProcessBus {
         Box::pin(async move {
             let messages = events
                 .iter()
-                .map(BusMessage::event)
+                .map(|event| BusMessage::event(event, &self.names))
                 .collect::<Result<Vec<_>, _>>()?;
             self.send(messages);
             Ok(())
@@ -237,7 +244,7 @@ impl Bus for InProcessBus {
         Box::pin(async move {
             let messages = ready
                 .iter()
-                .map(BusMessage::announcement)
+                .map(|ready| BusMessage::announcement(ready, &self.names))
                 .collect::<Result<Vec<_>, _>>()?;
             self.send(messages);
             Ok(())
@@ -271,16 +278,23 @@ mod tests {
             payload: serde_json::value::to_raw_value(&serde_json::json!({"id": "x"})).unwrap(),
             created_at: None,
         };
-        let m = BusMessage::event(&event).unwrap();
+        let names = BusNames::default();
+        let m = BusMessage::event(&event, &names).unwrap();
         assert_eq!(m.subject, "agentops.events.task.completed");
         assert_eq!(m.message_id, Uuid::from_u128(1).to_string());
         let body: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
         assert_eq!(body["type"], "task.completed");
         assert_eq!(body["payload"]["id"], "x");
 
-        let m = BusMessage::announcement(&ready("seed", 3)).unwrap();
+        let m = BusMessage::announcement(&ready("seed", 3), &names).unwrap();
         assert_eq!(m.subject, "agentops.dispatch.seed");
         assert_eq!(m.message_id, format!("{}:3", Uuid::from_u128(7)));
+
+        let other = BusNames::new("staging").unwrap();
+        let m = BusMessage::event(&event, &other).unwrap();
+        assert_eq!(m.subject, "staging.events.task.completed");
+        let m = BusMessage::announcement(&ready("seed", 3), &other).unwrap();
+        assert_eq!(m.subject, "staging.dispatch.seed");
         assert_eq!(subject_tokens("odd.na me.*"), "odd.na_me._");
         assert_eq!(subject_token(""), "_");
     }

@@ -5,7 +5,8 @@
 //! holds `agentops.dispatch.>` as a work queue: a message is gone once an agent of the pool
 //! acknowledged it. Agents read their pools through durable consumers named
 //! `agentops-<pool>` that filter on `agentops.dispatch.<pool>` (`agents/PROTOCOL.md`). Both
-//! streams drop a message id seen within two minutes.
+//! streams drop a message id seen within two minutes. `agentops` is the default prefix of
+//! all these names ([`BusNames`]).
 //!
 //! The client connects in the background and reconnects forever, so a controller starts with
 //! NATS down and carries on when it comes back. Every wait is bounded: a publish that gets no
@@ -16,10 +17,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 
-use super::{
-    BoxFuture, Bus, BusError, BusMessage, DISPATCH_PREFIX, DISPATCH_STREAM, DUPLICATE_WINDOW,
-    EVENTS_PREFIX, EVENTS_STREAM,
-};
+use super::{BoxFuture, Bus, BusError, BusMessage, BusNames, DUPLICATE_WINDOW};
 use crate::store::queue::{ReadyTask, StoredEvent};
 
 /// How long a publish waits for JetStream to confirm it.
@@ -27,6 +25,7 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct NatsBus {
     url: String,
+    names: BusNames,
     jetstream: jetstream::Context,
     /// Whether both streams are known to exist.
     streams_ready: AtomicBool,
@@ -34,7 +33,7 @@ pub struct NatsBus {
 
 impl NatsBus {
     /// Checks the URL and starts connecting; returns at once.
-    pub async fn connect(url: &str) -> Result<NatsBus, BusError> {
+    pub async fn connect(url: &str, names: BusNames) -> Result<NatsBus, BusError> {
         let shown = crate::cli::redact(url);
         let logged = shown.clone();
         let client = async_nats::ConnectOptions::new()
@@ -65,6 +64,7 @@ impl NatsBus {
             .build(client);
         Ok(NatsBus {
             url: shown,
+            names,
             jetstream,
             streams_ready: AtomicBool::new(false),
         })
@@ -81,21 +81,25 @@ impl NatsBus {
         if self.streams_ready.load(Ordering::Acquire) {
             return Ok(());
         }
-        for config in [events_stream(), dispatch_stream()] {
-            let name = if config.name == EVENTS_STREAM {
-                EVENTS_STREAM
-            } else {
-                DISPATCH_STREAM
-            };
+        for config in [events_stream(&self.names), dispatch_stream(&self.names)] {
+            let stream = config.name.clone();
             self.jetstream
                 .get_or_create_stream(config)
                 .await
-                .map_err(|source| BusError::Stream {
-                    stream: name,
-                    source,
-                })?;
+                .map_err(|source| BusError::Stream { stream, source })?;
         }
         self.streams_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Deletes both streams and what they hold: for a benchmark's own prefix, once it is done.
+    pub async fn delete_streams(
+        &self,
+    ) -> Result<(), async_nats::jetstream::context::DeleteStreamError> {
+        for stream in [self.names.events_stream(), self.names.dispatch_stream()] {
+            self.jetstream.delete_stream(&stream).await?;
+        }
+        self.streams_ready.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -145,11 +149,11 @@ fn reconnect_delay(attempts: usize) -> Duration {
     }
 }
 
-fn events_stream() -> stream::Config {
+fn events_stream(names: &BusNames) -> stream::Config {
     stream::Config {
-        name: EVENTS_STREAM.to_owned(),
+        name: names.events_stream(),
         description: Some("agentops events, one per row of the events table".to_owned()),
-        subjects: vec![format!("{EVENTS_PREFIX}.>")],
+        subjects: vec![format!("{}.>", names.events_subjects())],
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(7 * 24 * 3600),
@@ -161,11 +165,11 @@ fn events_stream() -> stream::Config {
     }
 }
 
-fn dispatch_stream() -> stream::Config {
+fn dispatch_stream(names: &BusNames) -> stream::Config {
     stream::Config {
-        name: DISPATCH_STREAM.to_owned(),
+        name: names.dispatch_stream(),
         description: Some("agentops ready-work announcements, per pool".to_owned()),
-        subjects: vec![format!("{DISPATCH_PREFIX}.>")],
+        subjects: vec![format!("{}.>", names.dispatch_subjects())],
         retention: stream::RetentionPolicy::WorkQueue,
         storage: stream::StorageType::File,
         // An announcement nobody took in ten minutes is stale: the work was claimed by
@@ -187,7 +191,7 @@ impl Bus for NatsBus {
         Box::pin(async move {
             let messages = events
                 .iter()
-                .map(BusMessage::event)
+                .map(|event| BusMessage::event(event, &self.names))
                 .collect::<Result<Vec<_>, _>>()?;
             self.publish_all(messages).await
         })
@@ -197,7 +201,7 @@ impl Bus for NatsBus {
         Box::pin(async move {
             let messages = ready
                 .iter()
-                .map(BusMessage::announcement)
+                .map(|ready| BusMessage::announcement(ready, &self.names))
                 .collect::<Result<Vec<_>, _>>()?;
             self.publish_all(messages).await
         })
@@ -220,11 +224,19 @@ mod tests {
 
     #[test]
     fn the_dispatch_stream_is_a_work_queue_that_drops_duplicates() {
-        let config = dispatch_stream();
+        let names = BusNames::default();
+        let config = dispatch_stream(&names);
         assert_eq!(config.retention, stream::RetentionPolicy::WorkQueue);
         assert_eq!(config.duplicate_window, DUPLICATE_WINDOW);
         assert!(config.max_age > config.duplicate_window);
         assert_eq!(config.subjects, ["agentops.dispatch.>"]);
-        assert_eq!(events_stream().subjects, ["agentops.events.>"]);
+        assert_eq!(config.name, "AGENTOPS_DISPATCH");
+        let events = events_stream(&names);
+        assert_eq!(events.subjects, ["agentops.events.>"]);
+        assert_eq!(events.name, "AGENTOPS_EVENTS");
+
+        let bench = BusNames::new("bench_7").unwrap();
+        assert_eq!(events_stream(&bench).subjects, ["bench_7.events.>"]);
+        assert_eq!(dispatch_stream(&bench).name, "BENCH_7_DISPATCH");
     }
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::Format;
 use super::bench::{admin, fast_import, peak_rss_mb, project_name, with_database};
 use crate::api::ApiState;
+use crate::bus::{BusNames, NatsBus};
 use crate::dispatch::metrics::{self, BatchTotals};
 use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::reconcile::sync::Syncer;
@@ -222,11 +223,16 @@ where
     let cold = syncer.sync().await?;
     ensure!(cold.diagnostics.is_empty(), "generated specs have errors");
 
+    // With NATS, streams of the run's own, deleted at the end: the bench neither fills an
+    // installation's events stream (40,000 events a run) nor slows down in one that sits at
+    // its size limit (each publish then also discards the oldest message).
+    let bus_names = BusNames::new(&format!("agentops_bench_{}", std::process::id()))?;
     let backends = super::reconcile::backends(&crate::config::DispatchArgs {
         listen: ([127, 0, 0, 1], 0).into(),
         lease: DispatchConfig::default().policy.lease,
         heartbeat: DispatchConfig::default().heartbeat,
         nats: bench.nats.clone(),
+        bus_prefix: bus_names.clone(),
         redis: bench.redis.clone(),
     })
     .await?;
@@ -252,6 +258,7 @@ where
         config.agent_type = AgentType::Seed;
         config.concurrency = bench.concurrency;
         config.nats = bench.nats.clone();
+        config.bus = bus_names.clone();
         let started = started.clone();
         let handler = move |task: Assignment, _ctx: TaskContext| {
             let started = started.clone();
@@ -322,6 +329,13 @@ where
     }
     server.abort();
     drop(background);
+    if let Some(url) = &bench.nats {
+        NatsBus::connect(url, bus_names)
+            .await?
+            .delete_streams()
+            .await
+            .context("deleting the benchmark's NATS streams")?;
+    }
 
     let (completed, duplicates) = store.completion_counts().await?;
     let window = store.drain_window().await?;

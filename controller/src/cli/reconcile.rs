@@ -388,7 +388,11 @@ const EXIT_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 /// for its server: both connect in the background and keep trying.
 pub(crate) async fn backends(args: &DispatchArgs) -> anyhow::Result<Backends> {
     let bus: Arc<dyn Bus> = match &args.nats {
-        Some(url) => Arc::new(NatsBus::connect(url).await.context("--nats")?),
+        Some(url) => Arc::new(
+            NatsBus::connect(url, args.bus_prefix.clone())
+                .await
+                .context("--nats")?,
+        ),
         None => Arc::new(InProcessBus::default()),
     };
     let presence: Arc<dyn Presence> = match &args.redis {
