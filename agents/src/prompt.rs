@@ -26,6 +26,9 @@ pub struct PromptWork {
     pub acceptance_criteria: Vec<String>,
     /// `output.paths`: files, or folders (with or without a trailing `/`).
     pub output_paths: Vec<String>,
+    /// The comments of the review that rejected the last attempt's output, to address now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_comments: Option<String>,
 }
 
 impl PromptWork {
@@ -56,6 +59,7 @@ impl PromptWork {
             prompt: prompt.to_owned(),
             acceptance_criteria: task.acceptance_criteria.clone(),
             output_paths,
+            review_comments: task.review_comments.clone(),
         })
     }
 }

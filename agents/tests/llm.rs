@@ -504,6 +504,7 @@ fn work() -> PromptWork {
         prompt: "Write the landing page copy into site/copy.md".to_owned(),
         acceptance_criteria: vec!["site/copy.md exists".to_owned()],
         output_paths: vec!["site/".to_owned()],
+        review_comments: Some("Too long; keep it under 300 words.".to_owned()),
     }
 }
 
@@ -535,6 +536,14 @@ async fn a_prompt_task_writes_only_within_its_output_paths() {
     assert!(!worktree.path().join(".github").exists());
     let seen = fake.seen();
     assert!(seen[0].messages[1].1.contains("Output paths: site/"));
+    // The review that rejected the last attempt is part of the request.
+    assert!(
+        seen[0].messages[1].1.contains(
+            "rejected it. Address their review this time:\nToo long; keep it under 300 words."
+        ),
+        "{:?}",
+        seen[0].messages[1]
+    );
     assert!(seen[1].messages[3].1.contains(".github/workflows/x.yml"));
 
     // Twice outside: nothing is written, and the error says where and what was allowed.

@@ -632,6 +632,32 @@ async fn review_loop_follows_pull_requests<S: TestStore + Queue + Writeback + Cl
     );
     assert_eq!(env.db.events_of("task.rejected").await.len(), 1);
     assert!(store.tasks_in_review().await.unwrap().is_empty());
+
+    // The retry's assignment carries the review that rejected the first attempt, also in the
+    // JSON an agent receives.
+    let agent = AgentIdentity {
+        name: "writer".to_owned(),
+        agent_type: "seed".to_owned(),
+        capabilities: Vec::new(),
+        concurrency: 10,
+    };
+    let retried = store
+        .claim_for(&agent, 10, &LeasePolicy::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        retried.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+        ["logo"]
+    );
+    assert_eq!(retried[0].attempt, 1);
+    let comments = retried[0].review_comments.as_deref().unwrap_or_default();
+    assert!(
+        comments.contains("ria on site/copy.md: Typo here.")
+            && comments.contains("Too long; keep it under 300 words."),
+        "{comments:?}"
+    );
+    let sent = serde_json::to_value(&retried[0]).unwrap();
+    assert_eq!(sent["review_comments"], json!(comments));
 }
 
 both_backends!(review_loop_follows_pull_requests);

@@ -155,6 +155,13 @@ impl Provider for LlmProvider {
                 work.acceptance_criteria.join("\n- ")
             ));
         }
+        if let Some(comments) = &work.review_comments {
+            user.push_str(&format!(
+                "\nA person reviewed the previous attempt at this task and rejected it. Address \
+                 their review this time:\n{}\n",
+                comments.trim()
+            ));
+        }
         if work.output_paths.is_empty() {
             user.push_str(
                 "\nThis task has no output paths: write no files, and put your whole answer in \

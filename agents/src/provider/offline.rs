@@ -305,6 +305,12 @@ pub fn write_offline(work: &PromptWork) -> Written {
     for criterion in &work.acceptance_criteria {
         text.push_str(&format!("- [ ] {criterion}\n"));
     }
+    if let Some(comments) = &work.review_comments {
+        text.push_str(&format!(
+            "\n## Review of the previous attempt\n\n{}\n",
+            comments.trim()
+        ));
+    }
     match target_path(work) {
         Some(path) => Written {
             summary: format!(
@@ -571,6 +577,7 @@ mod tests {
                 "under 300 words".to_owned(),
             ],
             output_paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+            review_comments: None,
         }
     }
 
@@ -593,12 +600,25 @@ mod tests {
                 .contains("- [ ] site/copy.md exists\n- [ ] under 300 words\n")
         );
         assert!(file.content.contains("Write the headline."));
+        assert!(!file.content.contains("## Review"));
         assert_eq!(
             written,
             write_offline(&work(
                 "Write the landing page copy into site/copy.md.",
                 &["site/"]
             ))
+        );
+
+        // A retry after a rejected review says what the review asked for.
+        let mut retry = work("Write the landing page copy into site/copy.md.", &["site/"]);
+        retry.review_comments = Some("Too long.\n".to_owned());
+        let written = write_offline(&retry);
+        assert!(
+            written.files[0]
+                .content
+                .ends_with("\n## Review of the previous attempt\n\nToo long.\n"),
+            "{}",
+            written.files[0].content
         );
     }
 

@@ -87,6 +87,10 @@ pub struct Assignment {
     pub revision: Option<String>,
     #[serde(default)]
     pub lease_expires_at: Option<DateTime<Utc>>,
+    /// The comments of the review that rejected this task's last output (a pull request
+    /// closed without merging), when one did.
+    #[serde(default)]
+    pub review_comments: Option<String>,
 }
 
 impl Assignment {

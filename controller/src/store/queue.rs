@@ -42,6 +42,10 @@ pub struct Assignment {
     /// The source revision the task was dispatched at.
     pub revision: Option<String>,
     pub lease_expires_at: chrono::DateTime<chrono::Utc>,
+    /// The comments of the review that rejected the task's last output, when one did: what
+    /// this attempt should do differently.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_comments: Option<String>,
     /// When the task became ready, for the pick-up latency metric; the agent is not told.
     #[serde(skip)]
     pub ready_at: Option<chrono::DateTime<chrono::Utc>>,

@@ -198,7 +198,7 @@ const CLAIM: &str = concat!(
      FROM dealt d WHERE t.id = d.id AND t.id = ANY(ARRAY(SELECT id FROM dealt)) \
      RETURNING d.agent, d.ready_at, t.id, t.project_id, t.run_lease, t.attempt, t.priority, t.created_at, \
          t.name, t.title, t.description, t.action, t.output, t.acceptance_criteria, \
-         t.timeout_seconds, t.revision, t.lease_expires_at), \
+         t.timeout_seconds, t.revision, t.lease_expires_at, t.review_comments), \
      events AS (INSERT INTO events (event_type, source_agent, payload) \
          SELECT 'task.claimed', c.agent, ",
     payload!("c", "c.agent"),
@@ -217,7 +217,7 @@ const CLAIM: &str = concat!(
          COALESCE((SELECT p.name FROM projects p WHERE p.id = c.project_id), '') AS project, \
          COALESCE(c.name, '') AS name, c.title, COALESCE(c.description, '') AS description, \
          c.action, c.output, c.acceptance_criteria, c.timeout_seconds, c.revision, \
-         c.lease_expires_at \
+         c.lease_expires_at, c.review_comments \
      FROM claimed c ORDER BY c.priority DESC NULLS LAST, c.created_at"
 );
 
@@ -455,6 +455,7 @@ struct AssignmentRow {
     timeout_seconds: Option<i32>,
     revision: Option<String>,
     lease_expires_at: DateTime<Utc>,
+    review_comments: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -605,6 +606,7 @@ impl Queue for PgStore {
                     timeout_seconds: r.timeout_seconds,
                     revision: r.revision,
                     lease_expires_at: r.lease_expires_at,
+                    review_comments: r.review_comments,
                     ready_at: r.ready_at,
                 });
             }

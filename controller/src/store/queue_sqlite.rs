@@ -117,7 +117,7 @@ const CLAIM: &str = concat!(
              AND dt.name = substr(d.value, instr(d.value, '/') + 1)), updated_at)) AS ready_at, \
      COALESCE((SELECT p.name FROM projects p WHERE p.id = tasks.project_id), '') AS project, \
      COALESCE(name, '') AS name, title, COALESCE(description, '') AS description, action, \
-     output, acceptance_criteria, timeout_seconds, revision, lease_expires_at"
+     output, acceptance_criteria, timeout_seconds, revision, lease_expires_at, review_comments"
 );
 
 /// ?1 agent, ?2 whether it took work. Written only to make it `busy` or when `last_active_at`
@@ -334,6 +334,7 @@ struct AssignmentRow {
     timeout_seconds: Option<i32>,
     revision: Option<String>,
     lease_expires_at: String,
+    review_comments: Option<String>,
     /// As it was before this claim: RETURNING does not see what the trigger changes.
     ready_at: Option<String>,
 }
@@ -506,6 +507,7 @@ async fn claim_one(
                 timeout_seconds: r.timeout_seconds,
                 revision: r.revision,
                 lease_expires_at: parse_time(&r.lease_expires_at)?,
+                review_comments: r.review_comments,
                 ready_at: r.ready_at.as_deref().map(parse_time).transpose()?,
             })
         })

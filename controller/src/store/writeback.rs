@@ -267,14 +267,14 @@ const REVIEW_ROW: &str = "SELECT {text:t.id} AS id, p.name AS project, COALESCE(
 const MERGED: &str = "UPDATE tasks SET status = 'completed', completed_at = {now}, status_message = NULL \
     WHERE id = {id1} AND status = 'review'";
 
-/// $2 retry?, $3 the backoff (ms), $4 the error.
+/// $2 retry?, $3 the backoff (ms), $4 the error, $5 the review's comments (NULL if none).
 const CLOSED: &str = "UPDATE tasks SET \
     status = CASE WHEN $2 THEN 'pending' ELSE 'failed' END, \
     attempt = CASE WHEN $2 THEN attempt + 1 ELSE attempt END, \
     not_before = CASE WHEN $2 THEN {after3} ELSE not_before END, \
     completed_at = CASE WHEN $2 THEN completed_at ELSE {now} END, \
     assigned_to = CASE WHEN $2 THEN assignee ELSE assigned_to END, \
-    error = $4, status_message = $4 \
+    error = $4, status_message = $4, review_comments = $5 \
     WHERE id = {id1} AND status = 'review'";
 
 const UPDATE: &str = "INSERT INTO task_updates (task_id, agent_name, update_type, message) \
@@ -640,6 +640,7 @@ macro_rules! writeback_impl {
                     .bind(retry)
                     .bind(millis(backoff))
                     .bind(error)
+                    .bind(Some(comments.trim()).filter(|c| !c.is_empty()))
                     .execute(&mut *tx)
                     .await
                     .map_err(query_error("ending a rejected review"))?;
