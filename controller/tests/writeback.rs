@@ -1206,11 +1206,58 @@ where
     assert_eq!(env.db.events_of("task.failed").await.len(), 1);
 }
 
+/// Without a forge, a squash merge (a person's own commit on main with the branch's changes)
+/// followed by deleting the branch completes the task: the result commit is not in main's
+/// history, but its changes are, so the work is not done again.
+async fn squash_merged_branch_completes<S>()
+where
+    S: TestStore + Queue + Writeback + agentops::store::usage::UsageLog + Clone,
+{
+    let env = ResultsEnv::<S>::new().await;
+    let branch = "agentops/web/draft";
+    let claimed = env.claim_all().await;
+    let (status, body) = env
+        .api
+        .complete(
+            &env.token,
+            &claimed["draft"],
+            json!({"files": [{"path": "site/a.md", "content": "a"}, {"path": "site/b.md", "content": "b"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let result = env.remote.tip(branch).unwrap();
+
+    // Main moves on, then takes only part of the branch: not merged, still open.
+    env.remote
+        .commit("Unrelated work", &[("docs/notes.md", Some("notes"))]);
+    env.remote
+        .commit("Squash part of it", &[("site/a.md", Some("a"))]);
+    assert_eq!(env.reviews().check().await.unwrap(), Default::default());
+    assert_eq!(env.status("draft").await, "review");
+
+    // The rest lands too, in a commit of the person's own; then the branch is deleted.
+    let squash = env
+        .remote
+        .commit("Squash-merge draft", &[("site/b.md", Some("b"))]);
+    assert!(
+        !env.remote
+            .repo()
+            .graph_descendant_of(squash, result)
+            .unwrap()
+    );
+    env.remote.delete_branch(branch);
+    let report = env.reviews().check().await.unwrap();
+    assert_eq!((report.merged, report.retried), (1, 0), "{report:?}");
+    let row = env.db.task("web", "draft").await;
+    assert_eq!((row.status.as_str(), row.attempt), ("completed", 0));
+}
+
 both_backends!(
     status_commit_writes_nothing_to_the_store,
     output_goes_to_a_result_branch_and_merging_completes_it,
     commit_mode_goes_to_main,
     deleted_branch_retries_then_fails,
+    squash_merged_branch_completes,
 );
 
 /// A completion with files refused by the controller does not need the store's agreement

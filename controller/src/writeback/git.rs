@@ -818,7 +818,8 @@ pub fn branch_tip(repo: &Repository, source: &GitSource, branch: &str) -> Option
 }
 
 /// Without a forge: what became of a result branch. Merged when its commit is in the followed
-/// branch; closed when the branch is gone from the remote without having been merged.
+/// branch, or when its changes are (a squash or rebase merge, which leaves the commit itself
+/// out); closed when the branch is gone from the remote without having been merged.
 pub fn branch_state(
     source: &GitSource,
     branch: &str,
@@ -841,7 +842,9 @@ pub fn branch_state(
     let merged = head == commit
         || repo
             .graph_descendant_of(head, commit)
-            .map_err(git("comparing the branch with the main branch"))?;
+            .map_err(git("comparing the branch with the main branch"))?
+        || changes_landed(&repo, head, commit)
+            .map_err(git("comparing the branch's changes with the main branch"))?;
     Ok(if merged {
         BranchState::Merged
     } else if tip.is_some() {
@@ -849,6 +852,47 @@ pub fn branch_state(
     } else {
         BranchState::Closed
     })
+}
+
+/// Whether every change `commit` made to its first parent is in `head`'s tree: each file it
+/// wrote is there with the same content, each it deleted is gone. That is what a squash or a
+/// rebase merge leaves. Otherwise a person who squash-merged a result and deleted its branch
+/// would have the task retried, the work done twice. A commit that changed nothing is never
+/// taken as landed: that branch waits for a person as before. Checked against the head only:
+/// if the main branch changes those files again before the next review pass sees the squash,
+/// deleting the branch still counts as a rejection.
+fn changes_landed(repo: &Repository, head: Oid, commit: Oid) -> Result<bool, git2::Error> {
+    let commit = repo.find_commit(commit)?;
+    let parent_tree = match commit.parent(0) {
+        Ok(parent) => Some(parent.tree()?),
+        Err(_) => None,
+    };
+    let diff = repo.diff_tree_to_tree(parent_tree.as_ref(), Some(&commit.tree()?), None)?;
+    if diff.deltas().len() == 0 {
+        return Ok(false);
+    }
+    let head_tree = repo.find_commit(head)?.tree()?;
+    for delta in diff.deltas() {
+        let (file, wanted) = match delta.status() {
+            git2::Delta::Deleted => (delta.old_file(), None),
+            _ => {
+                let new = delta.new_file();
+                let wanted = Some((new.id(), i32::from(new.mode())));
+                (new, wanted)
+            }
+        };
+        let Some(path) = file.path() else {
+            return Ok(false);
+        };
+        let at_head = head_tree
+            .get_path(path)
+            .ok()
+            .map(|entry| (entry.id(), entry.filemode()));
+        if at_head != wanted {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
