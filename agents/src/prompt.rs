@@ -26,6 +26,9 @@ pub struct PromptWork {
     pub acceptance_criteria: Vec<String>,
     /// `output.paths`: files, or folders (with or without a trailing `/`).
     pub output_paths: Vec<String>,
+    /// The instructions of the specialist doing the task (its `Agent` spec); none for the Seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instructions: Option<String>,
     /// The comments of the review that rejected the last attempt's output, to address now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review_comments: Option<String>,
@@ -59,6 +62,7 @@ impl PromptWork {
             prompt: prompt.to_owned(),
             acceptance_criteria: task.acceptance_criteria.clone(),
             output_paths,
+            instructions: None,
             review_comments: task.review_comments.clone(),
         })
     }

@@ -504,6 +504,7 @@ fn work() -> PromptWork {
         prompt: "Write the landing page copy into site/copy.md".to_owned(),
         acceptance_criteria: vec!["site/copy.md exists".to_owned()],
         output_paths: vec!["site/".to_owned()],
+        instructions: Some("You are a copywriter for small businesses.".to_owned()),
         review_comments: Some("Too long; keep it under 300 words.".to_owned()),
     }
 }
@@ -536,7 +537,15 @@ async fn a_prompt_task_writes_only_within_its_output_paths() {
     assert!(!worktree.path().join(".github").exists());
     let seen = fake.seen();
     assert!(seen[0].messages[1].1.contains("Output paths: site/"));
-    // The review that rejected the last attempt is part of the request.
+    // The specialist's instructions are part of the system prompt, and the review that
+    // rejected the last attempt part of the request.
+    assert!(
+        seen[0].messages[0]
+            .1
+            .ends_with("Your own instructions:\nYou are a copywriter for small businesses."),
+        "{:?}",
+        seen[0].messages[0]
+    );
     assert!(
         seen[0].messages[1].1.contains(
             "rejected it. Address their review this time:\nToo long; keep it under 300 words."

@@ -181,9 +181,17 @@ pub fn taken_projects(source: &GitSource) -> Result<Vec<String>, AgentError> {
         .collect())
 }
 
+/// An `Agent` spec as an embedded agent: who it is, its own models (none: the shared ones),
+/// and its instructions for the provider.
+pub struct Specialist {
+    pub config: AgentConfig,
+    pub models: Vec<String>,
+    pub instructions: String,
+}
+
 /// The `Agent` specs at the followed branch's head: each becomes an embedded specialist,
-/// with the models its spec lists.
-pub fn specialists(source: &GitSource) -> Result<Vec<(AgentConfig, Vec<String>)>, AgentError> {
+/// with the models and instructions its spec gives.
+pub fn specialists(source: &GitSource) -> Result<Vec<Specialist>, AgentError> {
     let repo = source.open()?;
     let head = source.head(&repo)?;
     let tree = repo
@@ -223,7 +231,11 @@ pub fn specialists(source: &GitSource) -> Result<Vec<(AgentConfig, Vec<String>)>
                 concurrency: spec.concurrency.max(1) as usize,
                 ..AgentConfig::new("", name)
             };
-            (config, spec.models.clone())
+            Specialist {
+                config,
+                models: spec.models.clone(),
+                instructions: spec.instructions.clone(),
+            }
         })
         .collect())
 }
@@ -247,6 +259,9 @@ pub struct Worker<S> {
     pub name: String,
     /// The shared provider, or a specialist's own models.
     pub provider: Arc<AnyProvider>,
+    /// A specialist's instructions (its `Agent` spec), given to the provider with each
+    /// `prompt` task; `None` for the Seed and the Chief of Staff.
+    pub instructions: Option<String>,
 }
 
 impl<S: ToolRegistry + UsageLog + Clone> Handler for Worker<S> {
@@ -324,10 +339,11 @@ impl<S: ToolRegistry + UsageLog + Clone> Worker<S> {
     }
 
     async fn prompt(&self, task: &Assignment) -> Outcome {
-        let work = match PromptWork::from_assignment(task) {
+        let mut work = match PromptWork::from_assignment(task) {
             Ok(work) => work,
             Err(e) => return Outcome::fail(error_chain(&e), false),
         };
+        work.instructions = self.instructions.clone();
         let written = match self.provider.write(&self.caller(task), &work).await {
             Ok(written) => written,
             Err(e) => return Outcome::fail(error_chain(&e), e.is_retryable()),
@@ -776,7 +792,13 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
             },
         ];
         let mut providers: Vec<Arc<AnyProvider>> = vec![shared.provider.clone(); configs.len()];
-        for (config, models) in specialists {
+        let mut instructions: Vec<Option<String>> = vec![None; configs.len()];
+        for Specialist {
+            config,
+            models,
+            instructions: own,
+        } in specialists
+        {
             let provider = match &shared.llm {
                 Some(llm) if !models.is_empty() => {
                     let mut own = llm.clone();
@@ -792,6 +814,7 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
                 _ => shared.provider.clone(),
             };
             providers.push(provider);
+            instructions.push(Some(own).filter(|i| !i.trim().is_empty()));
             configs.push(AgentConfig {
                 api: api.clone(),
                 claim_wait: Duration::from_secs(2),
@@ -806,11 +829,14 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
         );
         let mut running = tokio::task::JoinSet::new();
         running.spawn(propose_specialists(shared.clone(), stop.clone()));
-        for (config, provider) in configs.into_iter().zip(providers) {
+        for ((config, provider), instructions) in
+            configs.into_iter().zip(providers).zip(instructions)
+        {
             let worker = Worker {
                 shared: shared.clone(),
                 name: config.name.clone(),
                 provider,
+                instructions,
             };
             let stop = stop.clone();
             running.spawn(async move {

@@ -739,5 +739,11 @@ async fn a_missing_specialist_is_proposed_and_runs_once_merged() {
             .await
             .unwrap();
     assert_eq!(by.as_deref(), Some(name), "the specialist did it");
-    assert!(setup.file_on_main("out/hello-fr.md").is_some());
+    // Offline, the file restates what the provider was given: the specialist's instructions
+    // from its spec are among it.
+    let written = setup.file_on_main("out/hello-fr.md").unwrap();
+    assert!(
+        written.contains("## Specialist instructions\n\n") && written.contains("write only within"),
+        "{written}"
+    );
 }

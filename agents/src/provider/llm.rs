@@ -173,7 +173,14 @@ impl Provider for LlmProvider {
                 work.output_paths.join(", ")
             ));
         }
-        self.ask(caller, "answer", WRITE_SYSTEM, user, |answer| {
+        let system = match &work.instructions {
+            Some(instructions) => format!(
+                "{WRITE_SYSTEM}\n\nYou do this task as a specialist. Your own instructions:\n{}",
+                instructions.trim()
+            ),
+            None => WRITE_SYSTEM.to_owned(),
+        };
+        self.ask(caller, "answer", &system, user, |answer| {
             let written: Written = parse_answer(answer)?;
             check_written(&written, &work.output_paths)?;
             Ok(written)

@@ -298,6 +298,12 @@ pub fn write_offline(work: &PromptWork) -> Written {
     if !description.is_empty() && description != work.prompt.trim() {
         text.push_str(&format!("\n## Description\n\n{description}\n"));
     }
+    if let Some(instructions) = &work.instructions {
+        text.push_str(&format!(
+            "\n## Specialist instructions\n\n{}\n",
+            instructions.trim()
+        ));
+    }
     text.push_str("\n## Acceptance criteria\n\n");
     if work.acceptance_criteria.is_empty() {
         text.push_str("_None given._\n");
@@ -577,6 +583,7 @@ mod tests {
                 "under 300 words".to_owned(),
             ],
             output_paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+            instructions: None,
             review_comments: None,
         }
     }
@@ -608,6 +615,13 @@ mod tests {
                 &["site/"]
             ))
         );
+
+        // A specialist's instructions are restated too.
+        let mut specialist = work("Write the landing page copy into site/copy.md.", &["site/"]);
+        specialist.instructions = Some("Write like a lawyer.".to_owned());
+        assert!(write_offline(&specialist).files[0].content.contains(
+            "\n## Specialist instructions\n\nWrite like a lawyer.\n\n## Acceptance criteria\n"
+        ));
 
         // A retry after a rejected review says what the review asked for.
         let mut retry = work("Write the landing page copy into site/copy.md.", &["site/"]);
