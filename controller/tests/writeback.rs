@@ -845,6 +845,18 @@ impl<S: TestStore + Queue + Writeback + agentops::store::usage::UsageLog + Clone
         self.db.task("web", name).await.status
     }
 
+    /// Claim everything, complete `draft` with `files`, and return the tip of its result
+    /// branch.
+    async fn complete_draft(&self, files: Value) -> Oid {
+        let claimed = self.claim_all().await;
+        let (status, body) = self
+            .api
+            .complete(&self.token, &claimed["draft"], json!({ "files": files }))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        self.remote.tip("agentops/web/draft").unwrap()
+    }
+
     async fn result(&self, name: &str) -> Value {
         let text = self
             .db
@@ -1146,17 +1158,9 @@ where
         .execute("UPDATE tasks SET retries = 1 WHERE name = 'draft'")
         .await;
     let branch = "agentops/web/draft";
-    let claimed = env.claim_all().await;
-    let (status, body) = env
-        .api
-        .complete(
-            &env.token,
-            &claimed["draft"],
-            json!({"files": [{"path": "site/a.md", "content": "a"}]}),
-        )
+    let first = env
+        .complete_draft(json!([{"path": "site/a.md", "content": "a"}]))
         .await;
-    assert_eq!(status, 200, "{body}");
-    let first = env.remote.tip(branch).unwrap();
     // The branch stays: still open.
     assert_eq!(env.reviews().check().await.unwrap(), Default::default());
 
@@ -1215,17 +1219,12 @@ where
 {
     let env = ResultsEnv::<S>::new().await;
     let branch = "agentops/web/draft";
-    let claimed = env.claim_all().await;
-    let (status, body) = env
-        .api
-        .complete(
-            &env.token,
-            &claimed["draft"],
-            json!({"files": [{"path": "site/a.md", "content": "a"}, {"path": "site/b.md", "content": "b"}]}),
-        )
+    let result = env
+        .complete_draft(json!([
+            {"path": "site/a.md", "content": "a"},
+            {"path": "site/b.md", "content": "b"}
+        ]))
         .await;
-    assert_eq!(status, 200, "{body}");
-    let result = env.remote.tip(branch).unwrap();
 
     // Main moves on, then takes only part of the branch: not merged, still open.
     env.remote
