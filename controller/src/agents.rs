@@ -778,7 +778,16 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
                 Vec::new()
             }
         };
-        let mut configs = vec![
+        // Each embedded agent with the worker that runs its tasks: the shared provider, or a
+        // specialist's own models and instructions.
+        let worker = |config: &AgentConfig, provider, instructions| Worker {
+            shared: shared.clone(),
+            name: config.name.clone(),
+            provider,
+            instructions,
+        };
+        let mut agents = Vec::with_capacity(2 + specialists.len());
+        for config in [
             AgentConfig {
                 capabilities: seed_capabilities,
                 concurrency: 2,
@@ -790,13 +799,13 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
                 claim_wait: Duration::from_secs(2),
                 ..AgentConfig::new(&api, "cos")
             },
-        ];
-        let mut providers: Vec<Arc<AnyProvider>> = vec![shared.provider.clone(); configs.len()];
-        let mut instructions: Vec<Option<String>> = vec![None; configs.len()];
+        ] {
+            agents.push((worker(&config, shared.provider.clone(), None), config));
+        }
         for Specialist {
             config,
             models,
-            instructions: own,
+            instructions,
         } in specialists
         {
             let provider = match &shared.llm {
@@ -813,15 +822,15 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
                 }
                 _ => shared.provider.clone(),
             };
-            providers.push(provider);
-            instructions.push(Some(own).filter(|i| !i.trim().is_empty()));
-            configs.push(AgentConfig {
+            let config = AgentConfig {
                 api: api.clone(),
                 claim_wait: Duration::from_secs(2),
                 ..config
-            });
+            };
+            let instructions = Some(instructions).filter(|i| !i.trim().is_empty());
+            agents.push((worker(&config, provider, instructions), config));
         }
-        let names: Vec<&str> = configs.iter().map(|c| c.name.as_str()).collect();
+        let names: Vec<&str> = agents.iter().map(|(_, c)| c.name.as_str()).collect();
         eprintln!(
             "embedded agents: {} ({})",
             names.join(", "),
@@ -829,15 +838,7 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
         );
         let mut running = tokio::task::JoinSet::new();
         running.spawn(propose_specialists(shared.clone(), stop.clone()));
-        for ((config, provider), instructions) in
-            configs.into_iter().zip(providers).zip(instructions)
-        {
-            let worker = Worker {
-                shared: shared.clone(),
-                name: config.name.clone(),
-                provider,
-                instructions,
-            };
+        for (worker, config) in agents {
             let stop = stop.clone();
             running.spawn(async move {
                 let name = config.name.clone();

@@ -313,10 +313,6 @@ impl BusNames {
         }
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// `<prefix>.events`: an event of type `t` goes on `<prefix>.events.t`.
     pub fn events_subjects(&self) -> String {
         format!("{}.events", self.prefix)
