@@ -373,7 +373,9 @@ impl<Q: Queue> Dispatcher<Q> {
         self.metrics
             .store_batch(metrics::COMPLETE, reports.len(), began.elapsed());
         drop(reports);
-        drop(writer);
+        // The writer is held until every caller in the batch has its answer: the next caller
+        // to take it looks for its answer first, and would otherwise write a batch without
+        // its own completion, which an earlier writer wrote but had not answered yet.
         let mut answers = match written {
             Ok(answers) => answers.into_iter(),
             Err(e) => {
@@ -388,6 +390,7 @@ impl<Q: Queue> Dispatcher<Q> {
             let mine: Vec<_> = answers.by_ref().take(pending.completions.len()).collect();
             let _ = pending.reply.send(Ok(mine));
         }
+        drop(writer);
         let answers = answer.try_recv().unwrap_or_else(|_| {
             Err(StoreError::Batch(
                 "our completion was not in the batch".into(),
