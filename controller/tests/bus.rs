@@ -590,10 +590,8 @@ async fn events_of_a_claim_and_a_completion_are_on_nats() {
 
     // Published again: the stream keeps one of each.
     let published = d.metrics.bus_published_total("events");
-    db.execute(
-        "INSERT INTO event_outbox (event_ids) SELECT array_agg(id ORDER BY created_at) FROM events",
-    )
-    .await;
+    db.execute("INSERT INTO event_outbox (event_id) SELECT id FROM events ORDER BY created_at")
+        .await;
     d.events_recorded();
     eventually(
         Duration::from_secs(10),

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentops::store::queue::{
-    AgentCompletion, AgentIdentity, Artifact, Assignment, Claimer, Completion, FailOutcome, Lease,
-    LeasePolicy, LeaseState, Outbox, OutboxBatch, Queue, Refusal, StoredEvent,
+    AgentIdentity, Artifact, Assignment, Claimer, Completion, FailOutcome, Lease, LeasePolicy,
+    LeaseState, Queue, Refusal,
 };
 use common::*;
 use serde_json::json;
@@ -30,7 +30,6 @@ both_backends!(
     question_blocks_the_task,
     heartbeat_extends_and_reports_cancel,
     tokens_authenticate_their_agent,
-    claims_and_completions_hand_over_their_events,
 );
 
 both_backends_multi_thread!(concurrent_claimers_never_share_a_task);
@@ -1462,139 +1461,4 @@ async fn tokens_authenticate_their_agent<S: TestStore + Queue>() {
             .await,
         1
     );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Events handed to the relay
-// ---------------------------------------------------------------------------------------------
-
-/// The queued events of one type, as JSON (a raw payload has no `PartialEq`).
-fn events_of_type(batch: &OutboxBatch, event_type: &str) -> Vec<serde_json::Value> {
-    batch
-        .events
-        .iter()
-        .filter(|e| e.event_type == event_type)
-        .map(|e: &StoredEvent| serde_json::to_value(e).unwrap())
-        .collect()
-}
-
-/// Claims and completions return the events they recorded, with their statement's one outbox
-/// entry (Postgres), or leave them to the outbox (SQLite). Either way every event is queued
-/// exactly once, the returned events are the stored ones, and they stay queued until the relay
-/// clears them; writes that hand nothing over are still queued.
-async fn claims_and_completions_hand_over_their_events<S: TestStore + Queue + Outbox>() {
-    let t = Q::<S>::new(
-        &[("web", false)],
-        &[("web", "a", &[]), ("web", "b", &[]), ("web", "c", &[])],
-    )
-    .await;
-    let worker = seed("worker");
-    t.register(&worker).await;
-    let synced = t.q().unpublished_events(0, 1000).await.unwrap();
-    assert_eq!(events_of_type(&synced, "task.created").len(), 3);
-    t.q().mark_published(&synced.entries).await.unwrap();
-    assert!(
-        t.q()
-            .unpublished_events(0, 1000)
-            .await
-            .unwrap()
-            .entries
-            .is_empty()
-    );
-
-    let claimer = Claimer {
-        agent: worker.clone(),
-        max: 3,
-    };
-    let claimed = t
-        .q()
-        .claim_recorded(std::slice::from_ref(&claimer), &policy())
-        .await
-        .unwrap();
-    let tasks = &claimed.answer[0];
-    assert_eq!(tasks.len(), 3);
-    let queued = t.q().unpublished_events(0, 1000).await.unwrap();
-    let claims = events_of_type(&queued, "task.claimed");
-    assert_eq!(claims.len(), 3, "each claim queued once: {claims:?}");
-    let claimed_tasks: BTreeSet<(String, i64)> = tasks
-        .iter()
-        .map(|a| (a.id.to_string(), a.run_lease))
-        .collect();
-    let announced: BTreeSet<(String, i64)> = claims
-        .iter()
-        .map(|e| {
-            (
-                e["payload"]["id"].as_str().unwrap().to_owned(),
-                e["payload"]["run_lease"].as_i64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(announced, claimed_tasks);
-    match S::BACKEND {
-        Backend::Postgres => {
-            assert_eq!(claimed.events.entries.len(), 1, "one entry per statement");
-            assert_eq!(queued.entries, claimed.events.entries);
-            assert_eq!(events_of_type(&claimed.events, "task.claimed"), claims);
-        }
-        Backend::Sqlite => {
-            assert!(claimed.events.entries.is_empty());
-            assert!(claimed.events.events.is_empty());
-        }
-    }
-
-    // A write that hands nothing over is queued by the store as before.
-    assert_eq!(
-        t.q()
-            .progress("worker", lease(&tasks[0]), "halfway")
-            .await
-            .unwrap(),
-        Ok(())
-    );
-    let queued = t.q().unpublished_events(0, 1000).await.unwrap();
-    assert_eq!(events_of_type(&queued, "task.progress").len(), 1);
-    assert_eq!(events_of_type(&queued, "task.claimed").len(), 3);
-
-    let completions: Vec<Completion> = tasks.iter().map(|a| done(a, json!({}))).collect();
-    let reports: Vec<AgentCompletion<'_>> = completions
-        .iter()
-        .map(|completion| AgentCompletion {
-            agent: "worker",
-            completion,
-        })
-        .collect();
-    let completed = t.q().complete_recorded(&reports).await.unwrap();
-    assert_eq!(completed.answer, [Ok(()), Ok(()), Ok(())]);
-    let queued = t.q().unpublished_events(0, 1000).await.unwrap();
-    let completions = events_of_type(&queued, "task.completed");
-    assert_eq!(completions.len(), 3, "each completion queued once");
-    match S::BACKEND {
-        Backend::Postgres => {
-            assert_eq!(completed.events.entries.len(), 1);
-            assert_eq!(
-                events_of_type(&completed.events, "task.completed"),
-                completions
-            );
-            for entry in claimed
-                .events
-                .entries
-                .iter()
-                .chain(&completed.events.entries)
-            {
-                assert!(queued.entries.contains(entry), "{entry} stays queued");
-            }
-            // Cleared once published: what is left is the progress report.
-            let handed: Vec<i64> = claimed
-                .events
-                .entries
-                .iter()
-                .chain(&completed.events.entries)
-                .copied()
-                .collect();
-            assert_eq!(t.q().mark_published(&handed).await.unwrap(), 2);
-            let left = t.q().unpublished_events(0, 1000).await.unwrap();
-            assert_eq!(left.events.len(), 1);
-            assert_eq!(left.events[0].event_type, "task.progress");
-        }
-        Backend::Sqlite => assert!(completed.events.entries.is_empty()),
-    }
 }

@@ -3,12 +3,10 @@
 //! Requests never wait on NATS or Redis: they leave a note here (a [`Notify`], an agent's
 //! name in a set) and return. Three loops pick the notes up:
 //!
-//! - the **relay** publishes committed events and then clears their entries in the store's
-//!   outbox (`event_outbox`). Claims and completions hand their events over as they commit
-//!   ([`Backplane::recorded`]); everything else (other writers, other processes, what a crash
-//!   or a failed publish left behind) the relay reads from the outbox. A publish that fails is
-//!   counted and tried again with backoff; the entries wait in the table meanwhile, so a NATS
-//!   outage delays events but loses none. JetStream drops a re-published event by its id.
+//! - the **relay** publishes committed events from the store's outbox (`event_outbox`, which
+//!   a trigger fills as `events` rows are written) and then clears them. A publish that fails
+//!   is counted and tried again with backoff; the entries wait in the table meanwhile, so a
+//!   NATS outage delays events but loses none. JetStream drops a re-published event by its id.
 //! - the **announcer** publishes up to [`ANNOUNCE_PER_POOL`] ready tasks per pool whenever work
 //!   may be ready, and every [`ANNOUNCE_EVERY`] (a retry's backoff ends without anyone
 //!   noticing). A failed announcement is counted and forgotten: it is only a hint.
@@ -16,7 +14,6 @@
 //!   presence expired `offline` (and those that came back `idle` or `busy`).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,13 +25,10 @@ use super::Dispatcher;
 use super::metrics::{ANNOUNCEMENTS, EVENTS};
 use crate::bus::{Bus, DUPLICATE_WINDOW, InProcessBus};
 use crate::presence::{MemoryPresence, Presence};
-use crate::store::queue::{Liveness, Outbox, OutboxBatch, Queue, ReadyTask};
+use crate::store::queue::{Liveness, Outbox, Queue, ReadyTask};
 
-/// Outbox entries read at a time. An entry holds the events of one statement: one for most
-/// writes, a whole batch for a claim or a completion, every new task for a sync.
-const RELAY_BATCH: u32 = 100;
-/// Events published at a time: a sync's one entry can hold tens of thousands.
-const PUBLISH_BATCH: usize = 1_000;
+/// Events read and published at a time.
+const RELAY_BATCH: u32 = 500;
 /// The relay also looks this often unprompted: events written by another process (a
 /// `reconcile --once`, another controller) have nobody to prompt it.
 const RELAY_EVERY: Duration = Duration::from_secs(1);
@@ -72,15 +66,8 @@ impl Default for Backends {
 /// The notes requests leave for the loops.
 pub(super) struct Backplane {
     pub backends: Backends,
-    /// Events were committed: the relay should publish what was handed to it, and look in
-    /// the outbox if `outbox` is set.
+    /// Events were committed: the relay should look.
     events: Notify,
-    /// Events were committed that nobody handed over: the relay must read the outbox.
-    outbox: AtomicBool,
-    /// Committed events with their outbox entries, handed over by the writes that recorded them
-    /// (`Recorded`); the relay publishes them without reading them back. Lost in a crash, they
-    /// are still in the outbox.
-    handed_off: Mutex<OutboxBatch>,
     /// Work may be ready: the announcer should look.
     ready: Notify,
     /// Someone registered: write presence now rather than at the next flush.
@@ -101,8 +88,6 @@ impl Backplane {
         Backplane {
             backends,
             events: Notify::new(),
-            outbox: AtomicBool::new(false),
-            handed_off: Mutex::new(OutboxBatch::default()),
             ready: Notify::new(),
             flush: Notify::new(),
             pending: Mutex::new(PendingPresence::default()),
@@ -110,25 +95,8 @@ impl Backplane {
         }
     }
 
-    /// Events were committed; the relay finds them in the outbox.
+    /// Events were committed.
     pub fn events(&self) {
-        self.outbox.store(true, Ordering::Release);
-        self.events.notify_one();
-    }
-
-    /// Events were committed, and these are they, unless the store left `recorded` empty;
-    /// `wrote` tells whether the write recorded any at all.
-    pub fn recorded(&self, recorded: OutboxBatch, wrote: bool) {
-        if recorded.entries.is_empty() {
-            if wrote {
-                self.events();
-            }
-            return;
-        }
-        let mut handed_off = self.handed_off.lock().expect("hand-off lock");
-        handed_off.entries.extend(recorded.entries);
-        handed_off.events.extend(recorded.events);
-        drop(handed_off);
         self.events.notify_one();
     }
 
@@ -227,12 +195,6 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
         let mut store_health = Health::new("reading events to publish");
         let mut after = 0;
         let flush = async {
-            if let Pass::Failed = self
-                .publish_handed_off(&mut health, &mut store_health)
-                .await
-            {
-                return;
-            }
             while let Pass::More = self
                 .relay_pass(&mut after, &mut health, &mut store_health)
                 .await
@@ -250,38 +212,21 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
         // Passes read on from the last entry they published: from the start, the queue's head
         // is a run of deleted entries until vacuum clears them, and stepping over them made
         // each pass slower the busier the relay was. Every RELAY_EVERY a pass starts from the
-        // beginning again, for entries of transactions that committed out of order, and for
-        // those handed over by writes whose publishing failed or that a crash cut short.
+        // beginning again, for entries of transactions that committed out of order.
         let mut after = 0;
         let mut from_start = Instant::now();
-        // Whatever an earlier run left unpublished.
-        self.backplane.outbox.store(true, Ordering::Release);
         loop {
-            let mut pass = self
-                .publish_handed_off(&mut health, &mut store_health)
-                .await;
-            let due = from_start.elapsed() >= RELAY_EVERY;
-            if due {
+            if from_start.elapsed() >= RELAY_EVERY {
                 after = 0;
                 from_start = Instant::now();
             }
-            if due || self.backplane.outbox.swap(false, Ordering::AcqRel) {
-                let read = self
-                    .relay_pass(&mut after, &mut health, &mut store_health)
-                    .await;
-                pass = match (pass, read) {
-                    (Pass::Failed, _) | (_, Pass::Failed) => Pass::Failed,
-                    (_, read) => read,
-                };
-            }
-            match pass {
-                Pass::More => {
-                    self.backplane.outbox.store(true, Ordering::Release);
-                    continue;
-                }
+            match self
+                .relay_pass(&mut after, &mut health, &mut store_health)
+                .await
+            {
+                Pass::More => continue,
                 Pass::Done => backoff.reset(),
                 Pass::Failed => {
-                    self.backplane.outbox.store(true, Ordering::Release);
                     tokio::time::sleep(backoff.next()).await;
                     continue;
                 }
@@ -293,16 +238,6 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
             }
             tokio::time::sleep(RELAY_GAP).await;
         }
-    }
-
-    /// Publish the events handed over since the last pass, and clear their outbox entries.
-    /// What fails stays in the outbox, for the next reading of it.
-    async fn publish_handed_off(&self, health: &mut Health, store_health: &mut Health) -> Pass {
-        let batch = std::mem::take(&mut *self.backplane.handed_off.lock().expect("hand-off lock"));
-        if batch.entries.is_empty() {
-            return Pass::Done;
-        }
-        self.publish(batch, health, store_health).await
     }
 
     /// Publish one batch of unpublished events from the outbox entries after `after`, and move
@@ -326,42 +261,32 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
         if batch.entries.is_empty() {
             return Pass::Done;
         }
-        let read = batch.entries.len();
-        let last = batch.entries.iter().copied().max().unwrap_or(*after);
-        if let Pass::Failed = self.publish(batch, health, store_health).await {
-            return Pass::Failed;
-        }
-        *after = last;
-        if read == RELAY_BATCH as usize {
-            Pass::More
-        } else {
-            Pass::Done
-        }
-    }
-
-    /// Publish the batch's events, then clear its outbox entries.
-    async fn publish(
-        &self,
-        batch: OutboxBatch,
-        health: &mut Health,
-        store_health: &mut Health,
-    ) -> Pass {
-        for events in batch.events.chunks(PUBLISH_BATCH) {
-            if let Err(e) = self.backplane.backends.bus.publish_events(events).await {
+        if !batch.events.is_empty() {
+            if let Err(e) = self
+                .backplane
+                .backends
+                .bus
+                .publish_events(&batch.events)
+                .await
+            {
                 self.metrics.bus_failed(EVENTS);
                 health.failed(&e);
                 return Pass::Failed;
             }
             health.ok();
-            self.metrics.bus_published(EVENTS, events.len());
+            self.metrics.bus_published(EVENTS, batch.events.len());
         }
         if let Err(e) = self.queue.mark_published(&batch.entries).await {
-            // Published again from the outbox, and dropped by the bus as a duplicate.
+            // Published again on the next pass, and dropped by the bus as a duplicate.
             store_health.failed(&e);
             return Pass::Failed;
         }
-        store_health.ok();
-        Pass::Done
+        *after = batch.entries.iter().copied().max().unwrap_or(*after);
+        if batch.entries.len() == RELAY_BATCH as usize {
+            Pass::More
+        } else {
+            Pass::Done
+        }
     }
 
     async fn run_announcer(self: Arc<Self>) {

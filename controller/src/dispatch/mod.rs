@@ -18,7 +18,7 @@ use tokio::sync::{Notify, oneshot};
 use crate::store::StoreError;
 use crate::store::queue::{
     AgentCompletion, AgentIdentity, Assignment, Claimer, Completion, FailOutcome, Lease,
-    LeasePolicy, LeaseState, Queue, Recorded, Refusal,
+    LeasePolicy, LeaseState, Queue, Refusal,
 };
 
 pub use background::{Backends, Background};
@@ -204,6 +204,7 @@ impl<Q: Queue> Dispatcher<Q> {
         match tokio::time::timeout(wait.min(MAX_WAIT), answer).await {
             Ok(Ok(tasks)) => {
                 self.metrics.claimed(tasks.len());
+                self.backplane.events();
                 Ok(tasks)
             }
             // Timed out, or the loop is gone: nothing this time; the agent claims again.
@@ -255,17 +256,9 @@ impl<Q: Queue> Dispatcher<Q> {
             })
             .collect();
         let began = std::time::Instant::now();
-        let answers = match self
-            .queue
-            .claim_recorded(&claimers, &self.config.policy)
-            .await
-        {
-            Ok(Recorded {
-                answer: answers,
-                events,
-            }) => {
-                let tasks: usize = answers.iter().map(Vec::len).sum();
-                self.backplane.recorded(events, tasks > 0);
+        let answers = match self.queue.claim(&claimers, &self.config.policy).await {
+            Ok(answers) => {
+                let tasks = answers.iter().map(Vec::len).sum();
                 self.metrics
                     .store_batch(metrics::CLAIM, tasks, began.elapsed());
                 let now = chrono::Utc::now();
@@ -376,7 +369,7 @@ impl<Q: Queue> Dispatcher<Q> {
             })
             .collect();
         let began = std::time::Instant::now();
-        let written = self.queue.complete_recorded(&reports).await;
+        let written = self.queue.complete(&reports).await;
         self.metrics
             .store_batch(metrics::COMPLETE, reports.len(), began.elapsed());
         drop(reports);
@@ -384,14 +377,7 @@ impl<Q: Queue> Dispatcher<Q> {
         // to take it looks for its answer first, and would otherwise write a batch without
         // its own completion, which an earlier writer wrote but had not answered yet.
         let mut answers = match written {
-            Ok(Recorded {
-                answer: answers,
-                events,
-            }) => {
-                let wrote = answers.iter().any(Result::is_ok);
-                self.backplane.recorded(events, wrote);
-                answers.into_iter()
-            }
+            Ok(answers) => answers.into_iter(),
             Err(e) => {
                 let message = e.to_string();
                 for pending in batch {
@@ -418,6 +404,7 @@ impl<Q: Queue> Dispatcher<Q> {
         let done = answers.iter().filter(|a| a.is_ok()).count();
         self.metrics.completed(done);
         if done > 0 {
+            self.backplane.events();
             // Dependents of what just completed may be ready now.
             self.wake();
         }

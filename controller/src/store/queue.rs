@@ -195,20 +195,11 @@ pub trait Queue: Send + Sync + 'static {
     /// Lease to each claimer up to its `max` ready tasks; one answer per claimer, in order.
     /// Claimers of one pool are served by one statement, so a round of many waiting agents
     /// costs a statement per pool, not one per agent.
-    fn claim_recorded(
-        &self,
-        claimers: &[Claimer],
-        policy: &LeasePolicy,
-    ) -> impl Future<Output = Result<Recorded<Vec<Vec<Assignment>>>, StoreError>> + Send;
-
-    /// [`Queue::claim_recorded`], leaving its events to the relay's reading of the outbox.
     fn claim(
         &self,
         claimers: &[Claimer],
         policy: &LeasePolicy,
-    ) -> impl Future<Output = Result<Vec<Vec<Assignment>>, StoreError>> + Send {
-        async move { Ok(self.claim_recorded(claimers, policy).await?.answer) }
-    }
+    ) -> impl Future<Output = Result<Vec<Vec<Assignment>>, StoreError>> + Send;
 
     /// Extend the given leases of `agent`; mark the agent alive, and `busy` or `idle` by
     /// whether it holds any task.
@@ -228,18 +219,10 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Complete many tasks, of many agents, in one transaction; one answer per completion, in
     /// order.
-    fn complete_recorded(
-        &self,
-        completions: &[AgentCompletion<'_>],
-    ) -> impl Future<Output = Result<Recorded<Vec<Result<(), Refusal>>>, StoreError>> + Send;
-
-    /// [`Queue::complete_recorded`], leaving its events to the relay's reading of the outbox.
     fn complete(
         &self,
         completions: &[AgentCompletion<'_>],
-    ) -> impl Future<Output = Result<Vec<Result<(), Refusal>>, StoreError>> + Send {
-        async move { Ok(self.complete_recorded(completions).await?.answer) }
-    }
+    ) -> impl Future<Output = Result<Vec<Result<(), Refusal>>, StoreError>> + Send;
 
     fn fail(
         &self,
@@ -313,29 +296,14 @@ pub struct OutboxBatch {
     pub events: Vec<StoredEvent>,
 }
 
-/// What a claim or a completion answered, and the events it recorded.
-///
-/// `events` holds the outbox entries the write made, with their events, for the relay to
-/// publish at once instead of reading them back. A store that does not return them leaves it
-/// empty; the relay then finds them in the outbox, as it finds the events of every other
-/// writer. Either way the entries stay in the outbox until published, so dropping this loses
-/// nothing.
-#[derive(Debug, Default)]
-pub struct Recorded<T> {
-    pub answer: T,
-    pub events: OutboxBatch,
-}
-
 /// What the event relay and the announcer need from the store.
 ///
-/// Every operation writes its events in its own transaction, and queues them in `event_outbox`
-/// in that same transaction: a trigger on `events` does it, or (for claims and completions on
-/// Postgres) the statement itself, one entry per statement. The relay publishes what is queued
+/// Every operation writes its events in its own transaction, and a trigger on `events` queues
+/// each new row in `event_outbox` in that same transaction. The relay publishes what is queued
 /// and then deletes it. So an event reaches the bus only once it is committed, and one that
 /// could not be published (the bus was down, the controller stopped) is published later.
 pub trait Outbox: Send + Sync + 'static {
-    /// Up to `limit` outbox entries after entry `after`, oldest first, with their events (an
-    /// entry may hold many).
+    /// Up to `limit` outbox entries after entry `after`, oldest first, with their events.
     ///
     /// Entries are numbered as they are written, but a transaction can commit after one that
     /// wrote later entries; so `after` is a hint for the next pass of a busy relay, which

@@ -77,20 +77,6 @@ macro_rules! payload {
     };
 }
 
-/// The outbox entry of the events in CTE `recorded`, written by the statement itself so that
-/// it can return the entry's `seq` (migration 0009). The statements return their events from
-/// the rows they built them of (CTE `staged`), not by joining `recorded`: the planner takes
-/// every CTE for one row, and joined two of them in a nested loop, quadratic in the batch. `written` sets the flag that keeps the
-/// trigger on `events` from queueing them a second time; it is read by the statement's result,
-/// so it is evaluated whenever the entry is written.
-macro_rules! outbox_entry {
-    () => {
-        "outbox AS (INSERT INTO event_outbox (event_ids) \
-             SELECT array_agg(id) FROM recorded HAVING count(*) > 0 \
-             RETURNING seq, set_config('agentops.outbox_written', 'yes', true) AS written)"
-    };
-}
-
 /// Agent `$agent` is seen now, and idle once it holds no task beyond those in CTE `$ended`.
 macro_rules! agent_idle {
     ($agent:literal, $ended:literal) => {
@@ -212,16 +198,11 @@ const CLAIM: &str = concat!(
      FROM dealt d WHERE t.id = d.id AND t.id = ANY(ARRAY(SELECT id FROM dealt)) \
      RETURNING d.agent, d.ready_at, t.id, t.project_id, t.run_lease, t.attempt, t.priority, t.created_at, \
          t.name, t.title, t.description, t.action, t.output, t.acceptance_criteria, \
-         t.timeout_seconds, t.revision, t.lease_expires_at, t.review_comments, \
-         gen_random_uuid() AS event_id), \
-     staged AS (SELECT c.*, ",
+         t.timeout_seconds, t.revision, t.lease_expires_at, t.review_comments), \
+     events AS (INSERT INTO events (event_type, source_agent, payload) \
+         SELECT 'task.claimed', c.agent, ",
     payload!("c", "c.agent"),
-    " AS event_payload FROM claimed c), \
-     recorded AS (INSERT INTO events (id, event_type, source_agent, payload, created_at) \
-         SELECT s.event_id, 'task.claimed', s.agent, s.event_payload, now() FROM staged s \
-         RETURNING id), ",
-    outbox_entry!(),
-    ", ",
+    " FROM claimed c), ",
     // Rows of `agents` are locked in name order, as every statement that touches several of
     // them does, so that a claim and a batch of completions cannot deadlock.
     "agent AS (UPDATE agents a SET last_active_at = now(), \
@@ -236,10 +217,8 @@ const CLAIM: &str = concat!(
          COALESCE((SELECT p.name FROM projects p WHERE p.id = c.project_id), '') AS project, \
          COALESCE(c.name, '') AS name, c.title, COALESCE(c.description, '') AS description, \
          c.action, c.output, c.acceptance_criteria, c.timeout_seconds, c.revision, \
-         c.lease_expires_at, c.review_comments, \
-         c.event_id, CAST(c.event_payload AS text) AS event_payload, now() AS event_at, \
-         (SELECT seq FROM outbox WHERE written = 'yes') AS outbox_seq \
-     FROM staged c ORDER BY c.priority DESC NULLS LAST, c.created_at"
+         c.lease_expires_at, c.review_comments \
+     FROM claimed c ORDER BY c.priority DESC NULLS LAST, c.created_at"
 );
 
 /// $1 leases as [{i, id, run_lease}], $2 agent, $3 the lease in milliseconds.
@@ -296,8 +275,7 @@ const COMPLETE: &str = concat!(
          lease_owner = NULL, lease_expires_at = NULL, status_message = NULL, updated_at = now() \
          FROM input r WHERE t.id = r.id AND t.run_lease = r.run_lease AND t.lease_owner = r.agent \
          AND t.status = 'in_progress' AND t.id = ANY(ARRAY(SELECT id FROM input)) \
-         RETURNING r.i, r.agent, t.id, t.project_id, t.name, t.run_lease, t.attempt, t.status, \
-             gen_random_uuid() AS event_id), \
+         RETURNING r.i, r.agent, t.id, t.project_id, t.name, t.run_lease, t.attempt, t.status), \
      updates AS (INSERT INTO task_updates (task_id, agent_name, update_type, message) \
          SELECT d.id, d.agent, 'completion', r.message FROM done d JOIN input r ON r.i = d.i), \
      stored AS (INSERT INTO artifacts (task_id, agent_name, artifact_type, name, s3_key, \
@@ -306,16 +284,11 @@ const COMPLETE: &str = concat!(
          FROM done d JOIN input r ON r.i = d.i \
          CROSS JOIN LATERAL jsonb_to_recordset(r.artifacts) \
              AS a(name text, type text, key text, size_bytes bigint, mime_type text)), \
-     staged AS (SELECT d.*, \
-             CASE WHEN d.status = 'review' THEN 'task.review' ELSE 'task.completed' END \
-                 AS event_type, ",
+     events AS (INSERT INTO events (event_type, source_agent, payload) \
+         SELECT CASE WHEN d.status = 'review' THEN 'task.review' ELSE 'task.completed' END, \
+             d.agent, ",
     payload!("d", "d.agent"),
-    " AS event_payload FROM done d), \
-     recorded AS (INSERT INTO events (id, event_type, source_agent, payload, created_at) \
-         SELECT s.event_id, s.event_type, s.agent, s.event_payload, now() FROM staged s \
-         RETURNING id), ",
-    outbox_entry!(),
-    ", ",
+    " FROM done d), ",
     // In name order, like the claim: see there.
     "agent AS (UPDATE agents a SET last_active_at = now(), status = CASE \
          WHEN a.status = 'busy' AND NOT EXISTS (",
@@ -328,11 +301,8 @@ const COMPLETE: &str = concat!(
     holds_more!("l"),
     "))) ORDER BY l.name FOR UPDATE)) \
      SELECT r.i, CASE WHEN d.i IS NOT NULL THEN 0 \
-         WHEN EXISTS (SELECT 1 FROM tasks x WHERE x.id = r.id) THEN 1 ELSE 2 END AS outcome, \
-         d.agent, d.event_id, d.event_type, CAST(d.event_payload AS text) AS event_payload, \
-         CASE WHEN d.i IS NOT NULL THEN now() END AS event_at, \
-         (SELECT seq FROM outbox WHERE written = 'yes') AS outbox_seq \
-     FROM input r LEFT JOIN staged d ON d.i = r.i"
+         WHEN EXISTS (SELECT 1 FROM tasks x WHERE x.id = r.id) THEN 1 ELSE 2 END AS outcome \
+     FROM input r LEFT JOIN done d ON d.i = r.i"
 );
 
 /// $1 task, $2 run lease, $3 agent, $4 error, $5 retryable, $6/$7 backoff base/cap (ms).
@@ -486,31 +456,6 @@ struct AssignmentRow {
     revision: Option<String>,
     lease_expires_at: DateTime<Utc>,
     review_comments: Option<String>,
-    event_id: Uuid,
-    event_payload: Option<String>,
-    event_at: Option<DateTime<Utc>>,
-    outbox_seq: Option<i64>,
-}
-
-#[derive(sqlx::FromRow)]
-struct CompletionOutcomeRow {
-    i: i32,
-    outcome: i32,
-    agent: Option<String>,
-    event_id: Option<Uuid>,
-    event_type: Option<String>,
-    event_payload: Option<String>,
-    event_at: Option<DateTime<Utc>>,
-    outbox_seq: Option<i64>,
-}
-
-/// Adds a statement's outbox entry to `batch`, once.
-fn add_entry(batch: &mut OutboxBatch, seq: Option<i64>) {
-    if let Some(seq) = seq
-        && batch.entries.last() != Some(&seq)
-    {
-        batch.entries.push(seq);
-    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -609,13 +554,12 @@ impl Queue for PgStore {
         }))
     }
 
-    async fn claim_recorded(
+    async fn claim(
         &self,
         claimers: &[Claimer],
         policy: &LeasePolicy,
-    ) -> Result<Recorded<Vec<Vec<Assignment>>>, StoreError> {
+    ) -> Result<Vec<Vec<Assignment>>, StoreError> {
         let mut answers = vec![Vec::new(); claimers.len()];
-        let mut events = OutboxBatch::default();
         for pool in pools(claimers) {
             let input: Vec<serde_json::Value> = pool
                 .iter()
@@ -648,15 +592,6 @@ impl Queue for PgStore {
                         r.agent
                     )));
                 };
-                add_entry(&mut events, r.outbox_seq);
-                events.events.push(StoredEvent {
-                    id: r.event_id,
-                    event_type: "task.claimed".to_owned(),
-                    source_agent: Some(r.agent.clone()),
-                    target_agent: None,
-                    payload: raw_json(r.event_payload)?,
-                    created_at: r.event_at,
-                });
                 answers[i].push(Assignment {
                     id: r.id,
                     run_lease: r.run_lease,
@@ -676,10 +611,7 @@ impl Queue for PgStore {
                 });
             }
         }
-        Ok(Recorded {
-            answer: answers,
-            events,
-        })
+        Ok(answers)
     }
 
     async fn heartbeat(
@@ -722,34 +654,21 @@ impl Queue for PgStore {
         Ok(row.answer().map(|_| ()))
     }
 
-    async fn complete_recorded(
+    async fn complete(
         &self,
         completions: &[AgentCompletion<'_>],
-    ) -> Result<Recorded<Vec<Result<(), Refusal>>>, StoreError> {
+    ) -> Result<Vec<Result<(), Refusal>>, StoreError> {
         if completions.is_empty() {
-            return Ok(Recorded::default());
+            return Ok(Vec::new());
         }
         let (rows, repeats) = completion_rows(completions);
-        let outcomes: Vec<CompletionOutcomeRow> = sqlx::query_as(COMPLETE)
+        let outcomes: Vec<(i32, i32)> = sqlx::query_as(COMPLETE)
             .bind(json_text(&rows)?)
             .fetch_all(self.pool())
             .await
             .map_err(query_error("completing tasks"))?;
         let mut sent = vec![None; completions.len()];
-        let mut events = OutboxBatch::default();
-        for row in outcomes {
-            add_entry(&mut events, row.outbox_seq);
-            if let (Some(id), Some(event_type)) = (row.event_id, row.event_type) {
-                events.events.push(StoredEvent {
-                    id,
-                    event_type,
-                    source_agent: row.agent,
-                    target_agent: None,
-                    payload: raw_json(row.event_payload)?,
-                    created_at: row.event_at,
-                });
-            }
-            let (i, outcome) = (row.i, row.outcome);
+        for (i, outcome) in outcomes {
             let answer = match outcome {
                 0 => Ok(()),
                 1 => Err(Refusal::NotHeld),
@@ -759,10 +678,7 @@ impl Queue for PgStore {
                 *slot = Some(answer);
             }
         }
-        Ok(Recorded {
-            answer: completion_answers(sent, &repeats),
-            events,
-        })
+        Ok(completion_answers(sent, &repeats))
     }
 
     async fn fail(
@@ -854,22 +770,20 @@ impl Queue for PgStore {
 // The outbox and agent liveness
 // ---------------------------------------------------------------------------------------------
 
-/// $1 after which entry, $2 how many entries; a row per event of each, in the order they were
-/// written. An event that is gone (or an entry without any) comes as a row without one, so
-/// that its entry is still cleared.
+/// $1 after which entry, $2 how many. An entry whose event is gone comes with an empty
+/// event.
 ///
 /// The events are fetched by primary key (`= ANY(ARRAY(...))`): joined plainly, the planner
 /// may hash the whole `events` table on every pass, which cost 20–35 ms a pass with a few
 /// ten thousand events and grows with the table.
 const UNPUBLISHED: &str = "\
-    WITH o AS MATERIALIZED (SELECT o.seq, u.event_id, u.n \
-        FROM (SELECT seq, event_ids FROM event_outbox WHERE seq > $1 ORDER BY seq LIMIT $2) o \
-        LEFT JOIN LATERAL unnest(o.event_ids) WITH ORDINALITY AS u(event_id, n) ON true) \
+    WITH o AS MATERIALIZED (SELECT seq, event_id FROM event_outbox WHERE seq > $1 \
+        ORDER BY seq LIMIT $2) \
     SELECT o.seq, e.id, e.event_type, e.source_agent, e.target_agent, \
         CAST(e.payload AS text) AS payload, e.created_at \
     FROM o LEFT JOIN events e ON e.id = o.event_id \
         AND e.id = ANY(ARRAY(SELECT event_id FROM o)) \
-    ORDER BY o.seq, o.n";
+    ORDER BY o.seq";
 
 /// $1 outbox entries.
 const MARK_PUBLISHED: &str = "DELETE FROM event_outbox WHERE seq = ANY($1)";
@@ -948,7 +862,7 @@ impl Outbox for PgStore {
             .map_err(query_error("reading unpublished events"))?;
         let mut batch = OutboxBatch::default();
         for r in rows {
-            add_entry(&mut batch, Some(r.seq));
+            batch.entries.push(r.seq);
             if let (Some(id), Some(event_type)) = (r.id, r.event_type) {
                 batch.events.push(StoredEvent {
                     id,

@@ -624,138 +624,6 @@ impl SqliteStore {
     }
 }
 
-impl SqliteStore {
-    /// SQLite has one writer, so the claimers are simply served one after another in one
-    /// transaction: nothing can take a task between them, and the batch costs one commit.
-    async fn claim_in_turn(
-        &self,
-        claimers: &[Claimer],
-        policy: &LeasePolicy,
-    ) -> Result<Vec<Vec<Assignment>>, StoreError> {
-        if claimers.iter().all(|c| c.max == 0) {
-            return Ok(vec![Vec::new(); claimers.len()]);
-        }
-        let mut tx = self.begin().await?;
-        // Claimers are served one after another, so a round of fifty idle agents was a
-        // hundred and fifty statements. Agents with no task assigned by name, and a role pool
-        // that an earlier claimer of the round emptied, are skipped.
-        let names: Vec<&str> = claimers
-            .iter()
-            .filter(|c| c.agent.name != c.agent.agent_type)
-            .map(|c| c.agent.name.as_str())
-            .collect();
-        let named: std::collections::HashSet<String> = sqlx::query_scalar(NAMED_PENDING)
-            .bind(json_text(&names)?)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(query_error("looking for tasks assigned by name"))?
-            .into_iter()
-            .collect();
-        let mut emptied: Vec<(&str, &[String])> = Vec::new();
-        let mut answers = Vec::with_capacity(claimers.len());
-        for claimer in claimers {
-            let open = Pools {
-                named: named.contains(&claimer.agent.name),
-                role: !emptied.contains(&claimer.pool()),
-            };
-            let (assignments, role_emptied) =
-                claim_one(&mut tx, &claimer.agent, claimer.max, policy, open).await?;
-            if role_emptied {
-                emptied.push(claimer.pool());
-            }
-            answers.push(assignments);
-        }
-        commit(tx, "committing a claim").await?;
-        Ok(answers)
-    }
-
-    async fn complete_all(
-        &self,
-        completions: &[AgentCompletion<'_>],
-    ) -> Result<Vec<Result<(), Refusal>>, StoreError> {
-        if completions.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (rows, repeats) = completion_rows(completions);
-        let mut tx = self.begin().await?;
-        let done: Vec<TaskRow> = sqlx::query_as(COMPLETE)
-            .bind(json_text(&rows)?)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(query_error("completing tasks"))?;
-        let done_keys: std::collections::HashSet<(&str, i64)> =
-            done.iter().map(|d| (d.id.as_str(), d.run_lease)).collect();
-        let (accepted, refused): (Vec<&CompletionRow<'_>>, Vec<&CompletionRow<'_>>) = rows
-            .iter()
-            .partition(|r| done_keys.contains(&(r.id.as_str(), r.run_lease)));
-        let found: std::collections::HashSet<String> = if refused.is_empty() {
-            Default::default()
-        } else {
-            let ids: Vec<&str> = refused.iter().map(|r| r.id.as_str()).collect();
-            sqlx::query_scalar::<_, String>(FOUND)
-                .bind(json_text(&ids)?)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(query_error("looking up tasks"))?
-                .into_iter()
-                .collect()
-        };
-        if !accepted.is_empty() {
-            let task_updates: Vec<Value> = accepted
-                .iter()
-                .map(|r| update(&r.id, r.agent, "completion", &r.message))
-                .collect();
-            updates(&mut tx, &task_updates).await?;
-            if accepted.iter().any(|r| !r.artifacts.is_empty()) {
-                sqlx::query(ARTIFACTS)
-                    .bind(json_text(&accepted)?)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_error("recording artifacts"))?;
-            }
-            let agents: std::collections::HashMap<(&str, i64), &str> = accepted
-                .iter()
-                .map(|r| ((r.id.as_str(), r.run_lease), r.agent))
-                .collect();
-            let completed: Vec<Value> = done
-                .iter()
-                .map(|d| {
-                    let agent = agents
-                        .get(&(d.id.as_str(), d.run_lease))
-                        .copied()
-                        .unwrap_or_default();
-                    let kind = match d.status.as_str() {
-                        "review" => "task.review",
-                        _ => "task.completed",
-                    };
-                    event(kind, agent, d.payload(Some(agent)))
-                })
-                .collect();
-            events(&mut tx, &completed).await?;
-        }
-        let mut reporting: Vec<&str> = rows.iter().map(|r| r.agent).collect();
-        reporting.sort_unstable();
-        reporting.dedup();
-        for agent in reporting {
-            agent_ended(&mut tx, agent).await?;
-        }
-        commit(tx, "committing completions").await?;
-
-        let mut sent = vec![None; completions.len()];
-        for r in &accepted {
-            sent[r.i] = Some(Ok(()));
-        }
-        for r in &refused {
-            sent[r.i] = Some(Err(if found.contains(&r.id) {
-                Refusal::NotHeld
-            } else {
-                Refusal::NoTask
-            }));
-        }
-        Ok(completion_answers(sent, &repeats))
-    }
-}
-
 impl Queue for SqliteStore {
     async fn register(&self, agent: &AgentIdentity, token_hash: &str) -> Result<(), StoreError> {
         let capabilities = json_text(&agent.capabilities)?;
@@ -803,17 +671,48 @@ impl Queue for SqliteStore {
         }))
     }
 
-    /// Its events reach the relay through the outbox: SQLite runs in one process, where
-    /// reading them back costs little.
-    async fn claim_recorded(
+    /// SQLite has one writer, so the claimers are simply served one after another in one
+    /// transaction: nothing can take a task between them, and the batch costs one commit.
+    async fn claim(
         &self,
         claimers: &[Claimer],
         policy: &LeasePolicy,
-    ) -> Result<Recorded<Vec<Vec<Assignment>>>, StoreError> {
-        Ok(Recorded {
-            answer: self.claim_in_turn(claimers, policy).await?,
-            events: OutboxBatch::default(),
-        })
+    ) -> Result<Vec<Vec<Assignment>>, StoreError> {
+        if claimers.iter().all(|c| c.max == 0) {
+            return Ok(vec![Vec::new(); claimers.len()]);
+        }
+        let mut tx = self.begin().await?;
+        // Claimers are served one after another, so a round of fifty idle agents was a
+        // hundred and fifty statements. Agents with no task assigned by name, and a role pool
+        // that an earlier claimer of the round emptied, are skipped.
+        let names: Vec<&str> = claimers
+            .iter()
+            .filter(|c| c.agent.name != c.agent.agent_type)
+            .map(|c| c.agent.name.as_str())
+            .collect();
+        let named: std::collections::HashSet<String> = sqlx::query_scalar(NAMED_PENDING)
+            .bind(json_text(&names)?)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_error("looking for tasks assigned by name"))?
+            .into_iter()
+            .collect();
+        let mut emptied: Vec<(&str, &[String])> = Vec::new();
+        let mut answers = Vec::with_capacity(claimers.len());
+        for claimer in claimers {
+            let open = Pools {
+                named: named.contains(&claimer.agent.name),
+                role: !emptied.contains(&claimer.pool()),
+            };
+            let (assignments, role_emptied) =
+                claim_one(&mut tx, &claimer.agent, claimer.max, policy, open).await?;
+            if role_emptied {
+                emptied.push(claimer.pool());
+            }
+            answers.push(assignments);
+        }
+        commit(tx, "committing a claim").await?;
+        Ok(answers)
     }
 
     async fn heartbeat(
@@ -898,14 +797,90 @@ impl Queue for SqliteStore {
         Ok(Ok(()))
     }
 
-    async fn complete_recorded(
+    async fn complete(
         &self,
         completions: &[AgentCompletion<'_>],
-    ) -> Result<Recorded<Vec<Result<(), Refusal>>>, StoreError> {
-        Ok(Recorded {
-            answer: self.complete_all(completions).await?,
-            events: OutboxBatch::default(),
-        })
+    ) -> Result<Vec<Result<(), Refusal>>, StoreError> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (rows, repeats) = completion_rows(completions);
+        let mut tx = self.begin().await?;
+        let done: Vec<TaskRow> = sqlx::query_as(COMPLETE)
+            .bind(json_text(&rows)?)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_error("completing tasks"))?;
+        let done_keys: std::collections::HashSet<(&str, i64)> =
+            done.iter().map(|d| (d.id.as_str(), d.run_lease)).collect();
+        let (accepted, refused): (Vec<&CompletionRow<'_>>, Vec<&CompletionRow<'_>>) = rows
+            .iter()
+            .partition(|r| done_keys.contains(&(r.id.as_str(), r.run_lease)));
+        let found: std::collections::HashSet<String> = if refused.is_empty() {
+            Default::default()
+        } else {
+            let ids: Vec<&str> = refused.iter().map(|r| r.id.as_str()).collect();
+            sqlx::query_scalar::<_, String>(FOUND)
+                .bind(json_text(&ids)?)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(query_error("looking up tasks"))?
+                .into_iter()
+                .collect()
+        };
+        if !accepted.is_empty() {
+            let task_updates: Vec<Value> = accepted
+                .iter()
+                .map(|r| update(&r.id, r.agent, "completion", &r.message))
+                .collect();
+            updates(&mut tx, &task_updates).await?;
+            if accepted.iter().any(|r| !r.artifacts.is_empty()) {
+                sqlx::query(ARTIFACTS)
+                    .bind(json_text(&accepted)?)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_error("recording artifacts"))?;
+            }
+            let agents: std::collections::HashMap<(&str, i64), &str> = accepted
+                .iter()
+                .map(|r| ((r.id.as_str(), r.run_lease), r.agent))
+                .collect();
+            let completed: Vec<Value> = done
+                .iter()
+                .map(|d| {
+                    let agent = agents
+                        .get(&(d.id.as_str(), d.run_lease))
+                        .copied()
+                        .unwrap_or_default();
+                    let kind = match d.status.as_str() {
+                        "review" => "task.review",
+                        _ => "task.completed",
+                    };
+                    event(kind, agent, d.payload(Some(agent)))
+                })
+                .collect();
+            events(&mut tx, &completed).await?;
+        }
+        let mut reporting: Vec<&str> = rows.iter().map(|r| r.agent).collect();
+        reporting.sort_unstable();
+        reporting.dedup();
+        for agent in reporting {
+            agent_ended(&mut tx, agent).await?;
+        }
+        commit(tx, "committing completions").await?;
+
+        let mut sent = vec![None; completions.len()];
+        for r in &accepted {
+            sent[r.i] = Some(Ok(()));
+        }
+        for r in &refused {
+            sent[r.i] = Some(Err(if found.contains(&r.id) {
+                Refusal::NotHeld
+            } else {
+                Refusal::NoTask
+            }));
+        }
+        Ok(completion_answers(sent, &repeats))
     }
 
     async fn fail(
