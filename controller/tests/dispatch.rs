@@ -516,8 +516,6 @@ const RUN_AGENTS: usize = 20;
 const RUN_KILLS: usize = 12;
 /// …and kills soon after a restart, whether it is serving yet or not.
 const STARTUP_KILLS: usize = 3;
-/// Serving kills that must land before the last task completes.
-const MIN_KILLS_DURING_RUN: usize = 10;
 
 /// 2,000 near no-op tasks, 20 agent processes; the controller is SIGKILLed once during its
 /// first start (migrations or the first sync), at 12 random points of the run and 3 times
@@ -577,14 +575,14 @@ async fn controller_killed_at_random_points_loses_and_doubles_no_task() {
         .collect();
 
     let completed = || count(db, "SELECT count(*) FROM tasks WHERE status = 'completed'");
-    // Serving kills: when so many tasks are completed (up to 40 %, so that even a fast run
+    // Serving kills: when so many tasks are completed (up to 60 %, so that even a fast run
     // is still going), plus a delay. Startup kills: a delay after a restart, before the
     // controller is ready or just after (migrations, the sync, the first sweep, agents coming
     // back); never the last kill, which could otherwise come after the run.
     let mut points: Vec<(i64, Duration, bool)> = (0..RUN_KILLS)
         .map(|_| {
-            let done = rng.random_range(RUN_TASKS as i64 / 100..=RUN_TASKS as i64 * 40 / 100);
-            (done, Duration::from_millis(rng.random_range(0..250)), false)
+            let done = rng.random_range(RUN_TASKS as i64 / 100..=RUN_TASKS as i64 * 60 / 100);
+            (done, Duration::from_millis(rng.random_range(0..400)), false)
         })
         .collect();
     points.sort();
@@ -645,18 +643,18 @@ async fn controller_killed_at_random_points_loses_and_doubles_no_task() {
     .await;
     println!("all completed after {:?}", started.elapsed());
 
-    // At least MIN_KILLS_DURING_RUN kills hit a serving controller before the run ended (the
-    // issue's "10 or more random points"). The schedule aims all of them inside the run, but a
-    // fast restart serves hundreds of tasks before the next kill point is reached, so the last
-    // kills may come after the end; they still test a restart, and are not counted.
+    // The kills came during the run, at least 12 of them while it was serving.
     assert_eq!(kills.len(), RUN_KILLS + STARTUP_KILLS);
-    let during_run = kills
-        .iter()
-        .filter(|(before, serving)| *serving && *before < RUN_TASKS as i64)
-        .count();
+    for (before, _) in &kills {
+        assert!(
+            *before < RUN_TASKS as i64,
+            "a kill after the run ended: {kills:?}"
+        );
+    }
+    let serving = kills.iter().filter(|(_, serving)| *serving).count();
     assert!(
-        during_run >= MIN_KILLS_DURING_RUN,
-        "only {during_run} kills hit a serving controller during the run: {kills:?}"
+        serving >= RUN_KILLS,
+        "only {serving} kills hit a serving controller: {kills:?}"
     );
 
     // Every agent lived through every restart.
@@ -735,7 +733,7 @@ async fn controller_killed_at_random_points_loses_and_doubles_no_task() {
     )
     .await;
     println!(
-        "{} kills ({during_run} of a serving controller during the run), {} starts; events {event_counts:?}; highest \
+        "{} kills during the run ({serving} while serving), {} starts; events {event_counts:?}; highest \
          attempt {max_attempt}; the run took {:?}, the test {:?}",
         kills.len(),
         setup.controller.starts,
