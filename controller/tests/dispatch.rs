@@ -517,6 +517,19 @@ const RUN_KILLS: usize = 12;
 /// …and kills soon after a restart, whether it is serving yet or not.
 const STARTUP_KILLS: usize = 3;
 
+#[derive(Debug)]
+enum KillPoint {
+    /// Once the controller serves agents (or, `after_sync`, is ready) and has completed
+    /// `share` of its part of the tasks left then.
+    Serving {
+        share: f64,
+        delay: Duration,
+        after_sync: bool,
+    },
+    /// A moment after the restart, whatever it is doing.
+    Startup { delay: Duration },
+}
+
 /// 2,000 near no-op tasks, 20 agent processes; the controller is SIGKILLed once during its
 /// first start (migrations or the first sync), at 12 random points of the run and 3 times
 /// soon after a restart, and restarted each time on the same database, repository, data
@@ -524,8 +537,10 @@ const STARTUP_KILLS: usize = 3;
 /// completion update, from the agent that held its last lease; no task is lost or added; every
 /// agent outlives every restart.
 ///
-/// A kill point is a number of completed tasks plus a random delay, or a random delay after a
-/// restart. `AGENTOPS_TEST_SEED` replays a seed's kill points (not its timing).
+/// A serving kill comes after a random share of the tasks left when the controller began to
+/// serve agents, so that every kill lands inside the run however fast the machine is; a
+/// startup kill comes a random delay after a restart. `AGENTOPS_TEST_SEED` replays a seed's
+/// kill points (not its timing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_killed_at_random_points_loses_and_doubles_no_task() {
     let seed: u64 = std::env::var("AGENTOPS_TEST_SEED")
@@ -575,47 +590,80 @@ async fn controller_killed_at_random_points_loses_and_doubles_no_task() {
         .collect();
 
     let completed = || count(db, "SELECT count(*) FROM tasks WHERE status = 'completed'");
-    // Serving kills: when so many tasks are completed (up to 60 %, so that even a fast run
-    // is still going), plus a delay. Startup kills: a delay after a restart, before the
-    // controller is ready or just after (migrations, the sync, the first sweep, agents coming
+    // Serving kills: once the restarted controller answers agents, after a random share of
+    // the tasks left then (up to 60% of its part), so that the kills spread over the run
+    // however fast it goes: each share leaves room for the kills still to come. A restarted
+    // controller serves agents while its first sync re-reads the repository, which takes
+    // longer than a share of the tasks, so most serving kills hit that; the first comes in
+    // the steady state after a sync. Startup kills: a delay after a restart, before the
+    // controller answers or just after (migrations, the sync, the first sweep, agents coming
     // back); never the last kill, which could otherwise come after the run.
-    let mut points: Vec<(i64, Duration, bool)> = (0..RUN_KILLS)
-        .map(|_| {
-            let done = rng.random_range(RUN_TASKS as i64 / 100..=RUN_TASKS as i64 * 60 / 100);
-            (done, Duration::from_millis(rng.random_range(0..400)), false)
+    let mut points: Vec<KillPoint> = (0..RUN_KILLS)
+        .map(|n| KillPoint::Serving {
+            share: rng.random_range(0.05..=0.6),
+            delay: Duration::from_millis(rng.random_range(0..40)),
+            after_sync: n == 0,
         })
         .collect();
-    points.sort();
     for _ in 0..STARTUP_KILLS {
-        let at = rng.random_range(0..points.len());
+        let at = rng.random_range(1..points.len());
         let delay = Duration::from_millis(rng.random_range(0..600));
-        points.insert(at, (0, delay, true));
+        points.insert(at, KillPoint::Startup { delay });
     }
-    println!("kill points (completed tasks, delay, during startup): {points:?}");
+    println!("kill points: {points:?}");
 
     // (completed tasks when killed, whether it was serving)
     let mut kills: Vec<(i64, bool)> = Vec::new();
-    for (done, delay, during_startup) in &points {
-        if !during_startup {
-            setup.controller.wait_ready(Duration::from_secs(30)).await;
-            eventually(
-                &format!("{done} tasks are completed"),
-                Duration::from_secs(60),
-                || async { (completed().await >= *done).then_some(()) },
-            )
-            .await;
-        }
-        tokio::time::sleep(*delay).await;
-        let serving = setup.controller.is_running()
-            && reqwest::get(format!("{}/readyz", setup.controller.url))
+    for (index, point) in points.iter().enumerate() {
+        let delay = match point {
+            KillPoint::Startup { delay } => *delay,
+            KillPoint::Serving {
+                share,
+                delay,
+                after_sync,
+            } => {
+                if *after_sync {
+                    setup.controller.wait_ready(Duration::from_secs(30)).await;
+                } else {
+                    setup.controller.wait_serving(Duration::from_secs(30)).await;
+                }
+                let at_serving = completed().await;
+                // Kills to come, this one included, and four more shares for the run's end: a
+                // restart also completes the tasks whose reports waited for it, on top.
+                let shares = (points.len() - index + 4) as f64;
+                let left = (RUN_TASKS as i64 - at_serving) as f64;
+                let done = at_serving + ((left / shares) * share).ceil() as i64;
+                eventually(
+                    &format!("{done} tasks are completed"),
+                    Duration::from_secs(60),
+                    || async { (completed().await >= done).then_some(()) },
+                )
+                .await;
+                *delay
+            }
+        };
+        tokio::time::sleep(delay).await;
+        // Serving: its API answers agents, whether or not its first sync is done (`/readyz`
+        // 503 until then).
+        let answer = if setup.controller.is_running() {
+            reqwest::get(format!("{}/readyz", setup.controller.url))
                 .await
-                .is_ok_and(|r| r.status() == 200);
+                .ok()
+                .map(|r| r.status())
+        } else {
+            None
+        };
+        let serving = answer.is_some();
         let before = completed().await;
         setup.controller.kill();
         println!(
             "kill #{} at {before} completed ({}, {:?} after the test started)",
             kills.len() + 1,
-            if serving { "serving" } else { "starting" },
+            match answer {
+                Some(reqwest::StatusCode::OK) => "serving, synced",
+                Some(_) => "serving, syncing",
+                None => "starting",
+            },
             started.elapsed()
         );
         kills.push((before, serving));

@@ -1118,6 +1118,22 @@ impl Controller {
     /// exits because the port is still taken is started again, a few times; any other exit,
     /// or no readiness within `timeout`, fails the test with the end of the log.
     pub async fn wait_ready(&mut self, timeout: std::time::Duration) {
+        self.wait_for_readyz(timeout, |status| status == reqwest::StatusCode::OK)
+            .await;
+    }
+
+    /// Waits until the API answers at all: it serves agents from then on, while the first
+    /// sync may still be running (`/readyz` 503). Restarts and failures as in [`Self::wait_ready`].
+    #[allow(dead_code)] // each test binary uses its own part of the fixtures
+    pub async fn wait_serving(&mut self, timeout: std::time::Duration) {
+        self.wait_for_readyz(timeout, |_| true).await;
+    }
+
+    async fn wait_for_readyz(
+        &mut self,
+        timeout: std::time::Duration,
+        accept: impl Fn(reqwest::StatusCode) -> bool,
+    ) {
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(2))
             .build()
@@ -1126,7 +1142,7 @@ impl Controller {
         let mut respawns = 0;
         loop {
             if let Ok(answer) = http.get(format!("{}/readyz", self.url)).send().await
-                && answer.status() == reqwest::StatusCode::OK
+                && accept(answer.status())
             {
                 return;
             }
@@ -1145,7 +1161,7 @@ impl Controller {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the controller was not ready within {timeout:?}:\n{}",
+                "the controller did not answer as awaited within {timeout:?}:\n{}",
                 self.log_tail(40)
             );
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
