@@ -45,9 +45,12 @@ export AGENTOPS_TEST_POSTGRES="${AGENTOPS_TEST_POSTGRES:-postgres://postgres:pos
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The process tests run this binary; building it here, with the features it gets when built
-# alone, keeps the tests from rebuilding dependencies mid-run.
-cargo build -p agentops-agents --bin agentops-agent-run --locked
+# The process tests run this binary. It is built with the workspace's features, as
+# `cargo test --workspace` and the tests themselves (`agent_run_bin`) build it, so that the
+# tests reuse every dependency compiled here: built alone (`-p agentops-agents`), its
+# dependencies got other features and were compiled twice, 3.5 of the 21 minutes of a clean
+# run on a slow host.
+cargo build --workspace --bin agentops-agent-run --locked
 # --all-targets leaves out doc tests: there are none, and their empty summary would be the
 # run's last line.
 cargo test --workspace --all-targets --locked "$@"

@@ -986,9 +986,10 @@ fn clean_env(command: &mut Command) {
 ///
 /// Cargo builds another package's binary for an integration test only when that package is
 /// tested too (`cargo test --workspace` does, `cargo test -p agentops` does not), so this runs
-/// `cargo build -p agentops-agents --bin agentops-agent-run` once per test process, into the
-/// same target directory and profile: a no-op when the binary is fresh, a rebuild when
-/// `agents/` changed since. When cargo cannot run (no `CARGO` in the environment), an existing
+/// `cargo build --workspace --bin agentops-agent-run` once per test process, into the same
+/// target directory and profile: a no-op when the binary is fresh, a rebuild when `agents/`
+/// changed since. `--workspace` gives its dependencies the features `cargo test --workspace`
+/// gives them, so that neither build undoes the other's. When cargo cannot run (no `CARGO` in the environment), an existing
 /// binary is used as it is.
 pub fn agent_run_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -1005,7 +1006,7 @@ pub fn agent_run_bin() -> PathBuf {
         if let Some(cargo) = &cargo {
             let mut build = Command::new(cargo);
             build
-                .args(["build", "--quiet", "-p", "agentops-agents"])
+                .args(["build", "--quiet", "--workspace"])
                 .args(["--bin", "agentops-agent-run"])
                 .arg("--target-dir")
                 .arg(target_dir)
