@@ -286,6 +286,7 @@ impl Agents {
 struct Binary {
     child: Child,
     addr: String,
+    log: PathBuf,
 }
 
 impl Binary {
@@ -297,7 +298,8 @@ impl Binary {
                 command.env_remove(key);
             }
         }
-        let log = std::fs::File::create(data.join("up.log")).unwrap();
+        let log_path = data.join("up.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = command
             .env("AGENTOPS_DATA_DIR", data)
             .env("AGENTOPS_LOG", "info")
@@ -317,7 +319,15 @@ impl Binary {
             .stderr(log)
             .spawn()
             .expect("start agentops up");
-        Binary { child, addr }
+        Binary {
+            child,
+            addr,
+            log: log_path,
+        }
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        common::log_tail(&self.log, lines)
     }
 
     async fn wait_ready(&self) {
@@ -936,12 +946,16 @@ async fn a_run_survives_nats_going_away_and_coming_back() {
         completed(db).await == RUN_TASKS as i64
     })
     .await;
-    eventually(
-        Duration::from_secs(15),
-        "every event is published",
-        || async { unpublished(db).await == 0 },
-    )
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while unpublished(db).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} events still unpublished 30 s after the run; the controller's log:\n{}",
+            unpublished(db).await,
+            up.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     assert!(
         up.metric("agentops_bus_publish_failures_total").await > 0.0,
         "the outage was noticed"

@@ -32,6 +32,11 @@ const RELAY_BATCH: u32 = 500;
 /// The relay also looks this often unprompted: events written by another process (a
 /// `reconcile --once`, another controller) have nobody to prompt it.
 const RELAY_EVERY: Duration = Duration::from_secs(1);
+/// A relay pass that takes longer than this is abandoned and started over. Every NATS wait
+/// in a pass is bounded, yet a pass once hung through a NATS restart under load and left
+/// hundreds of events unpublished with nothing logged; this bounds whatever it was, and says
+/// so in the log.
+const RELAY_PASS_LIMIT: Duration = Duration::from_secs(10);
 /// At least this long between two relay passes that emptied the outbox: under load, events
 /// then go out in a few large batches instead of a pass (two statements) per claim and
 /// completion.
@@ -220,10 +225,16 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
                 after = 0;
                 from_start = Instant::now();
             }
-            match self
-                .relay_pass(&mut after, &mut health, &mut store_health)
-                .await
-            {
+            let pass = tokio::time::timeout(
+                RELAY_PASS_LIMIT,
+                self.relay_pass(&mut after, &mut health, &mut store_health),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                health.failed(&PassHung(RELAY_PASS_LIMIT));
+                Pass::Failed
+            });
+            match pass {
                 Pass::More => continue,
                 Pass::Done => backoff.reset(),
                 Pass::Failed => {
@@ -483,6 +494,10 @@ enum Pass {
     Done,
     Failed,
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("a pass took longer than {0:?}; it was abandoned and starts over")]
+struct PassHung(Duration);
 
 /// Exponential backoff for a loop whose dependency is failing.
 struct Backoff {
