@@ -249,6 +249,15 @@ where
     dispatcher.start();
     let background = dispatcher.spawn_background();
 
+    if let Some(url) = &bench.nats {
+        // Before the agents start, so that they find the run's streams to follow instead of
+        // falling back to long-polling alone until the first publish creates them.
+        NatsBus::connect(url, bus_names.clone())
+            .await?
+            .ensure_streams()
+            .await
+            .context("creating the benchmark's NATS streams")?;
+    }
     let started: Started = Arc::default();
     let shutdown = CancellationToken::new();
     let began = Instant::now();
