@@ -464,6 +464,41 @@ async fn one_batch_serves_many_claimers<S: TestStore + Queue>() {
     assert!(t.claim(&claimers[1].agent, 10).await.is_empty());
 }
 
+/// Fewer ready tasks than claimers: the batch deals them one per claimer in the claimers'
+/// order, highest priority first, rather than all to the first claimer that has room.
+/// Postgres only: SQLite, with one writer in one process, serves claimers one after another.
+#[tokio::test]
+async fn a_few_tasks_are_dealt_one_per_claimer() {
+    let t = Q::<agentops::store::PgStore>::new(
+        &[("web", false)],
+        &[
+            ("web", "low", &["priority: low"]),
+            ("web", "high", &["priority: high"]),
+        ],
+    )
+    .await;
+    let claimers: Vec<Claimer> = ["seed-a", "seed-b", "seed-c"]
+        .into_iter()
+        .map(|name| Claimer {
+            agent: agent(name, "seed", &[]),
+            max: 32,
+        })
+        .collect();
+    for c in &claimers {
+        t.register(&c.agent).await;
+    }
+    let answers = t.q().claim(&claimers, &policy()).await.unwrap();
+    let got: Vec<Vec<String>> = answers.iter().map(|a| names(a)).collect();
+    assert_eq!(
+        got,
+        [
+            vec!["web/high".to_owned()],
+            vec!["web/low".to_owned()],
+            vec![]
+        ]
+    );
+}
+
 /// Higher priority first, then older first; in one batch as across claims.
 async fn claim_follows_priority_then_age<S: TestStore + Queue>() {
     let mut t = Q::<S>::new(

@@ -175,17 +175,23 @@ const CLAIM: &str = concat!(
          AND (t.capabilities = '[]' OR t.capabilities <@ CAST($3 AS text)::jsonb) \
          ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT c.max \
          FOR UPDATE OF t SKIP LOCKED) n), \
-     slots AS (SELECT c.agent, row_number() OVER (ORDER BY s.k, c.i) AS n FROM claimers c \
-         CROSS JOIN LATERAL generate_series(1, c.max - (SELECT count(*) FROM named \
-             WHERE named.agent = c.agent)::integer) AS s(k)), \
+     free AS (SELECT c.i, c.agent, c.max - (SELECT count(*) FROM named \
+         WHERE named.agent = c.agent)::integer AS slots FROM claimers c), \
      picked AS (SELECT t.id, t.priority, t.created_at, ",
     ready_at!(),
     " AS ready_at FROM tasks t WHERE ",
     ready!(),
     " AND t.assignee = $2 \
          AND (t.capabilities = '[]' OR t.capabilities <@ CAST($3 AS text)::jsonb) \
-         ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT (SELECT count(*) FROM slots) \
-         FOR UPDATE OF t SKIP LOCKED), \
+         ORDER BY t.priority DESC NULLS LAST, t.created_at \
+         LIMIT (SELECT COALESCE(sum(GREATEST(f.slots, 0)), 0) FROM free f) \
+         FOR UPDATE OF t SKIP LOCKED), ",
+    // Only slots 1..=P of each claimer can be dealt P picked tasks, and they are exactly the
+    // first P slots in dealing order: numbering every free slot (1,600 for fifty idle agents
+    // of 32) was half of a claim that found one task.
+    "slots AS (SELECT f.agent, row_number() OVER (ORDER BY s.k, f.i) AS n FROM free f \
+         CROSS JOIN LATERAL generate_series(1, LEAST(f.slots, \
+             (SELECT count(*) FROM picked)::integer)) AS s(k)), \
      dealt AS (SELECT s.agent, p.id, p.ready_at FROM (SELECT id, ready_at, row_number() OVER ( \
              ORDER BY priority DESC NULLS LAST, created_at) AS n FROM picked) p \
          JOIN slots s ON s.n = p.n \
