@@ -694,6 +694,37 @@ async fn installations_with_different_prefixes_share_a_server_apart() {
     assert!(js.get_stream(EVENTS_STREAM).await.is_ok());
 }
 
+/// A publish of many messages while the server is gone fails within a few acknowledgement
+/// timeouts (2 s each): the acknowledgements are awaited together. Awaited one after another,
+/// 500 of them took up to 500 timeouts, and a relay pass hung through a NATS restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_publish_fails_within_seconds_when_the_server_is_gone() {
+    let mut nats = Server::nats();
+    let bus = NatsBus::connect(&nats.url(), BusNames::default())
+        .await
+        .unwrap();
+    let ready = |task| ReadyTask {
+        pool: "seed".to_owned(),
+        task: Uuid::from_u128(task),
+        run_lease: 1,
+    };
+    // Connected, and the streams exist: the next publish goes straight to sending.
+    bus.announce(&[ready(0)]).await.unwrap();
+    nats.kill();
+
+    let batch: Vec<ReadyTask> = (1..=500).map(ready).collect();
+    let began = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(30), bus.announce(&batch))
+        .await
+        .expect("a publish to a server that is gone still waited after 30 s");
+    let took = began.elapsed();
+    assert!(result.is_err(), "published to a server that is gone");
+    assert!(
+        took < Duration::from_secs(8),
+        "the publish took {took:?} to fail"
+    );
+}
+
 /// JetStream keeps one announcement per `<task>:<run_lease>`; and announcements delivered
 /// many times over make extra claims, never extra work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

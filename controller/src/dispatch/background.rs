@@ -32,10 +32,10 @@ const RELAY_BATCH: u32 = 500;
 /// The relay also looks this often unprompted: events written by another process (a
 /// `reconcile --once`, another controller) have nobody to prompt it.
 const RELAY_EVERY: Duration = Duration::from_secs(1);
-/// A relay pass that takes longer than this is abandoned and started over. Every NATS wait
-/// in a pass is bounded, yet a pass once hung through a NATS restart under load and left
-/// hundreds of events unpublished with nothing logged; this bounds whatever it was, and says
-/// so in the log.
+/// A relay pass that takes longer than this is abandoned and started over, and the log says
+/// so. Every wait on NATS is bounded, but a pass is many waits: through a NATS restart a pass
+/// once awaited 500 acknowledgements one 2 s timeout after another, silently (the bus now
+/// awaits them together). This bounds any such sum.
 const RELAY_PASS_LIMIT: Duration = Duration::from_secs(10);
 /// At least this long between two relay passes that emptied the outbox: under load, events
 /// then go out in a few large batches instead of a pass (two statements) per claim and
