@@ -642,6 +642,15 @@ async fn events_of_a_claim_and_a_completion_are_on_nats() {
 // Announcements
 // ---------------------------------------------------------------------------------------------
 
+/// Ready task number `task` of the `seed` pool, at its first lease.
+fn seed_task(task: u128) -> ReadyTask {
+    ReadyTask {
+        pool: "seed".to_owned(),
+        task: Uuid::from_u128(task),
+        run_lease: 1,
+    }
+}
+
 /// Two installations on one NATS server, the default one and one with `--bus-prefix staging`:
 /// each announcement lands in its own installation's stream only, and deleting the streams of
 /// one (what `bench dispatch` does with its own) leaves the other's alone.
@@ -655,13 +664,11 @@ async fn installations_with_different_prefixes_share_a_server_apart() {
     let staging = NatsBus::connect(&nats.url(), BusNames::new("staging").unwrap())
         .await
         .unwrap();
-    let ready = |task| ReadyTask {
-        pool: "seed".to_owned(),
-        task: Uuid::from_u128(task),
-        run_lease: 1,
-    };
-    default.announce(&[ready(1)]).await.unwrap();
-    staging.announce(&[ready(2), ready(3)]).await.unwrap();
+    default.announce(&[seed_task(1)]).await.unwrap();
+    staging
+        .announce(&[seed_task(2), seed_task(3)])
+        .await
+        .unwrap();
 
     assert_eq!(stream_messages(&js, DISPATCH_STREAM).await, 1);
     assert_eq!(stream_messages(&js, "STAGING_DISPATCH").await, 2);
@@ -703,16 +710,11 @@ async fn a_large_publish_fails_within_seconds_when_the_server_is_gone() {
     let bus = NatsBus::connect(&nats.url(), BusNames::default())
         .await
         .unwrap();
-    let ready = |task| ReadyTask {
-        pool: "seed".to_owned(),
-        task: Uuid::from_u128(task),
-        run_lease: 1,
-    };
     // Connected, and the streams exist: the next publish goes straight to sending.
-    bus.announce(&[ready(0)]).await.unwrap();
+    bus.announce(&[seed_task(0)]).await.unwrap();
     nats.kill();
 
-    let batch: Vec<ReadyTask> = (1..=500).map(ready).collect();
+    let batch: Vec<ReadyTask> = (1..=500).map(seed_task).collect();
     let began = Instant::now();
     let result = tokio::time::timeout(Duration::from_secs(30), bus.announce(&batch))
         .await
