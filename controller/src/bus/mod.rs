@@ -2,10 +2,13 @@
 //!
 //! Two kinds of message go out:
 //!
-//! - **Events**, one per `events` row, on `agentops.events.<type>` (`agentops.events.task.completed`),
-//!   with the row as JSON: `{"id", "type", "source_agent", "target_agent", "payload",
+//! - **Events**, every `events` row, on `agentops.events.<type>` (`agentops.events.task.completed`),
+//!   each row as JSON: `{"id", "type", "source_agent", "target_agent", "payload",
 //!   "created_at"}`. The relay in `dispatch` publishes them from the store's outbox once they
-//!   are committed; the message id is the event's id, so a re-publish is dropped as a duplicate.
+//!   are committed. A message carries a JSON array of consecutive events of one type (up to
+//!   [`EVENTS_PER_MESSAGE`]), not one event: one JetStream message per event was a fifth of
+//!   a dispatch run's CPU (two per task). The message id is derived from the events' ids, so
+//!   a batch published again is dropped as a duplicate ([`BusMessage::events`]).
 //! - **Announcements** of ready work on `agentops.dispatch.<pool>` (the pool is the task's
 //!   assignee: a role such as `seed`, or an agent's name), `{"pool", "task", "run_lease"}`
 //!   with message id `<task>:<run_lease>`. They are hints: agents still claim through the
@@ -28,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -38,6 +42,12 @@ use crate::store::queue::{ReadyTask, StoredEvent};
 
 /// Within this window a message id seen before is dropped (JetStream's `duplicate_window`).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// At most this many events go in one message…
+pub const EVENTS_PER_MESSAGE: usize = 256;
+/// …and at most this many bytes of them, unless one event alone is larger: NATS refuses a
+/// message over its `max_payload`, 1 MiB by default.
+pub const EVENT_MESSAGE_BYTES: usize = 512 * 1024;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -68,7 +78,9 @@ pub enum BusError {
 /// Where events and announcements go. Implementations take a whole batch and answer once the
 /// bus holds all of it, or with the first error; the caller retries or moves on.
 pub trait Bus: Send + Sync + 'static {
-    /// Publish each event on `agentops.events.<type>`, message id = the event id.
+    /// Publish the events on `agentops.events.<type>`, grouped as [`BusMessage::events`] does:
+    /// the same slice always makes the same messages, so a caller that retries a failed
+    /// publish with the same slice has the bus drop what already went out.
     fn publish_events<'a>(
         &'a self,
         events: &'a [StoredEvent],
@@ -98,16 +110,32 @@ pub struct BusMessage {
 }
 
 impl BusMessage {
-    pub fn event(event: &StoredEvent, names: &BusNames) -> Result<BusMessage, BusError> {
-        Ok(BusMessage {
-            subject: format!(
-                "{}.{}",
-                names.events_subjects(),
-                subject_tokens(&event.event_type)
-            ),
-            message_id: event.id.to_string(),
-            body: serde_json::to_vec(event).map_err(BusError::Encode)?.into(),
-        })
+    /// The events as messages, in order: each run of consecutive events of one type becomes
+    /// one message on `<prefix>.events.<type>` whose body is a JSON array of them, at most
+    /// [`EVENTS_PER_MESSAGE`] events and [`EVENT_MESSAGE_BYTES`] long (a run that is longer
+    /// goes in several). Keeping runs rather than gathering each type keeps the order of the
+    /// outbox on `<prefix>.events.>`: a task's `task.claimed` comes before its `task.completed`.
+    ///
+    /// The message id is the first event's id, the count and a hash of every id in the
+    /// message: the same events in the same grouping get the same id whenever they are sent,
+    /// and a message with other events never shares it.
+    pub fn events(events: &[StoredEvent], names: &BusNames) -> Result<Vec<BusMessage>, BusError> {
+        let mut messages = Vec::new();
+        let mut run: Option<EventRun> = None;
+        for event in events {
+            let encoded = serde_json::to_vec(event).map_err(BusError::Encode)?;
+            if let Some(current) = run.take() {
+                if current.takes(event, encoded.len()) {
+                    run = Some(current);
+                } else {
+                    messages.push(current.finish(names));
+                }
+            }
+            run.get_or_insert_with(|| EventRun::new(event))
+                .push(event, &encoded);
+        }
+        messages.extend(run.map(|run| run.finish(names)));
+        Ok(messages)
     }
 
     pub fn announcement(ready: &ReadyTask, names: &BusNames) -> Result<BusMessage, BusError> {
@@ -125,6 +153,58 @@ impl BusMessage {
             message_id: format!("{}:{}", ready.task, ready.run_lease),
             body: serde_json::to_vec(&body).map_err(BusError::Encode)?.into(),
         })
+    }
+}
+
+/// Consecutive events of one type, as one message's body is built up.
+struct EventRun {
+    event_type: String,
+    first: Uuid,
+    count: usize,
+    body: Vec<u8>,
+    ids: Sha256,
+}
+
+impl EventRun {
+    fn new(first: &StoredEvent) -> EventRun {
+        EventRun {
+            event_type: first.event_type.clone(),
+            first: first.id,
+            count: 0,
+            body: vec![b'['],
+            ids: Sha256::new(),
+        }
+    }
+
+    /// Whether `event`, `encoded_len` bytes of JSON, may join this message.
+    fn takes(&self, event: &StoredEvent, encoded_len: usize) -> bool {
+        event.event_type == self.event_type
+            && self.count < EVENTS_PER_MESSAGE
+            && self.body.len() + encoded_len + 2 <= EVENT_MESSAGE_BYTES
+    }
+
+    fn push(&mut self, event: &StoredEvent, encoded: &[u8]) {
+        if self.count > 0 {
+            self.body.push(b',');
+        }
+        self.body.extend_from_slice(encoded);
+        self.ids.update(event.id.as_bytes());
+        self.count += 1;
+    }
+
+    fn finish(mut self, names: &BusNames) -> BusMessage {
+        self.body.push(b']');
+        let digest = self.ids.finalize();
+        let hash = u64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 has 8 bytes"));
+        BusMessage {
+            subject: format!(
+                "{}.{}",
+                names.events_subjects(),
+                subject_tokens(&self.event_type)
+            ),
+            message_id: format!("{}+{}:{hash:016x}", self.first, self.count),
+            body: self.body.into(),
+        }
     }
 }
 
@@ -231,11 +311,7 @@ impl Bus for InProcessBus {
         events: &'a [StoredEvent],
     ) -> BoxFuture<'a, Result<(), BusError>> {
         Box::pin(async move {
-            let messages = events
-                .iter()
-                .map(|event| BusMessage::event(event, &self.names))
-                .collect::<Result<Vec<_>, _>>()?;
-            self.send(messages);
+            self.send(BusMessage::events(events, &self.names)?);
             Ok(())
         })
     }
@@ -268,35 +344,145 @@ mod tests {
         }
     }
 
-    #[test]
-    fn subjects_and_message_ids() {
-        let event = StoredEvent {
-            id: Uuid::from_u128(1),
-            event_type: "task.completed".to_owned(),
+    fn event(n: u128, event_type: &str) -> StoredEvent {
+        StoredEvent {
+            id: Uuid::from_u128(n),
+            event_type: event_type.to_owned(),
             source_agent: Some("w".to_owned()),
             target_agent: None,
-            payload: serde_json::value::to_raw_value(&serde_json::json!({"id": "x"})).unwrap(),
+            payload: serde_json::value::to_raw_value(&serde_json::json!({"n": n as u64})).unwrap(),
             created_at: None,
-        };
+        }
+    }
+
+    /// (subject, the `n` of each event in the body) of every message.
+    fn grouping(messages: &[BusMessage]) -> Vec<(String, Vec<u64>)> {
+        messages
+            .iter()
+            .map(|m| {
+                let body: Vec<serde_json::Value> = serde_json::from_slice(&m.body).unwrap();
+                let ns = body.iter().map(|e| e["payload"]["n"].as_u64().unwrap());
+                (m.subject.clone(), ns.collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn subjects_and_message_ids() {
         let names = BusNames::default();
-        let m = BusMessage::event(&event, &names).unwrap();
+        let messages = BusMessage::events(&[event(1, "task.completed")], &names).unwrap();
+        assert_eq!(messages.len(), 1);
+        let m = &messages[0];
         assert_eq!(m.subject, "agentops.events.task.completed");
-        assert_eq!(m.message_id, Uuid::from_u128(1).to_string());
+        assert!(
+            m.message_id
+                .starts_with(&format!("{}+1:", Uuid::from_u128(1)))
+        );
         let body: serde_json::Value = serde_json::from_slice(&m.body).unwrap();
-        assert_eq!(body["type"], "task.completed");
-        assert_eq!(body["payload"]["id"], "x");
+        assert_eq!(body[0]["id"], Uuid::from_u128(1).to_string());
+        assert_eq!(body[0]["type"], "task.completed");
+        assert_eq!(body[0]["payload"]["n"], 1);
 
         let m = BusMessage::announcement(&ready("seed", 3), &names).unwrap();
         assert_eq!(m.subject, "agentops.dispatch.seed");
         assert_eq!(m.message_id, format!("{}:3", Uuid::from_u128(7)));
 
         let other = BusNames::new("staging").unwrap();
-        let m = BusMessage::event(&event, &other).unwrap();
+        let m = &BusMessage::events(&[event(1, "task.completed")], &other).unwrap()[0];
         assert_eq!(m.subject, "staging.events.task.completed");
         let m = BusMessage::announcement(&ready("seed", 3), &other).unwrap();
         assert_eq!(m.subject, "staging.dispatch.seed");
         assert_eq!(subject_tokens("odd.na me.*"), "odd.na_me._");
         assert_eq!(subject_token(""), "_");
+    }
+
+    #[test]
+    fn events_go_in_runs_of_one_type_in_order() {
+        let events = [
+            event(1, "task.claimed"),
+            event(2, "task.claimed"),
+            event(3, "task.completed"),
+            event(4, "task.claimed"),
+            event(5, "task.completed"),
+            event(6, "task.completed"),
+        ];
+        let messages = BusMessage::events(&events, &BusNames::default()).unwrap();
+        let claimed = "agentops.events.task.claimed".to_owned();
+        let completed = "agentops.events.task.completed".to_owned();
+        assert_eq!(
+            grouping(&messages),
+            [
+                (claimed.clone(), vec![1, 2]),
+                (completed.clone(), vec![3]),
+                (claimed, vec![4]),
+                (completed, vec![5, 6]),
+            ]
+        );
+        assert!(
+            BusMessage::events(&[], &BusNames::default())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_long_run_is_split_by_count_and_by_size() {
+        let names = BusNames::default();
+        let many: Vec<StoredEvent> = (0..EVENTS_PER_MESSAGE as u128 * 2 + 1)
+            .map(|n| event(n, "task.claimed"))
+            .collect();
+        let sizes: Vec<usize> = grouping(&BusMessage::events(&many, &names).unwrap())
+            .into_iter()
+            .map(|(_, ns)| ns.len())
+            .collect();
+        assert_eq!(sizes, [EVENTS_PER_MESSAGE, EVENTS_PER_MESSAGE, 1]);
+
+        // Three events of 200 KiB: two fit under the limit, the third starts a message; one
+        // event larger than the limit still goes out, alone.
+        let big = |n: u128, len: usize| StoredEvent {
+            payload: serde_json::value::to_raw_value(&"x".repeat(len)).unwrap(),
+            ..event(n, "task.created")
+        };
+        let events = [
+            big(1, 200 << 10),
+            big(2, 200 << 10),
+            big(3, 200 << 10),
+            big(4, EVENT_MESSAGE_BYTES + 1),
+        ];
+        let messages = BusMessage::events(&events, &names).unwrap();
+        let counts: Vec<usize> = messages
+            .iter()
+            .map(|m| {
+                serde_json::from_slice::<Vec<serde_json::Value>>(&m.body)
+                    .unwrap()
+                    .len()
+            })
+            .collect();
+        assert_eq!(counts, [2, 1, 1]);
+        assert!(
+            messages[..2]
+                .iter()
+                .all(|m| m.body.len() <= EVENT_MESSAGE_BYTES)
+        );
+    }
+
+    #[test]
+    fn a_message_id_names_exactly_its_events() {
+        let names = BusNames::default();
+        let ids = |events: &[StoredEvent]| -> Vec<String> {
+            BusMessage::events(events, &names)
+                .unwrap()
+                .into_iter()
+                .map(|m| m.message_id)
+                .collect()
+        };
+        let a = [event(1, "task.claimed"), event(2, "task.claimed")];
+        assert_eq!(ids(&a), ids(&a), "the same events, the same id");
+        // Same first event and count, another second event: a retry after a regrouping must
+        // not be dropped as the earlier message.
+        let b = [event(1, "task.claimed"), event(3, "task.claimed")];
+        assert_ne!(ids(&a), ids(&b));
+        assert_ne!(ids(&a), ids(&a[..1]));
     }
 
     #[tokio::test]

@@ -170,7 +170,9 @@ fn reconnect_delay(attempts: usize) -> Duration {
 fn events_stream(names: &BusNames) -> stream::Config {
     stream::Config {
         name: names.events_stream(),
-        description: Some("agentops events, one per row of the events table".to_owned()),
+        description: Some(
+            "agentops events: every row of the events table, in JSON arrays".to_owned(),
+        ),
         subjects: vec![format!("{}.>", names.events_subjects())],
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
@@ -207,11 +209,8 @@ impl Bus for NatsBus {
         events: &'a [StoredEvent],
     ) -> BoxFuture<'a, Result<(), BusError>> {
         Box::pin(async move {
-            let messages = events
-                .iter()
-                .map(|event| BusMessage::event(event, &self.names))
-                .collect::<Result<Vec<_>, _>>()?;
-            self.publish_all(messages).await
+            self.publish_all(BusMessage::events(events, &self.names)?)
+                .await
         })
     }
 
