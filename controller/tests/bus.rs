@@ -621,7 +621,7 @@ async fn events_of_a_claim_and_a_completion_are_on_nats() {
     // left out: they share a `created_at`, so SQL cannot give their original order back.)
     let published = d.metrics.bus_published_total("events");
     db.execute(
-        "INSERT INTO event_outbox (event_id) SELECT id FROM events \
+        "INSERT INTO event_outbox (event_ids) SELECT ARRAY[id] FROM events \
          WHERE event_type IN ('task.claimed', 'task.completed') ORDER BY created_at",
     )
     .await;
@@ -1592,4 +1592,48 @@ async fn a_failed_batch_of_events_is_retried_as_it_was() {
     let batches = bus.batches.lock().unwrap().clone();
     assert_eq!(batches[..2], [vec![first], vec![first]], "{batches:?}");
     assert_eq!(batches[2..], [vec![second]], "{batches:?}");
+}
+
+/// On Postgres a statement that writes many events queues them as one outbox entry, and the
+/// relay publishes them in the order the statement wrote them. An entry whose events are gone
+/// (or that holds none) is cleared all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_queues_its_events_as_one_entry() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = PgStore::open(&db.url).await;
+    db.execute(
+        "INSERT INTO events (event_type, payload) \
+         SELECT 'test.many', jsonb_build_object('n', n) FROM generate_series(1, 700) AS n",
+    )
+    .await;
+    db.execute("INSERT INTO events (event_type, payload) SELECT 'test.none', '{}' WHERE false")
+        .await;
+    let (entries, queued): (i64, i64) = (
+        db.scalar("SELECT count(*) FROM event_outbox").await,
+        db.scalar("SELECT sum(cardinality(event_ids)) FROM event_outbox")
+            .await,
+    );
+    assert_eq!((entries, queued), (1, 700));
+    db.execute("INSERT INTO event_outbox (event_ids) VALUES ('{}'), (ARRAY[gen_random_uuid()])")
+        .await;
+
+    let bus = Arc::new(InProcessBus::default());
+    let mut messages = bus.subscribe();
+    let backends = Backends {
+        bus: bus.clone(),
+        presence: Arc::new(MemoryPresence::default()),
+    };
+    let dispatcher = Dispatcher::with_backends(store, config(Duration::from_secs(1)), backends);
+    let _background = dispatcher.spawn_background();
+    dispatcher.events_recorded();
+    eventually(Duration::from_secs(10), "the outbox is empty", || async {
+        db.scalar("SELECT count(*) FROM event_outbox").await == 0
+    })
+    .await;
+    let mut published = Vec::new();
+    while let Ok(message) = messages.try_recv() {
+        assert_eq!(message.subject, "agentops.events.test.many");
+        published.extend(events_in(&message.body).map(|e| e["payload"]["n"].as_i64().unwrap()));
+    }
+    assert_eq!(published, (1..=700).collect::<Vec<i64>>());
 }

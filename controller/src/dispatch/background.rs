@@ -28,7 +28,8 @@ use crate::bus::{Bus, DUPLICATE_WINDOW, InProcessBus};
 use crate::presence::{MemoryPresence, Presence};
 use crate::store::queue::{Liveness, Outbox, OutboxBatch, Queue, ReadyTask};
 
-/// Events read and published at a time.
+/// Events read and published at a time, about: a statement's events are published together,
+/// so a claim of 1,600 tasks makes a batch of 1,600.
 const RELAY_BATCH: u32 = 500;
 /// The relay also looks this often unprompted: events written by another process (a
 /// `reconcile --once`, another controller) have nobody to prompt it.
@@ -314,14 +315,12 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
             store_health.failed(&e);
             return Pass::Failed;
         }
-        let read = batch.entries.len();
+        // Full when it reached the limit in entries (one per event on SQLite) or in events (one
+        // entry per statement on Postgres).
+        let full = batch.entries.len().max(batch.events.len()) >= RELAY_BATCH as usize;
         cursor.after = batch.entries.iter().copied().max().unwrap_or(cursor.after);
         cursor.unfinished = None;
-        if read == RELAY_BATCH as usize {
-            Pass::More
-        } else {
-            Pass::Done
-        }
+        if full { Pass::More } else { Pass::Done }
     }
 
     async fn run_announcer(self: Arc<Self>) {

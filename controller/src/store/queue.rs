@@ -299,11 +299,14 @@ pub struct OutboxBatch {
 /// What the event relay and the announcer need from the store.
 ///
 /// Every operation writes its events in its own transaction, and a trigger on `events` queues
-/// each new row in `event_outbox` in that same transaction. The relay publishes what is queued
-/// and then deletes it. So an event reaches the bus only once it is committed, and one that
+/// the new rows in `event_outbox` in that same transaction (on Postgres one entry per
+/// statement, holding all of its events; on SQLite one per event). The relay publishes what is
+/// queued and then deletes it. So an event reaches the bus only once it is committed, and one that
 /// could not be published (the bus was down, the controller stopped) is published later.
 pub trait Outbox: Send + Sync + 'static {
-    /// Up to `limit` outbox entries after entry `after`, oldest first, with their events.
+    /// The outbox entries after entry `after`, oldest first, with their events in the order
+    /// they were written: up to `limit` entries, and once they hold `limit` events no more
+    /// (an entry is never split, so one large entry can exceed `limit` alone).
     ///
     /// Entries are numbered as they are written, but a transaction can commit after one that
     /// wrote later entries; so `after` is a hint for the next pass of a busy relay, which

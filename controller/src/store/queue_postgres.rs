@@ -776,20 +776,28 @@ impl Queue for PgStore {
 // The outbox and agent liveness
 // ---------------------------------------------------------------------------------------------
 
-/// $1 after which entry, $2 how many. An entry whose event is gone comes with an empty
-/// event.
+/// $1 after which entry, $2 how many events: the entries from there on until they hold $2
+/// events (the last one may take the batch past $2: an entry is published whole), each event
+/// in the order its statement wrote it. An entry whose event is gone comes with an empty
+/// event, and so does one without events, so that both are cleared.
 ///
 /// The events are fetched by primary key (`= ANY(ARRAY(...))`): joined plainly, the planner
 /// may hash the whole `events` table on every pass, which cost 20–35 ms a pass with a few
 /// ten thousand events and grows with the table.
 const UNPUBLISHED: &str = "\
-    WITH o AS MATERIALIZED (SELECT seq, event_id FROM event_outbox WHERE seq > $1 \
-        ORDER BY seq LIMIT $2) \
-    SELECT o.seq, e.id, e.event_type, e.source_agent, e.target_agent, \
+    WITH o AS MATERIALIZED (SELECT seq, event_ids FROM ( \
+            SELECT seq, event_ids, sum(cardinality(event_ids)) OVER (ORDER BY seq) \
+                - cardinality(event_ids) AS before \
+            FROM (SELECT seq, event_ids FROM event_outbox WHERE seq > $1 \
+                ORDER BY seq LIMIT $2) first_entries) counted \
+        WHERE before < $2), \
+    ids AS MATERIALIZED (SELECT o.seq, u.id, u.n FROM o \
+        LEFT JOIN LATERAL unnest(o.event_ids) WITH ORDINALITY AS u(id, n) ON true) \
+    SELECT ids.seq, e.id, e.event_type, e.source_agent, e.target_agent, \
         CAST(e.payload AS text) AS payload, e.created_at \
-    FROM o LEFT JOIN events e ON e.id = o.event_id \
-        AND e.id = ANY(ARRAY(SELECT event_id FROM o)) \
-    ORDER BY o.seq";
+    FROM ids LEFT JOIN events e ON e.id = ids.id \
+        AND e.id = ANY(ARRAY(SELECT id FROM ids WHERE id IS NOT NULL)) \
+    ORDER BY ids.seq, ids.n";
 
 /// $1 outbox entries.
 const MARK_PUBLISHED: &str = "DELETE FROM event_outbox WHERE seq = ANY($1)";
@@ -868,7 +876,10 @@ impl Outbox for PgStore {
             .map_err(query_error("reading unpublished events"))?;
         let mut batch = OutboxBatch::default();
         for r in rows {
-            batch.entries.push(r.seq);
+            // An entry holds the events of one statement: one row each, in a run.
+            if batch.entries.last() != Some(&r.seq) {
+                batch.entries.push(r.seq);
+            }
             if let (Some(id), Some(event_type)) = (r.id, r.event_type) {
                 batch.events.push(StoredEvent {
                     id,
