@@ -193,6 +193,7 @@ struct Controller {
     dispatcher: Arc<Dispatcher<PgStore>>,
     api: String,
     server: tokio::task::JoinHandle<()>,
+    _loops: Background,
     _background: Background,
 }
 
@@ -217,7 +218,7 @@ impl Controller {
                 .await
                 .unwrap();
         });
-        dispatcher.start();
+        let loops = dispatcher.start();
         let background = dispatcher.spawn_background();
         // As `up` does after a sync that wrote objects.
         dispatcher.events_recorded();
@@ -226,6 +227,7 @@ impl Controller {
             dispatcher,
             api,
             server,
+            _loops: loops,
             _background: background,
         }
     }
@@ -1323,7 +1325,7 @@ where
     let mut config = config(Duration::from_millis(100));
     config.policy.lease = Duration::from_secs(30);
     let dispatcher = Dispatcher::with_backends(store, config, backends);
-    dispatcher.start();
+    let _loops = dispatcher.start();
     let _background = dispatcher.spawn_background();
     dispatcher.events_recorded();
     dispatcher.wake();

@@ -198,7 +198,7 @@ async fn a_remote_agent_posts_its_usage_to_the_controller<
             .await
             .unwrap();
     });
-    dispatcher.start();
+    let _loops = dispatcher.start();
     dispatcher.wake();
 
     // An agent on the runtime whose handler asks a model, accounting through its context.

@@ -688,6 +688,7 @@ async fn up_commits_the_status_before_it_exits() {
 struct Api {
     url: String,
     http: reqwest::Client,
+    _loops: agentops::dispatch::Background,
 }
 
 impl Api {
@@ -696,7 +697,7 @@ impl Api {
         source: GitSource,
     ) -> Api {
         let dispatcher = Dispatcher::new(store.clone(), DispatchConfig::default());
-        dispatcher.start();
+        let loops = dispatcher.start();
         let results = GitResults {
             store,
             source,
@@ -714,6 +715,7 @@ impl Api {
         Api {
             url,
             http: reqwest::Client::new(),
+            _loops: loops,
         }
     }
 

@@ -246,7 +246,7 @@ where
         crate::api::router(ApiState::new(dispatcher.clone())),
     );
     let server = tokio::spawn(async move { server.await });
-    dispatcher.start();
+    let loops = dispatcher.start();
     let background = dispatcher.spawn_background();
 
     if let Some(url) = &bench.nats {
@@ -337,6 +337,8 @@ where
         let _ = agent.await;
     }
     server.abort();
+    // Before the scratch database is dropped, or they log its absence.
+    drop(loops);
     drop(background);
     if let Some(url) = &bench.nats {
         NatsBus::connect(url, bus_names)

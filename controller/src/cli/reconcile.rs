@@ -265,7 +265,7 @@ pub async fn up(
                 tracing::error!("HTTP server stopped: {e}");
             }
         });
-        dispatcher.start();
+        let _loops = dispatcher.start();
         let _background = dispatcher.spawn_background();
         let agents_stop = tokio_util::sync::CancellationToken::new();
         let mut agents_task = None;

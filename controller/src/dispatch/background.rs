@@ -150,6 +150,12 @@ impl Backplane {
 /// The background loops of one dispatcher; dropping this stops them.
 pub struct Background(Vec<JoinHandle<()>>);
 
+impl Background {
+    pub(super) fn of(loops: Vec<JoinHandle<()>>) -> Background {
+        Background(loops)
+    }
+}
+
 impl Drop for Background {
     fn drop(&mut self) {
         for task in &self.0 {

@@ -212,10 +212,14 @@ impl<Q: Queue> Dispatcher<Q> {
         }
     }
 
-    /// Start the claim loop and the sweeper; they run until the process ends.
-    pub fn start(self: &Arc<Self>) {
-        tokio::spawn(self.clone().run_claims());
-        tokio::spawn(self.clone().run_sweeper());
+    /// Start the claim loop and the sweeper. They run until the returned handle is dropped:
+    /// a benchmark that drops its scratch database stops them first.
+    #[must_use = "dropping the handle stops the claim loop and the sweeper"]
+    pub fn start(self: &Arc<Self>) -> Background {
+        Background::of(vec![
+            tokio::spawn(self.clone().run_claims()),
+            tokio::spawn(self.clone().run_sweeper()),
+        ])
     }
 
     async fn run_claims(self: Arc<Self>) {
