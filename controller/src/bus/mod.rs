@@ -110,15 +110,17 @@ pub struct BusMessage {
 }
 
 impl BusMessage {
-    /// The events as messages, in order: each run of consecutive events of one type becomes
-    /// one message on `<prefix>.events.<type>` whose body is a JSON array of them, at most
-    /// [`EVENTS_PER_MESSAGE`] events and [`EVENT_MESSAGE_BYTES`] long (a run that is longer
-    /// goes in several). Keeping runs rather than gathering each type keeps the order of the
-    /// outbox on `<prefix>.events.>`: a task's `task.claimed` comes before its `task.completed`.
+    /// The events as messages, in order: each run of consecutive events of one type and one
+    /// outbox entry becomes one message on `<prefix>.events.<type>` whose body is a JSON array
+    /// of them, at most [`EVENTS_PER_MESSAGE`] events and [`EVENT_MESSAGE_BYTES`] long (a run
+    /// that is longer goes in several). Keeping runs rather than gathering each type keeps the
+    /// order of the outbox on `<prefix>.events.>`: a task's `task.claimed` comes before its
+    /// `task.completed`.
     ///
     /// The message id is the first event's id, the count and a hash of every id in the
-    /// message: the same events in the same grouping get the same id whenever they are sent,
-    /// and a message with other events never shares it.
+    /// message. An outbox entry (on Postgres, the events of one statement) always makes the
+    /// same messages, whatever else a relay pass read with it, so a re-publish is dropped as
+    /// a duplicate; a message with other events never shares an id.
     pub fn events(events: &[StoredEvent], names: &BusNames) -> Result<Vec<BusMessage>, BusError> {
         let mut messages = Vec::new();
         let mut run: Option<EventRun> = None;
@@ -159,6 +161,7 @@ impl BusMessage {
 /// Consecutive events of one type, as one message's body is built up.
 struct EventRun {
     event_type: String,
+    outbox_entry: i64,
     first: Uuid,
     count: usize,
     body: Vec<u8>,
@@ -169,6 +172,7 @@ impl EventRun {
     fn new(first: &StoredEvent) -> EventRun {
         EventRun {
             event_type: first.event_type.clone(),
+            outbox_entry: first.outbox_entry,
             first: first.id,
             count: 0,
             body: vec![b'['],
@@ -179,6 +183,7 @@ impl EventRun {
     /// Whether `event`, `encoded_len` bytes of JSON, may join this message.
     fn takes(&self, event: &StoredEvent, encoded_len: usize) -> bool {
         event.event_type == self.event_type
+            && event.outbox_entry == self.outbox_entry
             && self.count < EVENTS_PER_MESSAGE
             && self.body.len() + encoded_len + 2 <= EVENT_MESSAGE_BYTES
     }
@@ -352,6 +357,7 @@ mod tests {
             target_agent: None,
             payload: serde_json::value::to_raw_value(&serde_json::json!({"n": n as u64})).unwrap(),
             created_at: None,
+            outbox_entry: 1,
         }
     }
 
@@ -423,6 +429,22 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn events_of_two_outbox_entries_never_share_a_message() {
+        let mut events = vec![event(1, "task.claimed"), event(2, "task.claimed")];
+        events.push(StoredEvent {
+            outbox_entry: 2,
+            ..event(3, "task.claimed")
+        });
+        let messages = BusMessage::events(&events, &BusNames::default()).unwrap();
+        let groups: Vec<Vec<u64>> = grouping(&messages).into_iter().map(|(_, n)| n).collect();
+        assert_eq!(groups, [vec![1, 2], vec![3]]);
+        // The first entry read alone, as a pass that stopped before the second would: the
+        // same message, with the same id.
+        let alone = BusMessage::events(&events[..2], &BusNames::default()).unwrap();
+        assert_eq!(alone[0].message_id, messages[0].message_id);
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //! - the **relay** publishes committed events from the store's outbox (`event_outbox`, which
 //!   a trigger fills as `events` rows are written) and then clears them. A publish that fails
 //!   is counted and tried again with backoff; the entries wait in the table meanwhile, so a
-//!   NATS outage delays events but loses none. A failed batch is tried again as it was, so
-//!   its messages have the same ids, and JetStream drops those that went out the first time.
+//!   NATS outage delays events but loses none. An outbox entry always makes the same messages
+//!   (`BusMessage::events`), so JetStream drops those of a batch that went out before it
+//!   failed.
 //! - the **announcer** publishes up to [`ANNOUNCE_PER_POOL`] ready tasks per pool whenever work
 //!   may be ready, and every [`ANNOUNCE_EVERY`] (a retry's backoff ends without anyone
 //!   noticing). A failed announcement is counted and forgotten: it is only a hint.
@@ -26,7 +27,7 @@ use super::Dispatcher;
 use super::metrics::{ANNOUNCEMENTS, EVENTS};
 use crate::bus::{Bus, DUPLICATE_WINDOW, InProcessBus};
 use crate::presence::{MemoryPresence, Presence};
-use crate::store::queue::{Liveness, Outbox, OutboxBatch, Queue, ReadyTask};
+use crate::store::queue::{Liveness, Outbox, Queue, ReadyTask};
 
 /// Events read and published at a time, about: a statement's events are published together,
 /// so a claim of 1,600 tasks makes a batch of 1,600.
@@ -52,18 +53,6 @@ const ANNOUNCE_GAP: Duration = Duration::from_millis(50);
 /// At most this many progress messages wait for a flush; more are dropped (they are in the
 /// store anyway).
 const MAX_PENDING_PROGRESS: usize = 10_000;
-
-/// Where the relay has got to.
-#[derive(Default)]
-struct RelayCursor {
-    /// The last outbox entry cleared: a pass reads on from there.
-    after: i64,
-    /// A batch whose publish or clearing failed. The next pass sends it again as it was
-    /// rather than reading the outbox anew: the bus makes the same messages of the same
-    /// events, so JetStream drops those that went out before the failure, whereas a batch
-    /// read anew (with more entries, or fewer) could be grouped otherwise and repeat them.
-    unfinished: Option<OutboxBatch>,
-}
 
 /// Where events and announcements go, and where presence is kept.
 #[derive(Clone)]
@@ -218,10 +207,10 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
     pub async fn flush_events(&self, within: Duration) {
         let mut health = Health::new("publishing events");
         let mut store_health = Health::new("reading events to publish");
-        let mut cursor = RelayCursor::default();
+        let mut after = 0;
         let flush = async {
             while let Pass::More = self
-                .relay_pass(&mut cursor, &mut health, &mut store_health)
+                .relay_pass(&mut after, &mut health, &mut store_health)
                 .await
             {}
         };
@@ -238,16 +227,16 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
         // is a run of deleted entries until vacuum clears them, and stepping over them made
         // each pass slower the busier the relay was. Every RELAY_EVERY a pass starts from the
         // beginning again, for entries of transactions that committed out of order.
-        let mut cursor = RelayCursor::default();
+        let mut after = 0;
         let mut from_start = Instant::now();
         loop {
             if from_start.elapsed() >= RELAY_EVERY {
-                cursor.after = 0;
+                after = 0;
                 from_start = Instant::now();
             }
             let pass = tokio::time::timeout(
                 RELAY_PASS_LIMIT,
-                self.relay_pass(&mut cursor, &mut health, &mut store_health),
+                self.relay_pass(&mut after, &mut health, &mut store_health),
             )
             .await
             .unwrap_or_else(|_| {
@@ -271,36 +260,27 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
         }
     }
 
-    /// Publish one batch of unpublished events, the cursor's unfinished one or else the
-    /// outbox entries after `cursor.after`, and move the cursor past it.
+    /// Publish one batch of unpublished events from the outbox entries after `after`, and move
+    /// `after` past them.
     async fn relay_pass(
         &self,
-        cursor: &mut RelayCursor,
+        after: &mut i64,
         health: &mut Health,
         store_health: &mut Health,
     ) -> Pass {
-        let batch = match cursor.unfinished.take() {
-            Some(batch) => batch,
-            None => match self
-                .queue
-                .unpublished_events(cursor.after, RELAY_BATCH)
-                .await
-            {
-                Ok(batch) => {
-                    store_health.ok();
-                    batch
-                }
-                Err(e) => {
-                    store_health.failed(&e);
-                    return Pass::Failed;
-                }
-            },
+        let batch = match self.queue.unpublished_events(*after, RELAY_BATCH).await {
+            Ok(batch) => {
+                store_health.ok();
+                batch
+            }
+            Err(e) => {
+                store_health.failed(&e);
+                return Pass::Failed;
+            }
         };
         if batch.entries.is_empty() {
             return Pass::Done;
         }
-        // Kept until cleared, also if this pass is abandoned at its time limit.
-        let batch = cursor.unfinished.insert(batch);
         if !batch.events.is_empty() {
             if let Err(e) = self
                 .backplane
@@ -324,8 +304,7 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
         // Full when it reached the limit in entries (one per event on SQLite) or in events (one
         // entry per statement on Postgres).
         let full = batch.entries.len().max(batch.events.len()) >= RELAY_BATCH as usize;
-        cursor.after = batch.entries.iter().copied().max().unwrap_or(cursor.after);
-        cursor.unfinished = None;
+        *after = batch.entries.iter().copied().max().unwrap_or(*after);
         if full { Pass::More } else { Pass::Done }
     }
 

@@ -274,6 +274,11 @@ pub struct StoredEvent {
     /// `Value` of every event only to write it out again was most of the relay's CPU.
     pub payload: Box<serde_json::value::RawValue>,
     pub created_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The outbox entry that queued it. The bus never puts events of two entries in one
+    /// message, so an entry read again (after a failed publish, or by the next controller
+    /// after a crash) makes the same messages, with the same ids, and JetStream drops them.
+    #[serde(skip)]
+    pub outbox_entry: i64,
 }
 
 /// A ready task and the pool it is announced to (its assignee: a role or an agent name).

@@ -888,6 +888,7 @@ impl Outbox for PgStore {
                     target_agent: r.target_agent,
                     payload: raw_json(r.payload)?,
                     created_at: r.created_at,
+                    outbox_entry: r.seq,
                 });
             }
         }

@@ -1219,6 +1219,7 @@ impl Outbox for SqliteStore {
                 target_agent: r.target_agent,
                 payload: raw_json(r.payload)?,
                 created_at: r.created_at.as_deref().map(parse_time).transpose()?,
+                outbox_entry: r.seq,
             });
         }
         Ok(batch)
