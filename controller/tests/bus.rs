@@ -1448,12 +1448,7 @@ async fn an_event_committed_out_of_order_is_still_published() {
 
     let bus = Arc::new(InProcessBus::default());
     let mut messages = bus.subscribe();
-    let backends = Backends {
-        bus: bus.clone(),
-        presence: Arc::new(MemoryPresence::default()),
-    };
-    let dispatcher = Dispatcher::with_backends(store, config(Duration::from_secs(1)), backends);
-    let _background = dispatcher.spawn_background();
+    let (dispatcher, _background) = relaying_to(store, bus);
     let mut subjects: Vec<String> = Vec::new();
     // The late event takes the lower outbox number but stays uncommitted…
     let mut late = pool.begin().await.unwrap();
@@ -1491,6 +1486,17 @@ async fn an_event_committed_out_of_order_is_still_published() {
         db.scalar("SELECT count(*) FROM event_outbox").await == 0
     })
     .await;
+}
+
+/// A dispatcher on `store` whose background loops, the relay among them, publish to `bus`.
+fn relaying_to(store: PgStore, bus: Arc<dyn Bus>) -> (Arc<Dispatcher<PgStore>>, Background) {
+    let backends = Backends {
+        bus,
+        presence: Arc::new(MemoryPresence::default()),
+    };
+    let dispatcher = Dispatcher::with_backends(store, config(Duration::from_secs(1)), backends);
+    let background = dispatcher.spawn_background();
+    (dispatcher, background)
 }
 
 /// Waits up to 5 s for a message whose subject ends with `wanted`, noting every subject seen.
@@ -1570,12 +1576,7 @@ async fn a_failed_batch_of_events_is_sent_again_in_the_same_messages() {
         pool: pool.clone(),
         batches: Mutex::default(),
     });
-    let backends = Backends {
-        bus: bus.clone(),
-        presence: Arc::new(MemoryPresence::default()),
-    };
-    let dispatcher = Dispatcher::with_backends(store, config(Duration::from_secs(1)), backends);
-    let _background = dispatcher.spawn_background();
+    let (dispatcher, _background) = relaying_to(store, bus.clone());
     db.execute("INSERT INTO events (event_type, payload) VALUES ('test.first', '{}')")
         .await;
     dispatcher.events_recorded();
@@ -1625,12 +1626,7 @@ async fn a_statement_queues_its_events_as_one_entry() {
 
     let bus = Arc::new(InProcessBus::default());
     let mut messages = bus.subscribe();
-    let backends = Backends {
-        bus: bus.clone(),
-        presence: Arc::new(MemoryPresence::default()),
-    };
-    let dispatcher = Dispatcher::with_backends(store, config(Duration::from_secs(1)), backends);
-    let _background = dispatcher.spawn_background();
+    let (dispatcher, _background) = relaying_to(store, bus);
     dispatcher.events_recorded();
     eventually(Duration::from_secs(10), "the outbox is empty", || async {
         db.scalar("SELECT count(*) FROM event_outbox").await == 0
