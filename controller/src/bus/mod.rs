@@ -5,10 +5,11 @@
 //! - **Events**, every `events` row, on `agentops.events.<type>` (`agentops.events.task.completed`),
 //!   each row as JSON: `{"id", "type", "source_agent", "target_agent", "payload",
 //!   "created_at"}`. The relay in `dispatch` publishes them from the store's outbox once they
-//!   are committed. A message carries a JSON array of consecutive events of one type (up to
-//!   [`EVENTS_PER_MESSAGE`]), not one event: one JetStream message per event was a fifth of
-//!   a dispatch run's CPU (two per task). The message id is derived from the events' ids, so
-//!   a batch published again is dropped as a duplicate ([`BusMessage::events`]).
+//!   are committed. A message carries a JSON array of consecutive events of one type and one
+//!   outbox entry (up to [`EVENTS_PER_MESSAGE`]), not one event: one JetStream message per
+//!   event was a fifth of a dispatch run's CPU (two per task). The message id is derived from
+//!   the events' ids, so events published again are dropped as duplicates
+//!   ([`BusMessage::events`]).
 //! - **Announcements** of ready work on `agentops.dispatch.<pool>` (the pool is the task's
 //!   assignee: a role such as `seed`, or an agent's name), `{"pool", "task", "run_lease"}`
 //!   with message id `<task>:<run_lease>`. They are hints: agents still claim through the
@@ -79,8 +80,8 @@ pub enum BusError {
 /// bus holds all of it, or with the first error; the caller retries or moves on.
 pub trait Bus: Send + Sync + 'static {
     /// Publish the events on `agentops.events.<type>`, grouped as [`BusMessage::events`] does:
-    /// the same slice always makes the same messages, so a caller that retries a failed
-    /// publish with the same slice has the bus drop what already went out.
+    /// the events of one outbox entry always make the same messages, whatever else the slice
+    /// holds, so the bus drops what a failed or interrupted publish had already sent.
     fn publish_events<'a>(
         &'a self,
         events: &'a [StoredEvent],
@@ -158,7 +159,7 @@ impl BusMessage {
     }
 }
 
-/// Consecutive events of one type, as one message's body is built up.
+/// Consecutive events of one type and one outbox entry, as one message's body is built up.
 struct EventRun {
     event_type: String,
     outbox_entry: i64,

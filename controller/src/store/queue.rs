@@ -306,8 +306,8 @@ pub struct OutboxBatch {
 /// Every operation writes its events in its own transaction, and a trigger on `events` queues
 /// the new rows in `event_outbox` in that same transaction (on Postgres one entry per
 /// statement, holding all of its events; on SQLite one per event). The relay publishes what is
-/// queued and then deletes it. So an event reaches the bus only once it is committed, and one that
-/// could not be published (the bus was down, the controller stopped) is published later.
+/// queued and then deletes it. So an event reaches the bus only once it is committed, and one
+/// that could not be published (the bus was down, the controller stopped) is published later.
 pub trait Outbox: Send + Sync + 'static {
     /// The outbox entries after entry `after`, oldest first, with their events in the order
     /// they were written: up to `limit` entries, and once they hold `limit` events no more
