@@ -13,6 +13,7 @@ pub mod plan;
 pub mod prompt;
 pub mod provider;
 pub mod runtime;
+pub mod shutdown;
 
 /// An error and its causes on one line, for logs.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

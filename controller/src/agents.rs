@@ -26,6 +26,7 @@ use agentops_agents::provider::{AnyProvider, PlanRequest, Provider};
 use agentops_agents::runtime::{
     Agent, AgentConfig, AgentType, Assignment, Handler, Outcome, OutputFile, TaskContext,
 };
+use agentops_agents::shutdown::Stop;
 use git2::{ObjectType, Oid, TreeWalkMode, TreeWalkResult};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -757,13 +758,13 @@ pub async fn plan_and_propose(
     Ok((proposal.name().to_owned(), proposed))
 }
 
-/// Runs the embedded agents against the API at `api` until `stop` fires; they hand back
-/// what they hold on the way out.
+/// Runs the embedded agents against the API at `api` until `stop` stops their claiming; what
+/// they run then finishes, or is handed back once `stop` stops the work.
 pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
     shared: Arc<Embedded<S>>,
     api: String,
     seed_capabilities: Vec<String>,
-    stop: CancellationToken,
+    stop: Stop,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let source = shared.source.clone();
@@ -837,12 +838,12 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
             shared.provider.describe()
         );
         let mut running = tokio::task::JoinSet::new();
-        running.spawn(propose_specialists(shared.clone(), stop.clone()));
+        running.spawn(propose_specialists(shared.clone(), stop.claiming().clone()));
         for (worker, config) in agents {
             let stop = stop.clone();
             running.spawn(async move {
                 let name = config.name.clone();
-                if let Err(e) = Agent::new(config, worker).run(stop).await {
+                if let Err(e) = Agent::new(config, worker).run_until(stop).await {
                     tracing::error!(agent = %name, "embedded agent stopped: {}", error_chain(&e));
                 }
             });

@@ -236,6 +236,15 @@ impl LlmArgs {
     }
 }
 
+/// How `up` stops on SIGTERM or SIGINT.
+#[derive(Debug, Clone, Args)]
+pub struct ShutdownArgs {
+    /// How long a graceful stop may take: running tasks may finish for most of it, then they
+    /// are handed back, the status is pushed and the API closed. A second signal stops at once.
+    #[arg(long, env = "AGENTOPS_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
 /// The agents `up` runs in its own process.
 #[derive(Debug, Clone, Args)]
 pub struct EmbeddedArgs {

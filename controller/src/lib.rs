@@ -11,6 +11,7 @@ pub mod forge;
 pub mod llm;
 pub mod presence;
 pub mod reconcile;
+pub mod runtime;
 pub mod source;
 pub mod store;
 pub mod writeback;

@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -15,6 +16,8 @@ async fn main() -> ExitCode {
             EnvFilter::try_from_env("AGENTOPS_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Logs that go to a file or a collector stay free of colour codes.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = agentops::cli::Cli::parse();
     match agentops::cli::run(cli).await {

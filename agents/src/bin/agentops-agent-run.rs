@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use agentops_agents::command::RunCommand;
 use agentops_agents::error_chain;
 use agentops_agents::runtime::{Agent, AgentConfig, AgentType, BusNames};
+use agentops_agents::shutdown::Signals;
 use clap::Parser;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -51,18 +51,19 @@ async fn main() -> ExitCode {
     let args = Args::parse();
 
     // Installed before registering, so a signal that comes early is not the default death.
-    let signals = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => (term, int),
-        (Err(e), _) | (_, Err(e)) => {
+    let signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
             tracing::error!("cannot handle signals: {e}");
             return ExitCode::FAILURE;
         }
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(signals, shutdown.clone()));
+    let stopping = shutdown.clone();
+    signals.spawn_two_step(move |signal| {
+        tracing::info!(signal, "stopping: handing back held tasks");
+        stopping.cancel();
+    });
 
     let config = AgentConfig {
         agent_type: args.agent_type,
@@ -79,18 +80,4 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn stop_on_signal((mut term, mut int): (Signal, Signal), shutdown: CancellationToken) {
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    shutdown.cancel();
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::warn!("second signal: exiting without waiting for held tasks");
-    std::process::exit(1);
 }

@@ -46,12 +46,16 @@ pub use protocol::{
 };
 
 use crate::error_chain;
+use crate::shutdown::Stop;
 use client::{CALL_TIMEOUT, Client};
 use leases::{Leases, Verdict};
 use nudges::Nudges;
 use protocol::{ClaimRequest, ClaimResponse, Completion, HeartbeatRequest, HeartbeatResponse};
 use protocol::{RegisterRequest, Report};
 use reports::{Backoff, Pending};
+
+/// How long a claim in flight when claiming stops may still be answered.
+const CLAIM_ANSWER_AT_STOP: Duration = Duration::from_secs(2);
 
 /// Who the agent is and how much it takes on.
 #[derive(Debug, Clone)]
@@ -249,6 +253,14 @@ impl<H: Handler> Agent<H> {
     /// Fails only when the first registration is refused (a bad name, type or URL); an
     /// unreachable controller is waited for.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        self.run_until(Stop::at_once(shutdown)).await
+    }
+
+    /// Runs until `stop` stops claiming; running tasks then go on until they end or `stop`
+    /// stops the work, which cancels them and hands them back. Returns once every task is
+    /// reported or handed back.
+    pub async fn run_until(self, stop: Stop) -> Result<(), Error> {
+        let shutdown = stop.claiming().clone();
         let concurrency = self.config.concurrency.max(1);
         let client = Client::new(
             &self.config.api,
@@ -304,23 +316,26 @@ impl<H: Handler> Agent<H> {
         });
         // Heartbeats and the batcher outlive the claim loop: reports of finished tasks may
         // still be in flight, and their leases must stay alive meanwhile.
-        let stop = CancellationToken::new();
-        let heartbeat = tokio::spawn(heartbeat(shared.clone(), stop.clone()));
+        let reporting = CancellationToken::new();
+        let heartbeat = tokio::spawn(heartbeat(shared.clone(), reporting.clone()));
         let batcher = tokio::spawn(reports::batch_completions(
             shared.clone(),
             queue,
-            stop.clone(),
+            reporting.clone(),
         ));
 
         let tasks = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(concurrency));
-        self.claim(&shared, &slots, &tasks, &nudges, &shutdown)
-            .await;
+        self.claim(&shared, &slots, &tasks, &nudges, &stop).await;
 
-        tracing::info!("shutting down: handing back held tasks");
+        if stop.work().is_cancelled() {
+            tracing::info!("shutting down: handing back held tasks");
+        } else {
+            tracing::info!("stopped claiming: letting running tasks finish");
+        }
         tasks.close();
         tasks.wait().await;
-        stop.cancel();
+        reporting.cancel();
         let _ = tokio::join!(heartbeat, batcher);
         tracing::info!("stopped");
         Ok(())
@@ -333,8 +348,9 @@ impl<H: Handler> Agent<H> {
         slots: &Arc<Semaphore>,
         tasks: &TaskTracker,
         nudges: &Nudges,
-        shutdown: &CancellationToken,
+        stop: &Stop,
     ) {
+        let shutdown = stop.claiming();
         let wait_ms = self.config.claim_wait.as_millis().min(60_000) as u64;
         let timeout = Duration::from_millis(wait_ms) + CALL_TIMEOUT;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -355,15 +371,22 @@ impl<H: Handler> Agent<H> {
                 wait_ms,
             };
             let sent_at = Instant::now();
-            // Dropping a claim in flight at shutdown may strand a task the controller had
-            // just leased to us; it is re-dispatched when that lease expires.
-            let answer = shutdown
-                .run_until_cancelled(shared.client.post::<_, ClaimResponse>(
-                    "/api/v1/claim",
-                    &claim,
-                    timeout,
-                ))
-                .await;
+            let mut call = std::pin::pin!(shared.client.post::<_, ClaimResponse>(
+                "/api/v1/claim",
+                &claim,
+                timeout,
+            ));
+            let answer = match shutdown.run_until_cancelled(call.as_mut()).await {
+                Some(answer) => Some(answer),
+                // Dropping a claim in flight may strand a task the controller had just leased
+                // to us, until that lease expires. When running tasks may still finish, the
+                // answer is worth a short wait: a controller that stops claiming answers at
+                // once, and what it sent is then run or handed back like any other task.
+                None if !stop.work().is_cancelled() => {
+                    tokio::time::timeout(CLAIM_ANSWER_AT_STOP, call).await.ok()
+                }
+                None => None,
+            };
             let tasks_claimed = match answer {
                 None => return,
                 Some(Ok(answer)) => {
@@ -382,7 +405,7 @@ impl<H: Handler> Agent<H> {
 
             let lease = shared.client.session().lease;
             for task in tasks_claimed {
-                let cancel = shutdown.child_token();
+                let cancel = stop.work().child_token();
                 shared
                     .leases
                     .insert(&task.id, task.run_lease, sent_at + lease, cancel.clone());

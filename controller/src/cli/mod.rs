@@ -14,7 +14,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    DispatchArgs, EmbeddedArgs, GlobalConfig, LlmArgs, SourceConfig, StoreConfig, WritebackArgs,
+    DispatchArgs, EmbeddedArgs, GlobalConfig, LlmArgs, ShutdownArgs, SourceConfig, StoreConfig,
+    WritebackArgs,
 };
 
 #[derive(Debug, Parser)]
@@ -79,6 +80,8 @@ pub enum Command {
         agents: EmbeddedArgs,
         #[command(flatten)]
         llm: LlmArgs,
+        #[command(flatten)]
+        shutdown: ShutdownArgs,
         /// Exit 0 once no task can move without a person: none in progress, none pending with
         /// its dependencies completed (work in review waits for a merge).
         #[arg(long)]
@@ -139,18 +142,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             writeback,
             agents,
             llm,
+            shutdown,
             exit_when_idle,
         } => {
             let embedded = (!agents.no_agents).then_some((agents, llm));
-            reconcile::up(
-                &global,
-                &source,
-                &store,
-                &dispatch,
-                &writeback,
-                embedded.as_ref(),
+            reconcile::up(crate::runtime::ControllerConfig {
+                global,
+                source,
+                store,
+                dispatch,
+                writeback,
+                embedded,
                 exit_when_idle,
-            )
+                shutdown,
+            })
             .await
         }
         Command::Ask {

@@ -9,6 +9,7 @@ mod background;
 pub mod metrics;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +51,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// A waiting claim re-checks the queue at least this often, so a task that became ready
 /// without a wake-up (a retry's backoff ending, another controller's sync) is still found.
 const RECHECK: Duration = Duration::from_millis(500);
+/// Once claiming has stopped, a claim is answered "nothing" after this long: soon enough that
+/// a closing API does not wait for long-polls, late enough that agents do not spin.
+const STOPPED_CLAIM_WAIT: Duration = Duration::from_secs(1);
 
 pub struct Dispatcher<Q> {
     queue: Q,
@@ -63,6 +67,10 @@ pub struct Dispatcher<Q> {
     started: std::time::Instant,
     /// Held while a batch of completions is written.
     completion_writer: tokio::sync::Mutex<()>,
+    /// Held while a round of claims is served, so that stopping can wait for one in flight.
+    claim_round: tokio::sync::Mutex<()>,
+    /// Set on the way out: nothing more is leased.
+    claiming_stopped: AtomicBool,
     /// token hash → agent; tokens are checked on every request.
     sessions: Mutex<HashMap<String, AgentIdentity>>,
     pub metrics: Metrics,
@@ -115,6 +123,8 @@ impl<Q: Queue> Dispatcher<Q> {
             completing: Mutex::new(Vec::new()),
             started: std::time::Instant::now(),
             completion_writer: tokio::sync::Mutex::new(()),
+            claim_round: tokio::sync::Mutex::new(()),
+            claiming_stopped: AtomicBool::new(false),
             sessions: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             backplane: Backplane::new(backends),
@@ -191,6 +201,10 @@ impl<Q: Queue> Dispatcher<Q> {
         wait: Duration,
     ) -> Result<Vec<Assignment>, StoreError> {
         self.backplane.seen(&agent.name);
+        if self.claiming_stopped() {
+            tokio::time::sleep(wait.min(STOPPED_CLAIM_WAIT)).await;
+            return Ok(Vec::new());
+        }
         let (reply, answer) = oneshot::channel();
         self.waiters
             .lock()
@@ -210,6 +224,20 @@ impl<Q: Queue> Dispatcher<Q> {
             // Timed out, or the loop is gone: nothing this time; the agent claims again.
             Ok(Err(_)) | Err(_) => Ok(Vec::new()),
         }
+    }
+
+    /// Lease nothing more, to anyone: the first step of a graceful stop. Returns once a round
+    /// of claims in flight has been answered; every claim still waiting is answered with
+    /// nothing. Heartbeats and reports are still taken, so running work can finish.
+    pub async fn stop_claiming(&self) {
+        self.claiming_stopped.store(true, Ordering::SeqCst);
+        let _round = self.claim_round.lock().await;
+        // Dropping a waiter's reply answers its claim with nothing.
+        self.waiters.lock().expect("waiters lock").clear();
+    }
+
+    pub fn claiming_stopped(&self) -> bool {
+        self.claiming_stopped.load(Ordering::SeqCst)
     }
 
     /// Start the claim loop and the sweeper. They run until the returned handle is dropped:
@@ -242,6 +270,11 @@ impl<Q: Queue> Dispatcher<Q> {
     /// Claimers who arrive meanwhile wait for the next round, which starts as soon as this
     /// one ends, so the busier the queue, the larger the batches.
     async fn serve_waiters(&self) -> Result<(), StoreError> {
+        let _round = self.claim_round.lock().await;
+        if self.claiming_stopped() {
+            self.waiters.lock().expect("waiters lock").clear();
+            return Ok(());
+        }
         let round: Vec<Waiter> = self
             .waiters
             .lock()

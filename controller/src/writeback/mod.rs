@@ -269,6 +269,7 @@ pub struct ReviewReport {
 }
 
 /// Tasks in review, followed through the forge.
+#[derive(Clone)]
 pub struct Reviews<S> {
     pub store: S,
     pub forge: Arc<dyn Forge>,

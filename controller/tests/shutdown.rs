@@ -1,0 +1,261 @@
+//! `agentops up` stopped by a signal, the way Kubernetes and systemd stop it: the real binary
+//! with its embedded agents, on Postgres and a bare Git remote reached by `file://`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Backend, Proc, TestDb, eventually, free_port};
+
+const BIN: &str = env!("CARGO_BIN_EXE_agentops");
+const API: &str = "apiVersion: agentops.dev/v1alpha1";
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "person")
+        .env("GIT_AUTHOR_EMAIL", "person@example.com")
+        .env("GIT_COMMITTER_NAME", "person")
+        .env("GIT_COMMITTER_EMAIL", "person@example.com")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A task the embedded Seed runs for two minutes: longer than any grace period here.
+fn sleeping_task(name: &str) -> String {
+    format!(
+        "{API}\nkind: Task\nmetadata:\n  name: {name}\nspec:\n  title: Sleep {name}\n  retries: 2\n  \
+         output: {{mode: none}}\n  action:\n    run:\n      command: [sleep, \"120\"]\n"
+    )
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    remote: PathBuf,
+    db: TestDb,
+    log: PathBuf,
+}
+
+impl Setup {
+    /// Project `p` with two sleeping tasks, pushed to a bare remote.
+    async fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(work.join("projects/p/tasks")).unwrap();
+        std::fs::write(
+            work.join("projects/p/project.yaml"),
+            format!("{API}\nkind: Project\nmetadata:\n  name: p\nspec:\n  title: Stopping\n"),
+        )
+        .unwrap();
+        for name in ["one", "two"] {
+            std::fs::write(
+                work.join(format!("projects/p/tasks/{name}.yaml")),
+                sleeping_task(name),
+            )
+            .unwrap();
+        }
+        git(&work, &["init", "-q", "-b", "main"]);
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-qm", "specs"]);
+        let remote = dir.path().join("remote.git");
+        git(
+            dir.path(),
+            &["clone", "-q", "--bare", "work", remote.to_str().unwrap()],
+        );
+        let db = TestDb::new(Backend::Postgres).await;
+        let migrated = Command::new(BIN)
+            .args(["migrate", "--database", &db.url])
+            .output()
+            .unwrap();
+        assert!(migrated.status.success(), "{migrated:?}");
+        Setup {
+            log: dir.path().join("controller.log"),
+            db,
+            remote,
+            dir,
+        }
+    }
+
+    /// `up` with the embedded agents. The status interval is an hour, so the only status
+    /// commit is the one pushed on the way out.
+    fn start(&self, grace: &str) -> Proc {
+        let mut command = Command::new(BIN);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("AGENTOPS_") {
+                command.env_remove(key);
+            }
+        }
+        command
+            .arg("up")
+            .arg("--repo")
+            .arg(format!("file://{}", self.remote.display()))
+            .args(["--database", &self.db.url])
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--status-interval", "1h", "--heartbeat", "1s"])
+            .args(["--shutdown-grace", grace])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .env_remove("OPENROUTER_API_KEY")
+            .env("AGENTOPS_LOG", "info");
+        Proc::spawn("controller", command, &self.log)
+    }
+
+    async fn both_running(&self, controller: &mut Proc) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(
+                controller.is_running(),
+                "the controller exited:\n{}",
+                controller.log_tail(40)
+            );
+            let running = self
+                .db
+                .scalar("SELECT count(*) FROM tasks WHERE status = 'in_progress'")
+                .await;
+            if running == 2 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the tasks did not both run:\n{}",
+                controller.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The status file of project `p` at the remote's head, if there is one.
+    fn remote_status(&self) -> Option<serde_json::Value> {
+        let out = Command::new("git")
+            .args(["show", "main:.agentops/status/p.yaml"])
+            .current_dir(&self.remote)
+            .output()
+            .unwrap();
+        out.status.success().then(|| {
+            serde_saphyr::from_str(&String::from_utf8_lossy(&out.stdout))
+                .expect("the status file is YAML")
+        })
+    }
+}
+
+fn sigterm(proc: &Proc) {
+    // SAFETY: signals the process we spawned, not its group: as a container runtime does.
+    assert_eq!(
+        unsafe { libc::kill(proc.pid() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+}
+
+async fn wait_exit(proc: &mut Proc, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = proc.exit_status() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running {within:?} after the signal:\n{}",
+            proc.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_hands_back_every_lease_pushes_the_status_and_exits_0_within_the_grace() {
+    let setup = Setup::new().await;
+    let mut controller = setup.start("6s");
+    setup.both_running(&mut controller).await;
+    assert!(
+        setup.remote_status().is_none(),
+        "no status was pushed before the stop"
+    );
+
+    let signalled = Instant::now();
+    sigterm(&controller);
+    let status = wait_exit(&mut controller, Duration::from_secs(15)).await;
+    let took = signalled.elapsed();
+    let log = controller.log_tail(60);
+    assert_eq!(status.code(), Some(0), "exit status {status:?}:\n{log}");
+    assert!(took < Duration::from_secs(6), "took {took:?}:\n{log}");
+    for phase in [
+        "stop claiming",
+        "hand back",
+        "flush status",
+        "drain relay",
+        "close API",
+    ] {
+        assert!(
+            log.contains(&format!("phase=\"{phase}\"")),
+            "no phase {phase}:\n{log}"
+        );
+    }
+
+    let held: Vec<(String, String, Option<String>)> = setup
+        .db
+        .rows("SELECT name, status, lease_owner FROM tasks ORDER BY name")
+        .await;
+    assert_eq!(
+        held,
+        vec![
+            ("one".to_owned(), "pending".to_owned(), None),
+            ("two".to_owned(), "pending".to_owned(), None),
+        ],
+        "every lease is handed back:\n{log}"
+    );
+    let released = setup
+        .db
+        .scalar("SELECT count(*) FROM events WHERE event_type = 'task.released'")
+        .await;
+    assert_eq!(released, 2, "one task.released each:\n{log}");
+
+    let pushed = setup
+        .remote_status()
+        .unwrap_or_else(|| panic!("the status was pushed on the way out:\n{log}"));
+    for task in ["one", "two"] {
+        assert_eq!(
+            pushed["tasks"][task]["phase"], "pending",
+            "{task} in the pushed status: {pushed}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_second_sigterm_stops_at_once() {
+    let setup = Setup::new().await;
+    let mut controller = setup.start("60s");
+    setup.both_running(&mut controller).await;
+
+    sigterm(&controller);
+    let log = controller.log.clone();
+    eventually("the stop began", Duration::from_secs(10), || {
+        let log = log.clone();
+        async move {
+            common::log_tail(&log, 40)
+                .contains("hand back")
+                .then_some(())
+        }
+    })
+    .await;
+    let signalled = Instant::now();
+    sigterm(&controller);
+    let status = wait_exit(&mut controller, Duration::from_secs(5)).await;
+    let took = signalled.elapsed();
+    let log = controller.log_tail(40);
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGTERM),
+        "exit status {status:?}:\n{log}"
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?}:\n{log}");
+    assert!(log.contains("second signal"), "{log}");
+}
