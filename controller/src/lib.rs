@@ -14,6 +14,7 @@ pub mod reconcile;
 pub mod runtime;
 pub mod source;
 pub mod store;
+pub mod telemetry;
 pub mod writeback;
 
 /// An error and its causes on one line, for logs.

@@ -49,6 +49,7 @@ impl<Q: Queue> ApiState<Q> {
     ) -> Arc<ApiState<Q>> {
         let mut registry = Registry::default();
         dispatcher.metrics.register(&mut registry);
+        crate::telemetry::telemetry().register(&mut registry);
         Arc::new(ApiState {
             dispatcher,
             registry,

@@ -5,6 +5,7 @@
 //! is waited out and retried, a server error is retried with backoff, and 401, 403 and 422
 //! become errors that say what to fix.
 
+use crate::telemetry::{ForgeResponded, InternalEvent};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
@@ -124,6 +125,11 @@ impl GitHub {
                 source,
             })?;
             let status = response.status();
+            ForgeResponded {
+                what,
+                status: status.as_u16(),
+            }
+            .emit();
             let headers = response.headers().clone();
             let text = self
                 .client

@@ -34,6 +34,9 @@ use crate::store::tools::ToolRegistry;
 use crate::store::usage::UsageLog;
 use crate::store::writeback::Writeback;
 use crate::store::{AnyStore, Store, StoreError};
+use crate::telemetry::{
+    InternalEvent, ReviewCheckFailed, ReviewsChecked, StatusNotCommitted, SyncCompleted, SyncFailed,
+};
 use crate::writeback::{GitResults, Retry, ReviewReport, Reviews, StatusWriter};
 
 pub use stop::{Deadline, Phase};
@@ -438,8 +441,15 @@ impl Parts {
                     continue;
                 }
             };
+            let began = std::time::Instant::now();
             match syncer.sync().await {
                 Ok(report) => {
+                    SyncCompleted {
+                        source: &config.source.source_name,
+                        report: &report,
+                        took: began.elapsed(),
+                    }
+                    .emit();
                     running.api.ready.store(true, Relaxed);
                     // After the first sync: the mirror then holds the agent specs.
                     if let Some((shared, capabilities)) = agents_pending.take() {
@@ -455,7 +465,11 @@ impl Parts {
                         print_report(&report);
                     }
                 }
-                Err(e) => tracing::error!("sync failed: {}", crate::error_chain(&e)),
+                Err(error) => SyncFailed {
+                    source: &config.source.source_name,
+                    error: &error,
+                }
+                .emit(),
             }
             if reason == Reason::Nudge {
                 // A webhook delivery may be about a pull request: look at the reviews too.
@@ -558,24 +572,21 @@ async fn writeback_loop<S>(
         };
         match reviews.check().await {
             Ok(report) => {
-                print_reviews(&report);
+                ReviewsChecked { report: &report }.emit();
                 on_merge(&report);
             }
-            Err(e) => tracing::warn!("review check failed: {}", crate::error_chain(&e)),
+            Err(error) => ReviewCheckFailed { error: &error }.emit(),
         }
         if flush && let Some(status) = status.as_mut() {
-            match status.flush().await {
-                Ok(Some(commit)) => tracing::info!(%commit, "status committed"),
-                Ok(None) => {}
-                Err(e) => tracing::warn!("status not committed: {}", crate::error_chain(&e)),
+            // A pushed commit is its own event, emitted where it is pushed.
+            if let Err(error) = status.flush().await {
+                StatusNotCommitted { error: &error }.emit();
             }
         }
     }
-    if let Some(status) = status.as_mut() {
-        match status.flush().await {
-            Ok(Some(commit)) => tracing::info!(%commit, "final status committed"),
-            Ok(None) => {}
-            Err(e) => tracing::warn!("final status not committed: {}", crate::error_chain(&e)),
-        }
+    if let Some(status) = status.as_mut()
+        && let Err(error) = status.flush().await
+    {
+        StatusNotCommitted { error: &error }.emit();
     }
 }

@@ -9,6 +9,7 @@
 //!
 //! Everything here blocks: callers run it on `spawn_blocking`.
 
+use crate::telemetry::{CommitKind, CommitPushed, InternalEvent, PushRefused};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -78,6 +79,27 @@ pub enum PushFailure {
     Failed(git2::Error),
     /// The local repository has edits in the files the push would refresh.
     LocalEdits(String),
+}
+
+impl PushFailure {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            PushFailure::Rejected(_) => "rejected",
+            PushFailure::Failed(_) => "failed",
+            PushFailure::LocalEdits(_) => "local_edits",
+        }
+    }
+
+    fn refused(&self, kind: CommitKind, branch: &str, attempt: u32) {
+        PushRefused {
+            kind,
+            branch,
+            attempt,
+            reason: self.metric_label(),
+            message: &self.to_string(),
+        }
+        .emit();
+    }
 }
 
 impl std::fmt::Display for PushFailure {
@@ -551,10 +573,16 @@ impl StatusGit {
                 Ok(()) => {
                     self.pending = false;
                     flushed.commit = Some(commit);
+                    CommitPushed {
+                        kind: CommitKind::Status,
+                        branch: &self.source.branch,
+                        commit,
+                    }
+                    .emit();
                     return Ok(flushed);
                 }
                 Err(failure) => {
-                    tracing::warn!(attempt, "status push: {failure}");
+                    failure.refused(CommitKind::Status, &self.source.branch, attempt);
                     flushed.refusals.push(failure.to_string());
                 }
             }
@@ -786,6 +814,12 @@ pub fn commit_result(
                     repo.reference(&tracking, commit, true, "agentops: result pushed")
                         .map_err(git("recording the pushed branch"))?;
                 }
+                CommitPushed {
+                    kind: CommitKind::Result,
+                    branch: &branch,
+                    commit,
+                }
+                .emit();
                 return Ok(CommittedResult {
                     branch,
                     commit,
@@ -793,7 +827,7 @@ pub fn commit_result(
                 });
             }
             Err(failure) => {
-                tracing::warn!(attempt, branch, "result push: {failure}");
+                failure.refused(CommitKind::Result, &branch, attempt);
                 last = failure.to_string();
             }
         }
@@ -940,6 +974,12 @@ pub fn commit_proposal(
                     repo.reference(&tracking, commit, true, "agentops: proposal pushed")
                         .map_err(git("recording the pushed branch"))?;
                 }
+                CommitPushed {
+                    kind: CommitKind::Proposal,
+                    branch,
+                    commit,
+                }
+                .emit();
                 return Ok(CommittedResult {
                     branch: branch.to_owned(),
                     commit,
@@ -947,7 +987,7 @@ pub fn commit_proposal(
                 });
             }
             Err(failure) => {
-                tracing::warn!(attempt, branch, "proposal push: {failure}");
+                failure.refused(CommitKind::Proposal, branch, attempt);
                 last = failure.to_string();
             }
         }

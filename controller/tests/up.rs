@@ -1,5 +1,6 @@
-//! `agentops up` stopped by a signal, the way Kubernetes and systemd stop it: the real binary
-//! with its embedded agents, on Postgres and a bare Git remote reached by `file://`.
+//! The `agentops up` process, the real binary on Postgres and a bare Git remote reached by
+//! `file://`: stopped by a signal the way Kubernetes and systemd stop it, and what its
+//! `/metrics` says about syncs and status pushes.
 
 mod common;
 
@@ -40,6 +41,8 @@ fn sleeping_task(name: &str) -> String {
 
 struct Setup {
     dir: tempfile::TempDir,
+    /// Where the API listens.
+    addr: String,
     remote: PathBuf,
     db: TestDb,
     log: PathBuf,
@@ -48,6 +51,11 @@ struct Setup {
 impl Setup {
     /// Project `p` with two sleeping tasks, pushed to a bare remote.
     async fn new() -> Setup {
+        Setup::with_files(&[]).await
+    }
+
+    /// The same, with more files (path, text) in the first commit.
+    async fn with_files(extra: &[(&str, &str)]) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let work = dir.path().join("work");
         std::fs::create_dir_all(work.join("projects/p/tasks")).unwrap();
@@ -62,6 +70,9 @@ impl Setup {
                 sleeping_task(name),
             )
             .unwrap();
+        }
+        for (path, text) in extra {
+            std::fs::write(work.join(path), text).unwrap();
         }
         git(&work, &["init", "-q", "-b", "main"]);
         git(&work, &["add", "-A"]);
@@ -78,6 +89,7 @@ impl Setup {
             .unwrap();
         assert!(migrated.status.success(), "{migrated:?}");
         Setup {
+            addr: format!("127.0.0.1:{}", free_port()),
             log: dir.path().join("controller.log"),
             db,
             remote,
@@ -88,6 +100,10 @@ impl Setup {
     /// `up` with the embedded agents. The status interval is an hour, so the only status
     /// commit is the one pushed on the way out.
     fn start(&self, grace: &str) -> Proc {
+        self.start_with(&["--shutdown-grace", grace, "--status-interval", "1h"])
+    }
+
+    fn start_with(&self, args: &[&str]) -> Proc {
         let mut command = Command::new(BIN);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("AGENTOPS_") {
@@ -99,9 +115,9 @@ impl Setup {
             .arg("--repo")
             .arg(format!("file://{}", self.remote.display()))
             .args(["--database", &self.db.url])
-            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--status-interval", "1h", "--heartbeat", "1s"])
-            .args(["--shutdown-grace", grace])
+            .args(["--listen", &self.addr])
+            .args(["--heartbeat", "1s"])
+            .args(args)
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .env_remove("OPENROUTER_API_KEY")
@@ -258,4 +274,121 @@ async fn a_second_sigterm_stops_at_once() {
     );
     assert!(took < Duration::from_secs(2), "took {took:?}:\n{log}");
     assert!(log.contains("second signal"), "{log}");
+}
+
+/// The value of the series `name` (with its labels, as `/metrics` prints them).
+fn series(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+#[tokio::test]
+async fn metrics_count_syncs_invalid_files_and_status_commits() {
+    // A valid task but for one unknown field.
+    let bad = sleeping_task("bad").replace("  retries: 2\n", "  retries: 2\n  colour: red\n");
+    let setup = Setup::with_files(&[("projects/p/tasks/bad.yaml", &bad)]).await;
+    let mut controller = setup.start_with(&[
+        "--no-agents",
+        "--status-interval",
+        "200ms",
+        "--poll-interval",
+        "200ms",
+    ]);
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/metrics", setup.addr);
+    let scrape = || {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let answer = http.get(&url).send().await.ok()?;
+            answer.text().await.ok()
+        }
+    };
+    let first = eventually("the status is pushed", Duration::from_secs(60), || {
+        let scrape = scrape();
+        async move {
+            let metrics = scrape.await?;
+            (series(
+                &metrics,
+                "agentops_writeback_commits_total{kind=\"status\"}",
+            )? >= 1.0)
+                .then_some(metrics)
+        }
+    })
+    .await;
+    assert!(controller.is_running(), "{}", controller.log_tail(40));
+    assert_eq!(series(&first, "agentops_syncs_total"), Some(1.0), "{first}");
+    assert_eq!(
+        series(&first, "agentops_sync_duration_seconds_count"),
+        Some(1.0),
+        "{first}"
+    );
+    // project.yaml, one.yaml, two.yaml and bad.yaml.
+    assert_eq!(
+        series(&first, "agentops_sync_files_parsed_total"),
+        Some(4.0),
+        "{first}"
+    );
+    assert_eq!(
+        series(&first, "agentops_sync_invalid"),
+        Some(1.0),
+        "{first}"
+    );
+    assert_eq!(
+        series(&first, "agentops_writeback_commits_total{kind=\"status\"}"),
+        Some(1.0),
+        "one status commit: nothing changed after it\n{first}"
+    );
+    assert!(
+        setup.remote_status().is_some(),
+        "the status commit is on the remote"
+    );
+    assert_eq!(
+        series(&first, "agentops_sync_errors_total{reason=\"fetch\"}"),
+        None
+    );
+
+    // A person fixes the broken file: one more sync, one file read, no problem left, and the
+    // status changes again.
+    let work = setup.dir.path().join("fix");
+    git(
+        setup.dir.path(),
+        &["clone", "-q", setup.remote.to_str().unwrap(), "fix"],
+    );
+    std::fs::write(work.join("projects/p/tasks/bad.yaml"), sleeping_task("bad")).unwrap();
+    git(&work, &["commit", "-qam", "fix bad"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let second = loop {
+        let metrics = scrape().await.unwrap_or_default();
+        if series(
+            &metrics,
+            "agentops_writeback_commits_total{kind=\"status\"}",
+        ) >= Some(2.0)
+        {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the fix was not synced and its status pushed:\n{metrics}\n{}",
+            controller.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        series(&second, "agentops_syncs_total").unwrap() >= 2.0,
+        "{second}"
+    );
+    assert_eq!(
+        series(&second, "agentops_sync_files_parsed_total"),
+        Some(5.0),
+        "{second}"
+    );
+    assert_eq!(
+        series(&second, "agentops_sync_invalid"),
+        Some(0.0),
+        "{second}"
+    );
+    controller.kill();
 }

@@ -1,0 +1,438 @@
+//! Internal events of sync, write-back, reviews and the forge.
+//!
+//! Each event is a typed value whose [`InternalEvent::emit`] logs it with fields and counts it
+//! on `/metrics`; failures are counted by the `metric_label()` of their error, so a dashboard
+//! can tell a refused push from an unreachable database without parsing log lines.
+//!
+//! The counters are process-wide ([`telemetry`]): the parts that emit them (the syncer, the
+//! status writer, the forge client) are built by several commands, and threading a registry
+//! through each would buy nothing a process does not already have one of.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::forge::ForgeError;
+use crate::reconcile::sync::{SyncError, SyncReport};
+use crate::source::SourceError;
+use crate::store::StoreError;
+use crate::writeback::{ReviewReport, WritebackError};
+
+/// Something that happened inside the controller, logged and counted in one place.
+pub trait InternalEvent {
+    fn emit(self);
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabel {
+    what: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: String,
+}
+
+/// The counters behind `/metrics` for everything but dispatch (which has its own).
+pub struct Telemetry {
+    sync_duration: Histogram,
+    syncs: Counter,
+    sync_errors: Family<ReasonLabel, Counter>,
+    sync_files_parsed: Counter,
+    sync_object_writes: Counter,
+    sync_invalid: Gauge,
+    writeback_commits: Family<KindLabel, Counter>,
+    writeback_errors: Family<ReasonLabel, Counter>,
+    push_refusals: Family<RefusalLabel, Counter>,
+    reviews: Family<OutcomeLabel, Counter>,
+    review_errors: Counter,
+    forge_requests: Family<StatusLabel, Counter>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            // 1 ms to about 65 s.
+            sync_duration: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            syncs: Counter::default(),
+            sync_errors: Family::default(),
+            sync_files_parsed: Counter::default(),
+            sync_object_writes: Counter::default(),
+            sync_invalid: Gauge::default(),
+            writeback_commits: Family::default(),
+            writeback_errors: Family::default(),
+            push_refusals: Family::default(),
+            reviews: Family::default(),
+            review_errors: Counter::default(),
+            forge_requests: Family::default(),
+        }
+    }
+}
+
+static TELEMETRY: LazyLock<Telemetry> = LazyLock::new(Telemetry::default);
+
+/// The process's counters.
+pub fn telemetry() -> &'static Telemetry {
+    &TELEMETRY
+}
+
+impl Telemetry {
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry;
+        r.register(
+            "agentops_sync_duration_seconds",
+            "How long a sync took, from fetching to the store's commit",
+            self.sync_duration.clone(),
+        );
+        r.register(
+            "agentops_syncs",
+            "Syncs that reached the store",
+            self.syncs.clone(),
+        );
+        r.register(
+            "agentops_sync_errors",
+            "Syncs that failed, by reason",
+            self.sync_errors.clone(),
+        );
+        r.register(
+            "agentops_sync_files_parsed",
+            "Spec files read and parsed by syncs",
+            self.sync_files_parsed.clone(),
+        );
+        r.register(
+            "agentops_sync_object_writes",
+            "Rows created, updated, pruned or flagged by syncs",
+            self.sync_object_writes.clone(),
+        );
+        r.register(
+            "agentops_sync_invalid",
+            "Problems (path:line:column) in the source at the last synced revision",
+            self.sync_invalid.clone(),
+        );
+        r.register(
+            "agentops_writeback_commits",
+            "Commits the controller pushed, by kind (status, result, proposal)",
+            self.writeback_commits.clone(),
+        );
+        r.register(
+            "agentops_writeback_errors",
+            "Status flushes that failed, by reason",
+            self.writeback_errors.clone(),
+        );
+        r.register(
+            "agentops_push_refusals",
+            "Pushes that did not land (retried), by what was pushed and why",
+            self.push_refusals.clone(),
+        );
+        r.register(
+            "agentops_reviews",
+            "Outputs in review that moved, by outcome",
+            self.reviews.clone(),
+        );
+        r.register(
+            "agentops_review_check_errors",
+            "Review checks that failed",
+            self.review_errors.clone(),
+        );
+        r.register(
+            "agentops_forge_requests",
+            "Requests to the forge's API, by HTTP status",
+            self.forge_requests.clone(),
+        );
+    }
+}
+
+impl SourceError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SourceError::Git { .. } => "git",
+            SourceError::Fetch { .. } => "fetch",
+            SourceError::NoBranch { .. } => "no_branch",
+            SourceError::NoPath { .. } => "no_path",
+            SourceError::Io { .. } => "io",
+            SourceError::NotADirectory(_) => "not_a_directory",
+            SourceError::Watch { .. } => "watch",
+            SourceError::Worker(_) => "worker",
+        }
+    }
+}
+
+impl StoreError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            StoreError::Connect { .. } => "store_connect",
+            StoreError::Migrate(_) => "store_migrate",
+            StoreError::Query { .. } => "store_query",
+            StoreError::Corrupt(_) => "store_corrupt",
+            StoreError::UnsupportedUrl(_) => "store_url",
+            StoreError::Batch(_) => "store_batch",
+            StoreError::Objects(_) => "store_objects",
+        }
+    }
+}
+
+impl SyncError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            SyncError::Source(e) => e.metric_label(),
+            SyncError::Store(e) => e.metric_label(),
+        }
+    }
+}
+
+impl ForgeError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ForgeError::Unauthorized { .. } => "unauthorized",
+            ForgeError::Forbidden { .. } => "forbidden",
+            ForgeError::RateLimited { .. } => "rate_limited",
+            ForgeError::Unprocessable { .. } => "unprocessable",
+            ForgeError::Status { .. } => "status",
+            ForgeError::Transport { .. } => "transport",
+            ForgeError::Decode { .. } => "decode",
+            ForgeError::NoRepository(_) => "no_repository",
+            ForgeError::BadUrl(_) => "bad_url",
+            ForgeError::Branch(_) => "branch",
+        }
+    }
+}
+
+impl WritebackError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            WritebackError::Git { .. } => "git",
+            WritebackError::Source(e) => e.metric_label(),
+            WritebackError::Store(e) => e.metric_label(),
+            WritebackError::Path(_) => "path",
+            WritebackError::Push { .. } => "push",
+            WritebackError::Forge(e) => e.metric_label(),
+            WritebackError::Worker(_) => "worker",
+        }
+    }
+}
+
+/// A sync reached the store.
+pub struct SyncCompleted<'a> {
+    pub source: &'a str,
+    pub report: &'a SyncReport,
+    pub took: Duration,
+}
+
+impl InternalEvent for SyncCompleted<'_> {
+    fn emit(self) {
+        let t = telemetry();
+        t.syncs.inc();
+        t.sync_duration.observe(self.took.as_secs_f64());
+        t.sync_files_parsed.inc_by(self.report.files_parsed as u64);
+        t.sync_object_writes
+            .inc_by(self.report.object_writes as u64);
+        t.sync_invalid.set(self.report.diagnostics.len() as i64);
+        tracing::debug!(
+            source = self.source,
+            revision = %self.report.revision,
+            files_parsed = self.report.files_parsed,
+            object_writes = self.report.object_writes,
+            events = self.report.events,
+            invalid = self.report.diagnostics.len(),
+            took_ms = self.took.as_millis() as u64,
+            "synced"
+        );
+    }
+}
+
+/// A sync failed; the store is as it was.
+pub struct SyncFailed<'a> {
+    pub source: &'a str,
+    pub error: &'a SyncError,
+}
+
+impl InternalEvent for SyncFailed<'_> {
+    fn emit(self) {
+        let reason = self.error.metric_label();
+        telemetry()
+            .sync_errors
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        tracing::error!(
+            source = self.source,
+            reason,
+            error = %crate::error_chain(self.error),
+            "sync failed"
+        );
+    }
+}
+
+/// What the controller commits and pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitKind {
+    Status,
+    Result,
+    Proposal,
+}
+
+impl CommitKind {
+    fn label(self) -> &'static str {
+        match self {
+            CommitKind::Status => "status",
+            CommitKind::Result => "result",
+            CommitKind::Proposal => "proposal",
+        }
+    }
+}
+
+/// A commit of the controller's landed on the remote.
+pub struct CommitPushed<'a> {
+    pub kind: CommitKind,
+    pub branch: &'a str,
+    pub commit: git2::Oid,
+}
+
+impl InternalEvent for CommitPushed<'_> {
+    fn emit(self) {
+        let kind = self.kind.label();
+        telemetry()
+            .writeback_commits
+            .get_or_create(&KindLabel { kind })
+            .inc();
+        tracing::info!(kind, branch = self.branch, commit = %self.commit, "pushed");
+    }
+}
+
+/// One push did not land; it is retried on a fresh head.
+pub struct PushRefused<'a> {
+    pub kind: CommitKind,
+    pub branch: &'a str,
+    pub attempt: u32,
+    /// `rejected` (the remote refused the ref), `failed` (it did not get through) or
+    /// `local_edits` (a checked-out repository has edits in the files it would refresh).
+    pub reason: &'static str,
+    pub message: &'a str,
+}
+
+impl InternalEvent for PushRefused<'_> {
+    fn emit(self) {
+        let what = self.kind.label();
+        telemetry()
+            .push_refusals
+            .get_or_create(&RefusalLabel {
+                what,
+                reason: self.reason,
+            })
+            .inc();
+        tracing::warn!(
+            what,
+            branch = self.branch,
+            attempt = self.attempt,
+            reason = self.reason,
+            "push did not land: {}",
+            self.message
+        );
+    }
+}
+
+/// A status flush failed; the next one tries again.
+pub struct StatusNotCommitted<'a> {
+    pub error: &'a WritebackError,
+}
+
+impl InternalEvent for StatusNotCommitted<'_> {
+    fn emit(self) {
+        let reason = self.error.metric_label();
+        telemetry()
+            .writeback_errors
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        tracing::warn!(reason, error = %crate::error_chain(self.error), "status not committed");
+    }
+}
+
+/// A pass over the outputs in review.
+pub struct ReviewsChecked<'a> {
+    pub report: &'a ReviewReport,
+}
+
+impl InternalEvent for ReviewsChecked<'_> {
+    fn emit(self) {
+        let r = self.report;
+        let t = telemetry();
+        for (outcome, n) in [
+            ("proposed", r.proposed),
+            ("merged", r.merged),
+            ("retried", r.retried),
+            ("failed", r.failed),
+            ("error", r.errors),
+        ] {
+            if n > 0 {
+                t.reviews
+                    .get_or_create(&OutcomeLabel { outcome })
+                    .inc_by(n as u64);
+            }
+        }
+        if *r != ReviewReport::default() {
+            tracing::info!(
+                proposed = r.proposed,
+                merged = r.merged,
+                retried = r.retried,
+                failed = r.failed,
+                errors = r.errors,
+                "reviews"
+            );
+        }
+    }
+}
+
+/// A pass over the outputs in review could not run.
+pub struct ReviewCheckFailed<'a> {
+    pub error: &'a WritebackError,
+}
+
+impl InternalEvent for ReviewCheckFailed<'_> {
+    fn emit(self) {
+        telemetry().review_errors.inc();
+        tracing::warn!(
+            reason = self.error.metric_label(),
+            error = %crate::error_chain(self.error),
+            "review check failed"
+        );
+    }
+}
+
+/// The forge's API answered.
+pub struct ForgeResponded<'a> {
+    pub what: &'a str,
+    pub status: u16,
+}
+
+impl InternalEvent for ForgeResponded<'_> {
+    fn emit(self) {
+        telemetry()
+            .forge_requests
+            .get_or_create(&StatusLabel {
+                status: self.status.to_string(),
+            })
+            .inc();
+        tracing::debug!(what = self.what, status = self.status, "forge answered");
+    }
+}
