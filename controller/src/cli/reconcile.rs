@@ -22,18 +22,13 @@ use crate::writeback::{GitResults, Retry, ReviewReport, Reviews, StatusWriter};
 
 /// The Git source `--repo`, `--branch` and `--path` describe.
 pub fn git_source(global: &GlobalConfig, cfg: &SourceConfig) -> anyhow::Result<GitSource> {
-    let location = Location::resolve(&cfg.repo).with_context(|| format!("--repo {}", cfg.repo))?;
-    let branch = match &cfg.branch {
-        Some(branch) => branch.clone(),
-        None => default_branch(&location),
-    };
-    let source = GitSource::new(
-        location,
-        &branch,
+    let source = locate(
+        global,
+        &cfg.repo,
+        cfg.branch.as_deref(),
         &cfg.subpath,
-        &global.data_dir(),
         cfg.git_token.clone(),
-    );
+    )?;
     if let Location::Folder(folder) = &source.location {
         eprintln!(
             "{} is not the top of a Git repository: importing it into {} (branch {})",
@@ -43,6 +38,28 @@ pub fn git_source(global: &GlobalConfig, cfg: &SourceConfig) -> anyhow::Result<G
         );
     }
     Ok(source)
+}
+
+/// The Git source of `--repo` and `--branch`, nothing read or written yet.
+pub fn locate(
+    global: &GlobalConfig,
+    repo: &str,
+    branch: Option<&str>,
+    subpath: &str,
+    token: Option<String>,
+) -> anyhow::Result<GitSource> {
+    let location = Location::resolve(repo).with_context(|| format!("--repo {repo}"))?;
+    let branch = match branch {
+        Some(branch) => branch.to_owned(),
+        None => default_branch(&location),
+    };
+    Ok(GitSource::new(
+        location,
+        &branch,
+        subpath,
+        &global.data_dir(),
+        token,
+    ))
 }
 
 /// A local repository's checked-out branch; `main` otherwise.
