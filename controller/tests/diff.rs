@@ -455,6 +455,40 @@ async fn an_empty_store_is_all_creates<S: TestStore>() {
         "{text}"
     );
 
+    // `--subpath` reads the specs of a directory of the repository, paths relative to it.
+    let (code, stdout, stderr) = run(agentops(data.path()).args([
+        "diff",
+        "--repo",
+        &remote.url(),
+        "--database",
+        &db.url,
+        "--subpath",
+        "agents",
+        "--format",
+        "json",
+    ]));
+    assert_eq!(code, 1, "{stderr}");
+    let diff: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(diff["create"].as_array().unwrap().len(), 1, "{diff:#}");
+    assert_eq!(
+        (&diff["create"][0]["name"], &diff["create"][0]["path"]),
+        (&json!("writer"), &json!("writer.yaml"))
+    );
+    let (code, _, stderr) = run(agentops(data.path()).args([
+        "diff",
+        "--repo",
+        &remote.url(),
+        "--database",
+        &db.url,
+        "--subpath",
+        "nowhere",
+    ]));
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("path `nowhere` is not a directory"),
+        "{stderr}"
+    );
+
     if S::BACKEND == Backend::Sqlite {
         let missing = data.path().join("nowhere/agentops.db");
         let (code, text, stderr) = run(agentops(data.path()).args([
