@@ -272,6 +272,25 @@ async fn changes_of_a_branch_field_by_field<S: TestStore>() {
         assert_eq!((code, &again), (1, &diff), "--revision {revision}");
     }
     let before = (before.0, remote_refs);
+    // The clone itself as the repository: its own branch `pr`.
+    let (code, stdout, stderr) = run(agentops(world.diff_data.path()).args([
+        "diff",
+        "--repo",
+        world.clone.path().to_str().unwrap(),
+        "--branch",
+        BRANCH,
+        "--database",
+        &world.db.url,
+        "--revision",
+        "pr",
+        "--format",
+        "json",
+    ]));
+    assert_eq!(code, 1, "{stderr}");
+    let local: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(local["revision"], diff["revision"]);
+    assert_eq!(local["change"], diff["change"]);
+    assert_eq!(local["prune"], diff["prune"]);
 
     assert_eq!(world.untouched().await, before, "the diff wrote something");
 

@@ -410,7 +410,15 @@ pub fn read_declared(
                 doing: "opening the repository",
                 source,
             })?;
-            let commit = source.resolve(&repo, revision)?.id();
+            // Its own names, as `git` resolves them there: `main` is its branch `main`.
+            let commit = repo
+                .revparse_single(revision)
+                .and_then(|o| o.peel_to_commit())
+                .map_err(|_| SourceError::NoRevision {
+                    url: source.location.url(),
+                    revision: revision.clone(),
+                })?
+                .id();
             (repo, commit)
         }
         (Some(revision), _) => {
