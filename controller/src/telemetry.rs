@@ -171,6 +171,7 @@ impl SourceError {
             SourceError::Fetch { .. } => "fetch",
             SourceError::NoBranch { .. } => "no_branch",
             SourceError::NoPath { .. } => "no_path",
+            SourceError::NoRevision { .. } => "no_revision",
             SourceError::Io { .. } => "io",
             SourceError::NotADirectory(_) => "not_a_directory",
             SourceError::Watch { .. } => "watch",

@@ -5,6 +5,7 @@ mod ask;
 mod bench;
 mod bench_dispatch;
 mod bench_writeback;
+mod diff;
 mod reconcile;
 mod status;
 mod validate;
@@ -104,6 +105,9 @@ pub enum Command {
         #[command(flatten)]
         llm: LlmArgs,
     },
+    /// Show what syncing a revision (or a folder of specs) would do to the store, without
+    /// writing anything. Exit 0 when nothing would change, 1 when something would, 2 on error.
+    Diff(diff::DiffArgs),
     /// Show projects and tasks with phase, agent, attempt and age.
     Status {
         #[command(flatten)]
@@ -177,6 +181,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await
         }
+        Command::Diff(args) => diff::run(&global, &args).await,
         Command::Status {
             store,
             project,

@@ -25,6 +25,19 @@ pub(crate) async fn backends(
     Ok(crate::runtime::backends(args).await?)
 }
 
+/// The Git source of `--repo` and `--branch`, nothing read or written yet.
+pub fn locate(
+    global: &GlobalConfig,
+    repo: &str,
+    branch: Option<&str>,
+    subpath: &str,
+    token: Option<String>,
+) -> anyhow::Result<GitSource> {
+    Ok(crate::runtime::locate(
+        global, repo, branch, subpath, token,
+    )?)
+}
+
 pub async fn once(
     global: &GlobalConfig,
     source_cfg: &SourceConfig,

@@ -92,7 +92,7 @@ struct Touched {
 }
 
 #[derive(Debug, Default)]
-struct Index {
+pub(super) struct Index {
     tree: Option<Oid>,
     files: HashMap<Arc<str>, FileEntry>,
 }
@@ -292,6 +292,28 @@ fn record(
     );
 }
 
+impl Index {
+    /// Every spec file of `tree`, parsed.
+    pub(super) fn of_tree(repo: &Repository, tree: Oid) -> Result<Index, SourceError> {
+        let mut index = Index::default();
+        index.apply(repo, git::changes(repo, None, tree)?)?;
+        index.tree = Some(tree);
+        Ok(index)
+    }
+
+    /// Where the objects `writes` declare are, to read them again with [`reread_in`].
+    pub(super) fn locate(&self, writes: &[&Write<'_>]) -> Vec<(Arc<str>, Oid, Pos)> {
+        // A write's skeleton lives in its file's index entry, so the entry is there.
+        writes
+            .iter()
+            .map(|w| {
+                let path = &w.object.path;
+                (path.clone(), self.files[path].blob, w.object.document)
+            })
+            .collect()
+    }
+}
+
 /// Reads the objects a plan writes again, from their files' blobs: the index keeps only
 /// their skeletons.
 struct Reread<'i> {
@@ -301,14 +323,7 @@ struct Reread<'i> {
 
 impl Objects for Reread<'_> {
     fn fetch(&self, writes: &[&Write<'_>]) -> BoxFuture<'static, Result<Vec<Object>, StoreError>> {
-        // A write's skeleton lives in its file's index entry, so the entry is there.
-        let wanted: Vec<(Arc<str>, Oid, Pos)> = writes
-            .iter()
-            .map(|w| {
-                let path = &w.object.path;
-                (path.clone(), self.index.files[path].blob, w.object.document)
-            })
-            .collect();
+        let wanted = self.index.locate(writes);
         let source = self.source.clone();
         let read = tokio::task::spawn_blocking(move || reread(&source, wanted));
         Box::pin(async move {
@@ -325,7 +340,14 @@ fn reread(
     source: &GitSource,
     wanted: Vec<(Arc<str>, Oid, Pos)>,
 ) -> Result<Vec<Object>, Box<dyn std::error::Error + Send + Sync>> {
-    let repo = source.open()?;
+    reread_in(&source.open()?, wanted)
+}
+
+/// [`reread`] in a repository already open.
+pub(super) fn reread_in(
+    repo: &Repository,
+    wanted: Vec<(Arc<str>, Oid, Pos)>,
+) -> Result<Vec<Object>, Box<dyn std::error::Error + Send + Sync>> {
     let mut file: Option<(Oid, Vec<Option<Object>>)> = None;
     let mut objects = Vec::with_capacity(wanted.len());
     for (path, blob, document) in wanted {
@@ -515,7 +537,7 @@ impl<S: Store> Syncer<S> {
 
 /// Build the desired state from the whole index, validate it, and plan against the current
 /// state. Also returns the objects found invalid.
-fn decide<'a>(
+pub(super) fn decide<'a>(
     index: &'a Index,
     current: &Current,
     revision: &str,

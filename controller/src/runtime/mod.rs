@@ -116,21 +116,13 @@ pub struct Runtime {
 
 /// The Git source `--repo`, `--branch` and `--path` describe.
 pub fn git_source(global: &GlobalConfig, cfg: &SourceConfig) -> Result<GitSource, RuntimeError> {
-    let location = Location::resolve(&cfg.repo).map_err(|source| RuntimeError::Source {
-        repo: cfg.repo.clone(),
-        source,
-    })?;
-    let branch = match &cfg.branch {
-        Some(branch) => branch.clone(),
-        None => default_branch(&location),
-    };
-    let source = GitSource::new(
-        location,
-        &branch,
+    let source = locate(
+        global,
+        &cfg.repo,
+        cfg.branch.as_deref(),
         &cfg.subpath,
-        &global.data_dir(),
         cfg.git_token.clone(),
-    );
+    )?;
     if let Location::Folder(folder) = &source.location {
         eprintln!(
             "{} is not the top of a Git repository: importing it into {} (branch {})",
@@ -140,6 +132,31 @@ pub fn git_source(global: &GlobalConfig, cfg: &SourceConfig) -> Result<GitSource
         );
     }
     Ok(source)
+}
+
+/// The Git source of `repo` and `branch`, nothing read or written yet.
+pub fn locate(
+    global: &GlobalConfig,
+    repo: &str,
+    branch: Option<&str>,
+    subpath: &str,
+    token: Option<String>,
+) -> Result<GitSource, RuntimeError> {
+    let location = Location::resolve(repo).map_err(|source| RuntimeError::Source {
+        repo: repo.to_owned(),
+        source,
+    })?;
+    let branch = match branch {
+        Some(branch) => branch.to_owned(),
+        None => default_branch(&location),
+    };
+    Ok(GitSource::new(
+        location,
+        &branch,
+        subpath,
+        &global.data_dir(),
+        token,
+    ))
 }
 
 /// A local repository's checked-out branch; `main` otherwise.

@@ -317,6 +317,74 @@ impl GitSource {
         Ok(commit)
     }
 
+    /// Fetch what `revision` may name on the remote (a branch, a tag, a full ref or a commit
+    /// id) besides the followed branch, so that [`GitSource::resolve`] finds it. A revision
+    /// the remote does not have is not an error here: resolving it is.
+    pub fn fetch_revision(&self, repo: &Repository, revision: &str) -> Result<(), SourceError> {
+        if matches!(self.location, Location::Folder(_)) {
+            return Ok(());
+        }
+        let mut refspecs = self.branch_refspecs(&[]);
+        if revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit()) {
+            refspecs.push(format!("+{revision}:refs/fetched/{revision}"));
+        } else if let Some(name) = revision.strip_prefix("refs/") {
+            refspecs.push(format!("+{revision}:refs/fetched/{name}"));
+        } else {
+            refspecs.extend(self.branch_refspecs(&[revision]).into_iter().skip(1));
+            refspecs.push(format!(
+                "+refs/tags/{revision}:refs/fetched/tags/{revision}"
+            ));
+        }
+        self.fetch_refspecs(repo, refspecs)
+    }
+
+    /// The commit `revision` names in the mirror, trying the remote's branches first.
+    pub fn resolve<'r>(
+        &self,
+        repo: &'r Repository,
+        revision: &str,
+    ) -> Result<git2::Commit<'r>, SourceError> {
+        let candidates = [
+            format!("refs/remotes/origin/{revision}"),
+            format!("refs/fetched/{revision}"),
+            format!("refs/fetched/tags/{revision}"),
+            revision.strip_prefix("refs/").map_or_else(
+                || revision.to_owned(),
+                |name| format!("refs/fetched/{name}"),
+            ),
+            revision.to_owned(),
+        ];
+        candidates
+            .iter()
+            .find_map(|spec| repo.revparse_single(spec).ok()?.peel_to_commit().ok())
+            .ok_or_else(|| SourceError::NoRevision {
+                url: self.location.url(),
+                revision: revision.to_owned(),
+            })
+    }
+
+    /// The tree at `subpath` of `commit`.
+    pub fn tree_at(&self, commit: &git2::Commit<'_>) -> Result<Oid, SourceError> {
+        let root = commit.tree().map_err(|source| SourceError::Git {
+            doing: "reading the commit's tree",
+            source,
+        })?;
+        if self.subpath.is_empty() {
+            return Ok(root.id());
+        }
+        let no_path = || SourceError::NoPath {
+            path: self.subpath.clone(),
+            revision: commit.id().to_string(),
+        };
+        let entry = root
+            .get_path(Path::new(&self.subpath))
+            .map_err(|_| no_path())?;
+        if entry.kind() != Some(ObjectType::Tree) {
+            return Err(no_path());
+        }
+        Ok(entry.id())
+    }
+
     fn fetch_remote(&self, repo: &Repository) -> Result<(), SourceError> {
         self.fetch_refspecs(repo, self.branch_refspecs(&[]))
     }
@@ -336,27 +404,7 @@ impl GitSource {
                 source,
             })?;
         let commit = self.spec_commit(repo, head)?;
-        let root = commit.tree().map_err(|source| SourceError::Git {
-            doing: "reading the commit's tree",
-            source,
-        })?;
-        let tree = if self.subpath.is_empty() {
-            root.id()
-        } else {
-            let entry =
-                root.get_path(Path::new(&self.subpath))
-                    .map_err(|_| SourceError::NoPath {
-                        path: self.subpath.clone(),
-                        revision: commit.id().to_string(),
-                    })?;
-            if entry.kind() != Some(ObjectType::Tree) {
-                return Err(SourceError::NoPath {
-                    path: self.subpath.clone(),
-                    revision: commit.id().to_string(),
-                });
-            }
-            entry.id()
-        };
+        let tree = self.tree_at(&commit)?;
         Ok(Snapshot {
             commit: commit.id(),
             tree,

@@ -61,7 +61,8 @@ pub fn snapshot(repo: &Repository, folder: &Path, branch: &str) -> Result<bool, 
     Ok(true)
 }
 
-fn write_tree(repo: &Repository, dir: &Path) -> Result<Oid, SourceError> {
+/// The folder's files as a tree in `repo`, `.git` left out.
+pub fn write_tree(repo: &Repository, dir: &Path) -> Result<Oid, SourceError> {
     let io = |source| SourceError::Io {
         path: dir.to_owned(),
         source,

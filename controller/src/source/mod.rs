@@ -23,6 +23,8 @@ pub enum SourceError {
     },
     #[error("{url} has no branch `{branch}`")]
     NoBranch { url: String, branch: String },
+    #[error("{url} has no revision `{revision}`")]
+    NoRevision { url: String, revision: String },
     #[error("path `{path}` is not a directory at commit {revision}")]
     NoPath { path: String, revision: String },
     #[error("{}", path.display())]

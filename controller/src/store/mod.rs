@@ -18,11 +18,14 @@ pub mod writeback;
 use std::future::Future;
 use std::sync::Arc;
 
-use agentops_specs::{Diagnostic, Object};
+use std::collections::HashMap;
+
+use agentops_specs::{Diagnostic, Kind, Object};
 use futures::future::BoxFuture;
 use serde::Serialize;
 
 pub use postgres::PgStore;
+pub use rows::columns;
 pub use sqlite::SqliteStore;
 
 use crate::reconcile::plan::{Current, Plan, Write};
@@ -131,6 +134,57 @@ pub trait Store: Send + Sync + 'static {
     /// dependency completed (a backoff still to wait out included). A task waiting on work in
     /// review, or on a failed or blocked task, waits for a person and is not counted.
     fn open_tasks(&self) -> impl Future<Output = Result<i64, StoreError>> + Send;
+
+    /// Whether the database has been migrated at all: a database without the schema holds
+    /// nothing, and reading it must not create the schema.
+    fn has_schema(&self) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The columns a sync writes (see [`columns`]) of the rows with these ids, by id.
+    fn fields(
+        &self,
+        rows: &[(Kind, uuid::Uuid)],
+    ) -> impl Future<Output = Result<HashMap<uuid::Uuid, Columns>, StoreError>> + Send;
+}
+
+/// A row's columns by name, as JSON values.
+pub type Columns = serde_json::Map<String, serde_json::Value>;
+
+/// The ids of `rows` that live in `table`, as the JSON arrays the `fields` statements read,
+/// a batch each.
+fn fields_batches(rows: &[(Kind, uuid::Uuid)], table: &str) -> Vec<String> {
+    let ids: Vec<serde_json::Value> = rows
+        .iter()
+        .filter(|(kind, _)| rows::table(*kind) == table)
+        .map(|(_, id)| serde_json::json!({ "id": id }))
+        .collect();
+    ids.chunks(rows::BATCH)
+        .map(|chunk| serde_json::Value::from(chunk.to_vec()).to_string())
+        .collect()
+}
+
+#[derive(sqlx::FromRow)]
+struct FieldsRow {
+    id: String,
+    fields: String,
+}
+
+fn columns_from(
+    rows: Vec<FieldsRow>,
+    out: &mut HashMap<uuid::Uuid, Columns>,
+) -> Result<(), StoreError> {
+    for row in rows {
+        let id = row
+            .id
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("id `{}` is not a uuid", row.id)))?;
+        let columns = serde_json::from_str(&row.fields).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "the columns of row {id} are not a JSON object: {e}"
+            ))
+        })?;
+        out.insert(id, columns);
+    }
+    Ok(())
 }
 
 pub(crate) const OPEN_TASKS_POSTGRES: &str = "SELECT count(*) FROM tasks t \
@@ -157,6 +211,22 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
+    /// A connection that cannot write: Postgres sessions are read-only, an SQLite file is
+    /// opened read-only. `None` for an SQLite file that does not exist, which is not created.
+    pub async fn connect_read_only(url: &str) -> Result<Option<AnyStore>, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Some(AnyStore::Postgres(
+                PgStore::connect_read_only(url).await?,
+            )))
+        } else if url.starts_with("sqlite:") {
+            Ok(SqliteStore::open_read_only(url)
+                .await?
+                .map(AnyStore::Sqlite))
+        } else {
+            Err(StoreError::UnsupportedUrl(url.to_owned()))
+        }
+    }
+
     pub async fn connect(url: &str) -> Result<AnyStore, StoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(AnyStore::Postgres(PgStore::connect(url).await?))

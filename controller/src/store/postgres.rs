@@ -19,6 +19,15 @@ pub struct PgStore {
 
 impl PgStore {
     pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
+        Self::connect_with(url, false).await
+    }
+
+    /// Every session read-only: whatever is run on it, it writes nothing.
+    pub async fn connect_read_only(url: &str) -> Result<PgStore, StoreError> {
+        Self::connect_with(url, true).await
+    }
+
+    async fn connect_with(url: &str, read_only: bool) -> Result<PgStore, StoreError> {
         let connect_error = |source| StoreError::Connect {
             url: url.to_owned(),
             source,
@@ -32,9 +41,12 @@ impl PgStore {
         // batch (a dozen CTEs) cost 3–5 ms, as much as running it. Every statement here is
         // shaped so its plan does not hang on parameter values (batches come as one JSON
         // parameter whose row count the planner cannot see anyway).
-        let options = PgConnectOptions::from_str(url)
+        let mut options = PgConnectOptions::from_str(url)
             .map_err(connect_error)?
             .options([("jit", "off"), ("plan_cache_mode", "force_generic_plan")]);
+        if read_only {
+            options = options.options([("default_transaction_read_only", "on")]);
+        }
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(Duration::from_secs(10))
@@ -153,5 +165,30 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(query_error("counting open tasks"))
+    }
+
+    async fn has_schema(&self) -> Result<bool, StoreError> {
+        sqlx::query_scalar("SELECT to_regclass('sync_sources') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_error("looking for the schema"))
+    }
+
+    async fn fields(
+        &self,
+        rows: &[(Kind, uuid::Uuid)],
+    ) -> Result<HashMap<uuid::Uuid, Columns>, StoreError> {
+        let mut out = HashMap::with_capacity(rows.len());
+        for (table, statement) in &self.sql.fields {
+            for batch in fields_batches(rows, table) {
+                let found: Vec<FieldsRow> = sqlx::query_as(statement.as_str())
+                    .bind(batch)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(query_error("reading the synced columns"))?;
+                columns_from(found, &mut out)?;
+            }
+        }
+        Ok(out)
     }
 }

@@ -191,7 +191,39 @@ fn write_row(out: &mut Vec<u8>, write: &Write<'_>, object: &Object, source: &str
     result.expect("rows serialize");
 }
 
-fn table(kind: Kind) -> &'static str {
+/// The columns a sync writes from `object`, by name, as JSON: the spec's columns and
+/// `metadata`, without the row's bookkeeping (id, source, revision, generation, hash) and
+/// without `project_id`, which names a row rather than a value.
+pub fn columns(object: &Object) -> serde_json::Map<String, serde_json::Value> {
+    let write = Write {
+        id: Uuid::nil(),
+        object: &object.skeleton(object.origin.path.as_str().into()),
+        spec_hash: SpecHash::of(object),
+        generation: 0,
+        project_id: None,
+        revive: false,
+    };
+    let mut out = Vec::new();
+    write_row(&mut out, &write, object, "", "");
+    let mut row: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&out).expect("a row is a JSON object");
+    for bookkeeping in [
+        "id",
+        "name",
+        "source",
+        "revision",
+        "path",
+        "generation",
+        "spec_hash",
+        "revive",
+        "project_id",
+    ] {
+        row.remove(bookkeeping);
+    }
+    row
+}
+
+pub(super) fn table(kind: Kind) -> &'static str {
     match kind {
         Kind::Project => "projects",
         Kind::Task => "tasks",

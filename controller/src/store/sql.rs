@@ -116,15 +116,84 @@ pub struct Statements {
     pub flag: String,
 }
 
+/// The spec's columns of each table, beside the ones every object has.
+const PROJECT_COLUMNS: [(&str, Ty); 6] = [
+    ("title", Ty::Text),
+    ("description", Ty::Text),
+    ("priority", Ty::Int),
+    ("owner", Ty::Text),
+    ("labels", Ty::Json),
+    ("suspend", Ty::Bool),
+];
+
+const TASK_COLUMNS: [(&str, Ty); 12] = [
+    ("project_id", Ty::Uuid),
+    ("title", Ty::Text),
+    ("description", Ty::Text),
+    ("assignee", Ty::Text),
+    ("priority", Ty::Int),
+    ("capabilities", Ty::Json),
+    ("depends_on", Ty::Json),
+    ("action", Ty::Json),
+    ("output", Ty::Json),
+    ("acceptance_criteria", Ty::Json),
+    ("timeout_seconds", Ty::Int),
+    ("retries", Ty::Int),
+];
+
+const AGENT_COLUMNS: [(&str, Ty); 5] = [
+    ("type", Ty::Text),
+    ("capabilities", Ty::Json),
+    ("models", Ty::Json),
+    ("concurrency", Ty::Int),
+    ("instructions", Ty::Text),
+];
+
+const TOOL_COLUMNS: [(&str, Ty); 4] = [
+    ("description", Ty::Text),
+    ("tool_type", Ty::Text),
+    ("created_by", Ty::Text),
+    ("implementation", Ty::Json),
+];
+
+/// The spec's columns and `metadata` of the rows whose ids the JSON array names, each row as
+/// one JSON object (`id`, `fields`) shaped like the rows a sync writes.
+fn fields(d: &Dialect, table: &str, columns: &[(&str, Ty)]) -> String {
+    let columns = columns
+        .iter()
+        .filter(|(name, _)| *name != "project_id")
+        .chain(&[("metadata", Ty::Json)]);
+    let pairs: Vec<String> = columns
+        .map(|&(name, ty)| {
+            let value = match (d.postgres, ty) {
+                (true, _) | (false, Ty::Text | Ty::Int | Ty::BigInt | Ty::Uuid) => {
+                    format!("x.{name}")
+                }
+                (false, Ty::Json) => format!("json(x.{name})"),
+                // SQLite keeps booleans as 0 and 1.
+                (false, Ty::Bool) => {
+                    format!("CASE WHEN x.{name} THEN json('true') ELSE json('false') END")
+                }
+            };
+            format!("'{name}', {value}")
+        })
+        .collect();
+    let object = if d.postgres {
+        format!("CAST(jsonb_build_object({}) AS text)", pairs.join(", "))
+    } else {
+        format!("json_object({})", pairs.join(", "))
+    };
+    d.render(
+        &format!(
+            "SELECT CAST(x.id AS text) AS id, {object} AS fields FROM {table} x \
+             WHERE x.id IN (SELECT r.id FROM {{rows}})"
+        ),
+        &[("id", Ty::Uuid)],
+    )
+}
+
 fn project(d: &Dialect) -> Statements {
-    let cols = with(&[
-        ("title", Ty::Text),
-        ("description", Ty::Text),
-        ("priority", Ty::Int),
-        ("owner", Ty::Text),
-        ("labels", Ty::Json),
-        ("suspend", Ty::Bool),
-    ]);
+    let cols = with(&PROJECT_COLUMNS);
     Statements {
         insert: d.render(
             "INSERT INTO projects (id, name, title, description, priority, owner, labels, suspend, \
@@ -159,20 +228,7 @@ fn project(d: &Dialect) -> Statements {
 }
 
 fn task(d: &Dialect) -> Statements {
-    let cols = with(&[
-        ("project_id", Ty::Uuid),
-        ("title", Ty::Text),
-        ("description", Ty::Text),
-        ("assignee", Ty::Text),
-        ("priority", Ty::Int),
-        ("capabilities", Ty::Json),
-        ("depends_on", Ty::Json),
-        ("action", Ty::Json),
-        ("output", Ty::Json),
-        ("acceptance_criteria", Ty::Json),
-        ("timeout_seconds", Ty::Int),
-        ("retries", Ty::Int),
-    ]);
+    let cols = with(&TASK_COLUMNS);
     // A task that comes back after being pruned starts a new life: no attempt, no lease.
     let revive = |column: &str, value: &str| {
         format!("{column} = CASE WHEN r.revive THEN {value} ELSE tasks.{column} END")
@@ -231,13 +287,7 @@ fn task(d: &Dialect) -> Statements {
 }
 
 fn agent(d: &Dialect) -> Statements {
-    let cols = with(&[
-        ("type", Ty::Text),
-        ("capabilities", Ty::Json),
-        ("models", Ty::Json),
-        ("concurrency", Ty::Int),
-        ("instructions", Ty::Text),
-    ]);
+    let cols = with(&AGENT_COLUMNS);
     // Agents are unique by name and may already exist (the seeded `cos` and `seed`, or one
     // registered through the API), so declaring one adopts the row.
     let upsert = d.render(
@@ -271,12 +321,7 @@ fn agent(d: &Dialect) -> Statements {
 }
 
 fn tool(d: &Dialect) -> Statements {
-    let cols = with(&[
-        ("description", Ty::Text),
-        ("tool_type", Ty::Text),
-        ("created_by", Ty::Text),
-        ("implementation", Ty::Json),
-    ]);
+    let cols = with(&TOOL_COLUMNS);
     let upsert = d.render(
         "INSERT INTO tools (id, name, description, created_by, tool_type, implementation, \
          source, path, revision, generation, spec_hash, metadata) \
@@ -323,6 +368,8 @@ pub struct Sql {
     pub project_status: String,
     pub task_status: String,
     pub source_status: String,
+    /// Per table, in [`Sql::table`]'s names: what `fields` reads.
+    pub fields: [(&'static str, String); 4],
 }
 
 impl Sql {
@@ -352,6 +399,12 @@ impl Sql {
             )),
             source_status: d
                 .sql("SELECT name, url, revision, errors FROM sync_sources ORDER BY name"),
+            fields: [
+                ("projects", fields(d, "projects", &PROJECT_COLUMNS)),
+                ("tasks", fields(d, "tasks", &TASK_COLUMNS)),
+                ("agents", fields(d, "agents", &AGENT_COLUMNS)),
+                ("tools", fields(d, "tools", &TOOL_COLUMNS)),
+            ],
         }
     }
 

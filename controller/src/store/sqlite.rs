@@ -45,6 +45,31 @@ impl SqliteStore {
         })
     }
 
+    /// The file opened read-only; `None` when there is no such file (it is not created).
+    pub async fn open_read_only(url: &str) -> Result<Option<SqliteStore>, StoreError> {
+        let connect_error = |source| StoreError::Connect {
+            url: url.to_owned(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(connect_error)?
+            .read_only(true)
+            .create_if_missing(false)
+            .busy_timeout(Duration::from_secs(30));
+        if !options.get_filename().is_file() {
+            return Ok(None);
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .map_err(connect_error)?;
+        Ok(Some(SqliteStore {
+            pool,
+            sql: &SQLITE_SQL,
+        }))
+    }
+
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
@@ -155,5 +180,33 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await
             .map_err(query_error("counting open tasks"))
+    }
+
+    async fn has_schema(&self) -> Result<bool, StoreError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master \
+             WHERE type = 'table' AND name = 'sync_sources')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(query_error("looking for the schema"))
+    }
+
+    async fn fields(
+        &self,
+        rows: &[(Kind, uuid::Uuid)],
+    ) -> Result<HashMap<uuid::Uuid, Columns>, StoreError> {
+        let mut out = HashMap::with_capacity(rows.len());
+        for (table, statement) in &self.sql.fields {
+            for batch in fields_batches(rows, table) {
+                let found: Vec<FieldsRow> = sqlx::query_as(statement.as_str())
+                    .bind(batch)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(query_error("reading the synced columns"))?;
+                columns_from(found, &mut out)?;
+            }
+        }
+        Ok(out)
     }
 }

@@ -591,6 +591,71 @@ impl GitRepo {
     }
 }
 
+/// A bare repository in a temporary directory: the remote clones push to and controllers
+/// fetch from.
+pub struct BareRemote {
+    _dir: TempDir,
+    pub path: PathBuf,
+}
+
+impl Default for BareRemote {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BareRemote {
+    pub fn new() -> BareRemote {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("remote.git");
+        Repository::init_opts(
+            &path,
+            RepositoryInitOptions::new().bare(true).initial_head(BRANCH),
+        )
+        .expect("git init --bare");
+        BareRemote { _dir: dir, path }
+    }
+
+    pub fn url(&self) -> String {
+        format!("file://{}", self.path.display())
+    }
+
+    /// Every ref with its target: what a test compares to show nothing was pushed.
+    pub fn refs(&self) -> BTreeMap<String, String> {
+        let repo = Repository::open_bare(&self.path).expect("open the remote");
+        let refs = repo.references().expect("list refs");
+        refs.filter_map(Result::ok)
+            .filter_map(|r| Some((r.name().ok()?.to_owned(), r.target()?.to_string())))
+            .collect()
+    }
+}
+
+impl GitRepo {
+    /// `git push <remote> <local>:<branch>` (forced), as a person publishing a branch; a
+    /// `branch` starting with `refs/` is pushed as that ref (such as a forge's
+    /// `refs/pull/7/head`).
+    pub fn push(&self, remote: &BareRemote, local: &str, branch: &str) {
+        let target = if branch.starts_with("refs/") {
+            branch.to_owned()
+        } else {
+            format!("refs/heads/{branch}")
+        };
+        let mut origin = self.repo.remote_anonymous(&remote.url()).expect("remote");
+        origin
+            .push(&[format!("+{local}:{target}")], None)
+            .expect("git push");
+    }
+
+    /// `git checkout -b <branch>` at the current commit, files unchanged.
+    pub fn branch(&self, branch: &str) {
+        let head = self.repo.head().unwrap().peel_to_commit().unwrap();
+        self.repo.branch(branch, &head, true).expect("git branch");
+        self.repo
+            .set_head(&format!("refs/heads/{branch}"))
+            .expect("git checkout");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // A syncer on a repository and a scratch database
 // ---------------------------------------------------------------------------------------------
