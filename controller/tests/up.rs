@@ -392,3 +392,73 @@ async fn metrics_count_syncs_invalid_files_and_status_commits() {
     );
     controller.kill();
 }
+
+#[tokio::test]
+async fn a_store_failure_answers_500_with_an_error_id_and_logs_the_cause() {
+    let setup = Setup::new().await;
+    let mut controller = setup.start_with(&["--no-agents"]);
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", setup.addr);
+    let registered = eventually("the agent registers", Duration::from_secs(60), || {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let answer = http
+                .post(format!("{base}/api/v1/agents/register"))
+                .json(&serde_json::json!({"name": "probe", "type": "seed"}))
+                .send()
+                .await
+                .ok()?;
+            answer.json::<serde_json::Value>().await.ok()
+        }
+    })
+    .await;
+    let token = registered["token"].as_str().expect("a token").to_owned();
+    let db = &setup.db;
+    eventually("the tasks are synced", Duration::from_secs(60), || async {
+        (db.scalar("SELECT count(*) FROM tasks").await == 2).then_some(())
+    })
+    .await;
+    // The store breaks under the controller: the table progress reports write to is gone.
+    setup
+        .db
+        .execute("ALTER TABLE task_updates RENAME TO task_updates_gone")
+        .await;
+    let id = setup
+        .db
+        .text("SELECT id::text FROM tasks LIMIT 1")
+        .await
+        .unwrap();
+    let answer = http
+        .post(format!("{base}/api/v1/tasks/{id}/progress"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"run_lease": 1, "message": "half way"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 500);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    let message = body["error"].as_str().unwrap_or_default().to_owned();
+    let error_id = message
+        .split("error id ")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no error id in {body}"))
+        .to_owned();
+    assert!(
+        !message.contains("task_updates") && !message.contains("database"),
+        "the cause stays in the log: {message}"
+    );
+    let log = eventually("the cause is logged", Duration::from_secs(10), || {
+        let log = controller.log.clone();
+        let error_id = error_id.clone();
+        async move {
+            let tail = common::log_tail(&log, 40);
+            tail.lines()
+                .any(|l| l.contains(&error_id) && l.contains("database error"))
+                .then_some(tail)
+        }
+    })
+    .await;
+    assert!(log.contains("reason=\"store_query\""), "{log}");
+    controller.kill();
+}

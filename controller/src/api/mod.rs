@@ -106,9 +106,11 @@ impl From<ResultError> for ApiError {
             ResultError::Refused(r) => ApiError::Refused(r),
             ResultError::Path(e) => ApiError::BadRequest(e.to_string()),
             ResultError::Writeback(e) => {
-                let message = crate::error_chain(&e);
-                tracing::error!("committing a result: {message}");
-                ApiError::Unavailable(message)
+                let id = error_id();
+                tracing::error!(error_id = %id, reason = e.metric_label(), error = %crate::error_chain(&e), "committing a result failed");
+                ApiError::Unavailable(format!(
+                    "committing the result failed; retry later (error id {id})"
+                ))
             }
         }
     }
@@ -132,15 +134,25 @@ impl IntoResponse for ApiError {
             }
             ApiError::Refused(r @ Refusal::NotHeld) => (StatusCode::CONFLICT, r.to_string()),
             ApiError::Store(e) => {
-                let message = crate::error_chain(&e);
-                tracing::error!("api: {message}");
-                (StatusCode::INTERNAL_SERVER_ERROR, message)
+                // The chain names tables, queries and hosts: it goes to the log, and the agent
+                // gets an id to find it there.
+                let id = error_id();
+                tracing::error!(error_id = %id, reason = e.metric_label(), error = %crate::error_chain(&e), "api request failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("internal error (error id {id})"),
+                )
             }
             ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, message),
             ApiError::Unavailable(message) => (StatusCode::SERVICE_UNAVAILABLE, message),
         };
         (status, Json(serde_json::json!({ "error": message }))).into_response()
     }
+}
+
+/// An opaque id that ties an internal error's answer to its log line.
+fn error_id() -> String {
+    Uuid::new_v4().simple().to_string()[..12].to_owned()
 }
 
 /// The agent a request's bearer token belongs to.
