@@ -1,10 +1,11 @@
 //! [`RunCommand`]: completes a task by running its `run` action.
 //!
 //! The command (`action.run.command`, an argv: no shell unless it names one) runs in a fresh
-//! temporary directory with an empty environment except `PATH`, so a task sees neither the
-//! agent's secrets nor another task's files. Its exit code and the last 64 KiB of its stdout
+//! temporary directory with the [`sandbox_env`] every agent gives its commands, so a task sees
+//! neither the agent's secrets nor another task's files. Its exit code and the last 64 KiB of its stdout
 //! and stderr are the result; the end of a log is where the errors and the summary are.
 
+use std::ffi::OsString;
 use std::io;
 use std::process::{ExitStatus, Stdio};
 
@@ -74,11 +75,30 @@ pub struct Output {
 
 async fn run(argv: &[String]) -> io::Result<Output> {
     let dir = tempfile::tempdir()?;
-    let path: Vec<(String, std::ffi::OsString)> = std::env::var_os("PATH")
-        .map(|p| ("PATH".to_owned(), p))
-        .into_iter()
-        .collect();
-    run_in(argv, dir.path(), &path).await
+    let (work, home, tmp) = (
+        dir.path().join("work"),
+        dir.path().join("home"),
+        dir.path().join("tmp"),
+    );
+    for folder in [&work, &home, &tmp] {
+        std::fs::create_dir(folder)?;
+    }
+    run_in(argv, &work, &sandbox_env(&home, &tmp)).await
+}
+
+/// The whole environment of a task's command, the same for every agent: what it needs to find
+/// programs, a home and a scratch directory (both the task's own), and nothing of the agent's
+/// or the controller's (no tokens, no keys, no `AGENTOPS_*`).
+pub fn sandbox_env(home: &std::path::Path, tmp: &std::path::Path) -> Vec<(String, OsString)> {
+    let mut env = vec![
+        ("HOME".to_owned(), home.as_os_str().to_owned()),
+        ("TMPDIR".to_owned(), tmp.as_os_str().to_owned()),
+        ("LANG".to_owned(), OsString::from("C.UTF-8")),
+    ];
+    if let Some(path) = std::env::var_os("PATH") {
+        env.push(("PATH".to_owned(), path));
+    }
+    env
 }
 
 /// Runs `argv` in `dir` with only the variables `env` gives (nothing is inherited), in its
@@ -86,7 +106,7 @@ async fn run(argv: &[String]) -> io::Result<Output> {
 pub async fn run_in(
     argv: &[String],
     dir: &std::path::Path,
-    env: &[(String, std::ffi::OsString)],
+    env: &[(String, OsString)],
 ) -> io::Result<Output> {
     let Some(program) = argv.first() else {
         return Err(io::Error::new(
@@ -232,5 +252,19 @@ mod tests {
         assert_eq!(text(&bytes[1..]), "!");
         assert_eq!(last_chars("aé", 1), "");
         assert_eq!(last_chars("aé", 2), "é");
+    }
+
+    #[test]
+    fn the_environment_holds_no_secret() {
+        let env = sandbox_env(std::path::Path::new("/h"), std::path::Path::new("/t"));
+        let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| ["HOME", "TMPDIR", "LANG", "PATH"].contains(n)),
+            "{names:?}"
+        );
+        assert!(env.contains(&("HOME".to_owned(), "/h".into())));
+        assert!(env.contains(&("TMPDIR".to_owned(), "/t".into())));
     }
 }

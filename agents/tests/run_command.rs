@@ -98,7 +98,20 @@ async fn runs_commands_and_hands_back_its_tasks_on_sigterm() {
         assert!(!workdir.exists(), "the task's directory is removed");
         assert!(stdout.contains("PATH="), "{stdout}");
         assert!(!stdout.contains("AGENTOPS_TEST_SECRET"), "{stdout}");
-        assert!(!stdout.contains("HOME="), "{stdout}");
+        // HOME and TMPDIR are the task's own, removed with its directory.
+        let task_dir = workdir.parent().unwrap();
+        for variable in ["HOME", "TMPDIR"] {
+            let value = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{variable}=")))
+                .unwrap_or_else(|| panic!("no {variable}: {stdout}"));
+            assert!(
+                std::path::Path::new(value).starts_with(task_dir),
+                "{variable}={value} is outside {}",
+                task_dir.display()
+            );
+        }
+        assert!(stdout.contains("LANG=C.UTF-8"), "{stdout}");
 
         let loud = result("loud");
         assert_eq!(loud["stdout"].as_str().unwrap().len(), 64 * 1024);

@@ -12,12 +12,11 @@
 //! committed. Its stdout and stderr are kept as `<task>.log` in its output folder.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentops_agents::command::{run_in, text};
+use agentops_agents::command::{run_in, sandbox_env, text};
 use agentops_agents::drafts::{AgentNeed, ToolNeed};
 use agentops_agents::llm::{Caller, LlmConfig, RateLimiter};
 use agentops_agents::plan::RepoFile;
@@ -477,7 +476,7 @@ impl<S: ToolRegistry + UsageLog + Clone> Worker<S> {
                 Ok(Err(e)) => return Outcome::fail(error_chain(&e), true),
                 Err(e) => return Outcome::fail(e.to_string(), true),
             };
-        let env = clean_env(&home, &tmp);
+        let env = sandbox_env(&home, &tmp);
         let timeout = task.timeout().unwrap_or(DEFAULT_RUN_TIMEOUT);
         let output = match tokio::time::timeout(timeout, run_in(&argv, &checkout, &env)).await {
             Err(_) => return Outcome::fail(format!("timed out after {timeout:?}"), true),
@@ -560,20 +559,6 @@ impl<S: ToolRegistry + UsageLog + Clone> Worker<S> {
         }
         Outcome::complete_with_files(result, files)
     }
-}
-
-/// The whole environment of a command: what it needs to find programs and a home, and
-/// nothing of the controller's (no tokens, no keys, no `AGENTOPS_*`).
-pub fn clean_env(home: &Path, tmp: &Path) -> Vec<(String, OsString)> {
-    let mut env = vec![
-        ("HOME".to_owned(), home.as_os_str().to_owned()),
-        ("TMPDIR".to_owned(), tmp.as_os_str().to_owned()),
-        ("LANG".to_owned(), OsString::from("C.UTF-8")),
-    ];
-    if let Some(path) = std::env::var_os("PATH") {
-        env.push(("PATH".to_owned(), path));
-    }
-    env
 }
 
 /// Write the tree of the dispatch revision (the followed branch's head when it is unknown)
@@ -1059,16 +1044,5 @@ mod tests {
         assert_eq!(changed[0].content, b"after\n");
         // A symlink is never within any output path.
         assert!(!is_within(&changed[1].path, &["link".to_owned()]));
-    }
-
-    #[test]
-    fn the_environment_holds_no_secret() {
-        let env = clean_env(Path::new("/h"), Path::new("/t"));
-        let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
-        assert!(
-            names
-                .iter()
-                .all(|n| ["HOME", "TMPDIR", "LANG", "PATH"].contains(n))
-        );
     }
 }
