@@ -1,12 +1,12 @@
 //! The agentops controller: reads projects and tasks from a Git source, reconciles them into
 //! the store, and (in later modules) dispatches them and writes status back.
 
-pub mod agents;
 pub mod api;
 pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+pub mod embedded;
 pub mod forge;
 pub mod llm;
 pub mod presence;

@@ -5,8 +5,8 @@ use agentops_agents::llm::Caller;
 use agentops_agents::provider::{AnyProvider, PlanRequest, Provider};
 use anyhow::Context;
 
-use crate::agents::{Proposer, plan_and_propose, taken_projects};
 use crate::config::{GlobalConfig, LlmArgs, SourceConfig, StoreConfig, WritebackArgs};
+use crate::embedded::{Proposer, plan_and_propose, taken_projects};
 use crate::presence::MemoryPresence;
 use crate::store::usage::StoreUsageSink;
 use crate::store::{AnyStore, Store};

@@ -420,7 +420,7 @@ impl Parts {
         };
         let mut agents_pending = match &config.embedded {
             Some((agents, llm)) => Some((
-                Arc::new(crate::agents::Embedded {
+                Arc::new(crate::embedded::Embedded {
                     store: store.clone(),
                     source: source.clone(),
                     provider: Arc::new(
@@ -430,7 +430,7 @@ impl Parts {
                     llm: llm.config(),
                     limiter,
                     usage: crate::store::usage::StoreUsageSink::new(store.clone()),
-                    proposer: crate::agents::Proposer {
+                    proposer: crate::embedded::Proposer {
                         source: source.clone(),
                         author: config.writeback.author(),
                         forge: forge.clone(),
@@ -470,7 +470,7 @@ impl Parts {
                     running.api.ready.store(true, Relaxed);
                     // After the first sync: the mirror then holds the agent specs.
                     if let Some((shared, capabilities)) = agents_pending.take() {
-                        running.agents = Some(crate::agents::spawn(
+                        running.agents = Some(crate::embedded::spawn(
                             shared,
                             api_url.clone(),
                             capabilities,

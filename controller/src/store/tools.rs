@@ -28,7 +28,7 @@ pub trait ToolRegistry: Send + Sync + 'static {
     fn unblock_tool_waiters(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Pending tasks that need capabilities, and every agent that is not pruned: whether some
-    /// task has no agent that could ever take it is decided from these (`agents::gaps`).
+    /// task has no agent that could ever take it is decided from these (`embedded::gaps`).
     fn capability_needs(
         &self,
     ) -> impl Future<Output = Result<(Vec<NeedingTask>, Vec<Registered>), StoreError>> + Send;
@@ -50,7 +50,7 @@ const USE_SQLITE: &str = "\
     last_used_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
     WHERE name = ?1 AND pruned_at IS NULL RETURNING implementation";
 
-/// The Seed's question for a missing tool starts "The tool `" (`agents::Worker::propose_tool`).
+/// The Seed's question for a missing tool starts "The tool `" (`embedded::Worker::propose_tool`).
 /// A sync that re-validates the task (it referred to a tool that did not exist) clears the
 /// message, hence also a blocked tool task without one. Should that be a task blocked by a
 /// failed dependency, it is not ready (its dependency is not completed) and the sweeper blocks
