@@ -5,13 +5,14 @@
 # a reviewer would, and `up` runs again until every task is completed. Then `agentops ask`
 # proposes a new project on a branch, which is merged and run the same way.
 #
-# AGENTOPS_BIN=path/to/agentops skips the release build.
+# AGENTOPS_BIN=path/to/agentops skips the release build (scripts/test.sh passes its debug build).
+# Exits 0 when every task completed, non-zero on the first step that fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${AGENTOPS_BIN:-}" ]; then
   source scripts/deps.sh
-  cargo build --release --locked --quiet
-  AGENTOPS_BIN=$PWD/target/release/agentops
+  cargo build --release --locked --quiet --bin agentops
+  AGENTOPS_BIN=$(cd "${CARGO_TARGET_DIR:-target}/release" && pwd)/agentops
 fi
 agentops=$AGENTOPS_BIN
 $agentops validate examples
@@ -48,7 +49,10 @@ merge_results() {
 run_until_done() {
   for _ in $(seq 1 12); do
     $agentops up --exit-when-idle
-    if ! $agentops status --format json | grep -Eq '"status":"(pending|in_progress|review)"'; then
+    # Captured first: `grep -q` stops reading at its first match, and under pipefail the
+    # writer's broken pipe would read as "nothing left to do".
+    status=$($agentops status --format json)
+    if ! grep -Eq '"status":"(pending|in_progress|review)"' <<<"$status"; then
       return
     fi
     merge_results
@@ -71,4 +75,4 @@ git -C "$work/review" push -q origin main
 run_until_done
 $agentops status
 git -C "$work/review" fetch -q origin
-git -C "$work/review" log --oneline origin/main | head -20
+git -C "$work/review" log --oneline -n 20 origin/main

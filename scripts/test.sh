@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: starts (and if needed installs) PostgreSQL, Redis and NATS JetStream,
-# then runs formatting and lint checks and every test of the workspace against them.
+# then runs formatting and lint checks, the example (scripts/example.sh) and every test of the
+# workspace against them.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,12 +46,16 @@ export AGENTOPS_TEST_POSTGRES="${AGENTOPS_TEST_POSTGRES:-postgres://postgres:pos
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The process tests run this binary. It is built with the workspace's features, as
-# `cargo test --workspace` and the tests themselves (`agent_run_bin`) build it, so that the
-# tests reuse every dependency compiled here: built alone (`-p agentops-agents`), its
-# dependencies got other features and were compiled twice, 3.5 of the 21 minutes of a clean
-# run on a slow host.
-cargo build --workspace --bin agentops-agent-run --locked
+# The process tests and the example run these binaries. They are built with the workspace's
+# features, as `cargo test --workspace` and the tests themselves (`agent_run_bin`) build them,
+# so that the tests reuse every dependency compiled here: built alone (`-p agentops-agents`),
+# the agent's dependencies got other features and were compiled twice, 3.5 of the 21 minutes
+# of a clean run on a slow host.
+cargo build --workspace --bin agentops-agent-run --bin agentops --locked
+# The main job, end to end with the binary just built: CI fails when the example does not
+# finish. Offline even where a model key is set, so that it is the same run everywhere.
+AGENTOPS_BIN="$(cd "${CARGO_TARGET_DIR:-target}/debug" && pwd)/agentops" \
+  env -u OPENROUTER_API_KEY scripts/example.sh
 # --all-targets leaves out doc tests: there are none, and their empty summary would be the
 # run's last line.
 cargo test --workspace --all-targets --locked "$@"

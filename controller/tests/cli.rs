@@ -8,7 +8,11 @@ use std::process::{Command, Output};
 use common::*;
 use serde_json::{Value, json};
 
-both_backends!(reconcile_once_then_status, migrate_a_fresh_database);
+both_backends!(
+    reconcile_once_then_status,
+    migrate_a_fresh_database,
+    migrate_a_database_that_recorded_the_released_wording
+);
 
 /// The binary with a clean environment: no `AGENTOPS_*` from the caller, its data directory
 /// set through `AGENTOPS_DATA_DIR`.
@@ -297,6 +301,57 @@ fn reconcile_defaults_to_sqlite_in_the_data_dir_and_imports_a_folder() {
         sorted(serde_json::from_str(&stdout).unwrap()),
         expected_status()
     );
+}
+
+/// Migration 1's comments were reworded after release. A database that recorded the released
+/// text still migrates, and a checksum that matches neither text still stops the migration.
+async fn migrate_a_database_that_recorded_the_released_wording<S: TestStore>() {
+    let db = TestDb::new(S::BACKEND).await;
+    let data = tempfile::tempdir().unwrap();
+    let migrate = || run(agentops(data.path()).args(["migrate", "--database", &db.url]));
+    let (code, _, stderr) = migrate();
+    assert_eq!(code, 0, "{stderr}");
+    let released = match S::BACKEND {
+        Backend::Postgres => {
+            "'\\x7b64ff4450dba1837b5eb4706b1fcd85be1f1606c5cb9f3cf59e7f7d49bb69911aec279e937d8d573b98705413441a65'::bytea"
+        }
+        Backend::Sqlite => {
+            "X'5c0e2ef85bd29d67cd713a6f87010bfe615b4f69689e6980b01b822cf2dbf506afbcf7a8850f60e765f2a3d6998477d9'"
+        }
+    };
+    let current = db
+        .text("SELECT CAST(version AS TEXT) FROM _sqlx_migrations WHERE version = 1")
+        .await;
+    assert_eq!(current.as_deref(), Some("1"));
+    assert_eq!(
+        db.execute(&format!(
+            "UPDATE _sqlx_migrations SET checksum = {released} WHERE version = 1"
+        ))
+        .await,
+        1
+    );
+    let (code, _, stderr) = migrate();
+    assert_eq!(code, 0, "the released wording is accepted: {stderr}");
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM _sqlx_migrations WHERE version = 1 AND checksum = {released}"
+        ))
+        .await,
+        0,
+        "the recorded checksum is brought up to date"
+    );
+
+    let other = match S::BACKEND {
+        Backend::Postgres => "'\\x00'::bytea",
+        Backend::Sqlite => "X'00'",
+    };
+    db.execute(&format!(
+        "UPDATE _sqlx_migrations SET checksum = {other} WHERE version = 1"
+    ))
+    .await;
+    let (code, _, stderr) = migrate();
+    assert_ne!(code, 0, "a checksum of neither text is a real change");
+    assert!(stderr.contains("migrations"), "{stderr}");
 }
 
 async fn migrate_a_fresh_database<S: TestStore>() {

@@ -1,4 +1,4 @@
--- 0001 — the original AgentOps data model (see /work/shared/SEED-SCHEMA.md).
+-- 0001 — the original AgentOps data model.
 --
 -- Eight tables, three views, their indexes and the two initial agents, kept
 -- column-for-column compatible with the system this project replaces: same
@@ -11,8 +11,8 @@
 --     `t.*` in active_tasks give the same columns in the same order.
 --   * CHECK constraints carry explicit names (<table>_<column>_check) so the
 --     store can turn a violation into a 400 with the same code on both backends.
---   * `metadata` comes last in each table: SEED-SCHEMA gives it to every table
---     but does not place it.
+--   * `metadata` comes last in each table: the original model gives it to every
+--     table but does not place it.
 --   * NULL priority sorts last everywhere. SQLite does that by default for
 --     DESC; Postgres is told so explicitly (views and priority indexes). The
 --     dispatcher's ORDER BY should read `priority DESC NULLS LAST, created_at`,
@@ -86,8 +86,8 @@ CREATE TABLE tasks (
     -- An agent name or a role ('seed', 'cos'); set to the claiming agent's
     -- name at claim time. Deliberately not a foreign key (roles are not rows).
     assigned_to  text,
-    -- SEED-SCHEMA states the 0–100 range for projects; DESIGN §3 gives tasks
-    -- the same range, so it is checked here too.
+    -- The original model states the 0–100 range for projects; task priorities
+    -- have the same range, so it is checked here too.
     priority     integer DEFAULT 50
                  CONSTRAINT tasks_priority_check
                  CHECK (priority BETWEEN 0 AND 100),

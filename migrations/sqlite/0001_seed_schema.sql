@@ -1,4 +1,4 @@
--- 0001 — the original AgentOps data model (see /work/shared/SEED-SCHEMA.md),
+-- 0001 — the original AgentOps data model,
 -- SQLite dialect of migrations/postgres/0001_seed_schema.sql: same tables,
 -- columns (in the same order), CHECK constraint names, views, indexes and
 -- initial rows.
@@ -104,7 +104,7 @@ CREATE TABLE tasks (
     -- An agent name or a role ('seed', 'cos'); set to the claiming agent's
     -- name at claim time. Deliberately not a foreign key (roles are not rows).
     assigned_to  TEXT,
-    -- SEED-SCHEMA states 0–100 for projects; DESIGN §3 gives tasks the same range.
+    -- The original model states 0–100 for projects; tasks have the same range.
     priority     INTEGER DEFAULT 50
                  CONSTRAINT tasks_priority_check
                  CHECK (priority BETWEEN 0 AND 100),

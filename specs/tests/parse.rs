@@ -29,7 +29,7 @@ fn task(object: &Object) -> &TaskSpec {
     }
 }
 
-/// The four resources of DESIGN.md §3, verbatim, comments and all.
+/// One resource of each kind as a person writes them, comments and all.
 const DESIGN_EXAMPLE: &str = r#"apiVersion: agentops.dev/v1alpha1
 kind: Project
 metadata: {name: launch-website, labels: {area: marketing}}

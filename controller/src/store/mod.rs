@@ -4,6 +4,7 @@
 //! turn back into rows in SQL (`jsonb_to_recordset`, `json_each`). One statement per batch,
 //! whatever its size, and one row shape (`rows.rs`) shared by both.
 
+mod migrations;
 mod postgres;
 pub mod queue;
 mod queue_postgres;

@@ -66,7 +66,9 @@ impl PgStore {
 
 impl Store for PgStore {
     async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("../migrations/postgres")
+        let migrator = sqlx::migrate!("../migrations/postgres");
+        super::migrations::repair_postgres(&self.pool, &migrator).await?;
+        migrator
             .run(&self.pool)
             .await
             .map_err(StoreError::Migrate)

@@ -77,7 +77,9 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("../migrations/sqlite")
+        let migrator = sqlx::migrate!("../migrations/sqlite");
+        super::migrations::repair_sqlite(&self.pool, &migrator).await?;
+        migrator
             .run(&self.pool)
             .await
             .map_err(StoreError::Migrate)
