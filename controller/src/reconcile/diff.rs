@@ -15,8 +15,9 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::decide::{Index, decide};
 use super::plan::{Current, Event, What};
-use super::sync::{Index, decide, reread_in};
+use super::sync::reread_in;
 use crate::source::SourceError;
 use crate::source::git::{GitSource, Location};
 use crate::store::{Columns, Store, StoreError, columns};

@@ -1,3 +1,4 @@
+mod decide;
 pub mod diff;
 pub mod plan;
 pub mod sync;

@@ -11,18 +11,17 @@
 //! read and parsed again from their blobs, batch by batch, while the store writes the batch
 //! before.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentops_specs::{
-    Diagnostic, KeyRef, Object, ObjectKey, Pos, Skeleton, parse_file, validate_with_known,
-};
+use agentops_specs::{Diagnostic, Object, ObjectKey, Pos, parse_file};
 use futures::future::BoxFuture;
 use git2::{Oid, Repository};
 
-use super::plan::{self, Current, Desired, SpecHash, Write};
+use super::decide::{Change, Index, Touched, decide, decide_touched, record};
+use super::plan::{self, Current, SpecHash, Write};
 use crate::source::SourceError;
 use crate::source::git::{self, FileChange, GitSource, Snapshot};
 use crate::store::{Objects, SourceInfo, Store, StoreError};
@@ -51,50 +50,6 @@ pub struct SyncReport {
     pub read: Duration,
     pub decide: Duration,
     pub apply: Duration,
-}
-
-/// One parsed spec file.
-#[derive(Debug)]
-struct FileEntry {
-    blob: Oid,
-    /// The skeletons of the file's objects with their spec hashes; empty while the file is
-    /// broken.
-    objects: Vec<(Skeleton, SpecHash)>,
-    errors: Vec<Diagnostic>,
-    /// While broken: the objects of its last good version, which stay in effect.
-    last_good: Vec<ObjectKey>,
-}
-
-/// What of a file can change the verdict of validation on other objects: the objects it
-/// declares and what they depend on. `None` while the file is broken.
-type Shape = Option<Vec<(ObjectKey, Vec<Box<str>>)>>;
-
-impl FileEntry {
-    fn shape(&self) -> Shape {
-        self.errors.is_empty().then(|| {
-            self.objects
-                .iter()
-                .map(|(o, _)| {
-                    let deps = o.depends_on.iter().map(|(dep, _)| dep.clone()).collect();
-                    (o.key.clone(), deps)
-                })
-                .collect()
-        })
-    }
-}
-
-/// A file a step parsed or removed.
-#[derive(Debug)]
-struct Touched {
-    path: Arc<str>,
-    /// Its shape before the step; `None` when it is new.
-    before: Option<Shape>,
-}
-
-#[derive(Debug, Default)]
-pub(super) struct Index {
-    tree: Option<Oid>,
-    files: HashMap<Arc<str>, FileEntry>,
 }
 
 /// Show a long sync's progress: in place on a terminal, as a log line every few seconds
@@ -175,27 +130,14 @@ impl Index {
         let mut to_parse = Vec::new();
         let mut touched = Vec::new();
         for change in changes {
-            match change.blob {
-                None => {
-                    if let Some((path, old)) = self.files.remove_entry(change.path.as_str()) {
-                        touched.push(Touched {
-                            path,
-                            before: Some(old.shape()),
-                        });
-                    }
+            match self.change(change.path, change.blob) {
+                Change::Unchanged => progress.tick(),
+                Change::Removed(gone) => {
+                    touched.push(gone);
                     progress.tick();
                 }
-                Some(blob) => {
-                    let old = self.files.get_key_value(change.path.as_str());
-                    if old.is_some_and(|(_, f)| f.blob == blob) {
-                        progress.tick();
-                        continue;
-                    }
-                    let path = old.map_or_else(|| change.path.into(), |(path, _)| path.clone());
-                    touched.push(Touched {
-                        path: path.clone(),
-                        before: old.map(|(_, f)| f.shape()),
-                    });
+                Change::Parse(path, blob, before) => {
+                    touched.push(before);
                     to_parse.push((path, blob));
                 }
             }
@@ -263,33 +205,6 @@ impl Index {
         })?;
         Ok(touched)
     }
-}
-
-fn record(
-    files: &mut HashMap<Arc<str>, FileEntry>,
-    path: Arc<str>,
-    blob: Oid,
-    objects: Vec<(Skeleton, SpecHash)>,
-    errors: Vec<Diagnostic>,
-) {
-    let previous = files.remove(&path);
-    let last_good = match previous {
-        _ if errors.is_empty() => Vec::new(),
-        None => Vec::new(),
-        Some(previous) if previous.errors.is_empty() => {
-            previous.objects.into_iter().map(|(o, _)| o.key).collect()
-        }
-        Some(previous) => previous.last_good,
-    };
-    files.insert(
-        path,
-        FileEntry {
-            blob,
-            objects,
-            errors,
-            last_good,
-        },
-    );
 }
 
 impl Index {
@@ -533,131 +448,4 @@ impl<S: Store> Syncer<S> {
             .unwrap_or_default();
         Ok(report)
     }
-}
-
-/// Build the desired state from the whole index, validate it, and plan against the current
-/// state. Also returns the objects found invalid.
-pub(super) fn decide<'a>(
-    index: &'a Index,
-    current: &Current,
-    revision: &str,
-    tree: &str,
-) -> (plan::Plan<'a>, HashSet<ObjectKey>) {
-    let mut objects: Vec<&'a Skeleton> = Vec::with_capacity(index.files.len());
-    let mut hashes: Vec<SpecHash> = Vec::with_capacity(index.files.len());
-    let mut desired = Desired::default();
-    let mut known: HashSet<KeyRef<'_>> = HashSet::new();
-    // In path order, which is also roughly the order of the blobs in a pack: the objects
-    // written are read again in this order, and reading a pack in order is several times
-    // faster than jumping about in it.
-    let mut files: Vec<_> = index.files.iter().collect();
-    files.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    for (path, file) in files {
-        desired.diagnostics.extend(file.errors.iter().cloned());
-        if file.errors.is_empty() {
-            for (object, hash) in &file.objects {
-                objects.push(object);
-                hashes.push(*hash);
-            }
-        } else {
-            desired.broken_paths.insert(&**path);
-            known.extend(file.last_good.iter().map(ObjectKey::as_key_ref));
-        }
-    }
-    if !desired.broken_paths.is_empty() {
-        // What the store holds from a broken file stays in effect, so it can be referred to.
-        known.extend(
-            current
-                .objects
-                .iter()
-                .filter(|(_, row)| {
-                    !row.pruned
-                        && row
-                            .path
-                            .as_deref()
-                            .is_some_and(|p| desired.broken_paths.contains(p))
-                })
-                .map(|(key, _)| key.as_key_ref()),
-        );
-    }
-    let validation = validate_with_known(&objects, &known);
-    desired.diagnostics.extend(validation.diagnostics);
-    desired.objects.reserve(objects.len());
-    for (i, object) in objects.into_iter().enumerate() {
-        if validation.invalid[i] {
-            desired.invalid.push(object);
-        } else {
-            desired.objects.push((object, hashes[i]));
-        }
-    }
-    let invalid = desired.invalid.iter().map(|o| o.key.clone()).collect();
-    (
-        plan::plan(&desired, current, revision, tree, uuid::Uuid::new_v4),
-        invalid,
-    )
-}
-
-/// The common edit, decided without looking at the rest of the repository: files whose
-/// objects keep their names and dependencies, none of which was invalid. Validation would
-/// reach the same verdict as last time for every object, so only the touched objects need
-/// planning, against their own rows. `None` when the step changes more than that.
-fn decide_touched<'a>(
-    index: &'a Index,
-    touched: &[Touched],
-    invalid: &HashSet<ObjectKey>,
-    current: &Current,
-    revision: &str,
-    tree: &str,
-) -> Option<plan::Plan<'a>> {
-    let cursor = current.cursor.as_ref()?;
-    let mut desired = Desired {
-        diagnostics: cursor.errors.clone(),
-        ..Desired::default()
-    };
-    let mut scope = Current {
-        objects: HashMap::new(),
-        cursor: Some(cursor.clone()),
-    };
-    let mut projects = HashSet::new();
-    for t in touched {
-        let file = index.files.get(&t.path)?;
-        let before = t.before.as_ref()?.as_ref()?;
-        if file.shape().as_ref() != Some(before) {
-            return None;
-        }
-        for (object, hash) in &file.objects {
-            let key = &object.key;
-            if invalid.contains(key) {
-                return None;
-            }
-            let row = current.objects.get(key)?;
-            scope.objects.insert(key.clone(), row.clone());
-            desired.objects.push((object, *hash));
-            if let ObjectKey::Task { project, .. } = key {
-                projects.insert(ObjectKey::Project(project.clone()));
-            }
-        }
-    }
-    // A task's row needs its project's: bring the (unchanged) project into scope as declared,
-    // so the plan resolves the id and sees nothing to write for it.
-    for project in projects {
-        if scope.objects.contains_key(&project) {
-            continue;
-        }
-        if invalid.contains(&project) {
-            return None;
-        }
-        let row = current.objects.get(&project)?;
-        let file = index.files.get(row.path.as_deref()?)?;
-        let (object, hash) = file.objects.iter().find(|(o, _)| o.key == project)?;
-        scope.objects.insert(project, row.clone());
-        desired.objects.push((object, *hash));
-    }
-    Some(plan::plan(
-        &desired,
-        &scope,
-        revision,
-        tree,
-        uuid::Uuid::new_v4,
-    ))
 }
