@@ -6,7 +6,11 @@
 //! expired leases, and counting what happens for `/metrics`.
 
 mod background;
+pub mod memory;
 pub mod metrics;
+pub mod rules;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};

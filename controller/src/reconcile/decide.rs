@@ -367,7 +367,9 @@ mod tests {
                 let deps: Vec<String> = task.depends_on.iter().map(|d| format!("t{d}")).collect();
                 let text = match task.state {
                     State::Absent => continue,
-                    State::Broken => format!("apiVersion: agentops.dev/v1alpha1\nkind: Task\nmetadata: {{name: t{i}}}\nspec: {{title: [unclosed\n"),
+                    State::Broken => format!(
+                        "apiVersion: agentops.dev/v1alpha1\nkind: Task\nmetadata: {{name: t{i}}}\nspec: {{title: [unclosed\n"
+                    ),
                     State::Present => format!(
                         "apiVersion: agentops.dev/v1alpha1\nkind: Task\nmetadata: {{name: t{i}}}\nspec:\n  title: Task {}\n  priority: {}\n  dependsOn: [{}]\n  action: {{prompt: go}}\n",
                         task.title,
@@ -419,7 +421,10 @@ mod tests {
     /// same writes in different orders. Ids of created rows are random, so creates show
     /// without them.
     fn summary(plan: &plan::Plan<'_>) -> Vec<String> {
-        let mut lines = vec![format!("revision {} cursor {:?}", plan.revision, plan.cursor)];
+        let mut lines = vec![format!(
+            "revision {} cursor {:?}",
+            plan.revision, plan.cursor
+        )];
         lines.extend(plan.creates.iter().map(|w| {
             format!(
                 "create {:?} at {} hash {:?} generation {} revive {}",
@@ -429,7 +434,13 @@ mod tests {
         lines.extend(plan.updates.iter().map(|w| {
             format!(
                 "update {} {:?} at {} hash {:?} generation {} project {:?} revive {}",
-                w.id, w.object.key, w.object.path, w.spec_hash, w.generation, w.project_id, w.revive
+                w.id,
+                w.object.key,
+                w.object.path,
+                w.spec_hash,
+                w.generation,
+                w.project_id,
+                w.revive
             )
         }));
         lines.extend(plan.prunes.iter().map(|p| format!("{p:?}")));
