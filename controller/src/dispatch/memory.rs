@@ -123,6 +123,16 @@ impl MemoryQueue {
         state.by_id.get(&id).map(|&i| state.tasks[i].clone())
     }
 
+    /// Every task's name and id, in the order they were added.
+    pub fn ids(&self) -> Vec<(String, Uuid)> {
+        let state = self.state.lock().expect("queue lock");
+        state
+            .tasks
+            .iter()
+            .map(|t| (t.spec.name.clone(), t.id))
+            .collect()
+    }
+
     /// Set a task's status as a sync or a person would (cancel, suspend its dependents…).
     pub fn set_status(&self, id: Uuid, status: TaskStatus) {
         let mut state = self.state.lock().expect("queue lock");
