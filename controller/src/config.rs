@@ -245,6 +245,25 @@ pub struct ShutdownArgs {
     pub shutdown_grace: Duration,
 }
 
+/// Which of several controllers on one database leads: only the leader syncs, dispatches and
+/// writes back; the others serve `/healthz` and `/metrics` and wait to take over.
+#[derive(Debug, Clone, Args)]
+pub struct LeaderArgs {
+    /// The name of the leadership several controllers compete for (on Postgres, a session
+    /// advisory lock derived from it). Controllers of one installation share it; give an
+    /// installation with its own sources on the same database its own.
+    #[arg(
+        long,
+        env = "AGENTOPS_LEADER_LOCK",
+        default_value = "agentops-controller"
+    )]
+    pub leader_lock: String,
+    /// How often a standby controller tries to take the lead, and the leader checks it still
+    /// holds it.
+    #[arg(long, env = "AGENTOPS_LEADER_RETRY", default_value = "2s", value_parser = parse_duration)]
+    pub leader_retry: Duration,
+}
+
 /// The agents `up` runs in its own process.
 #[derive(Debug, Clone, Args)]
 pub struct EmbeddedArgs {

@@ -69,6 +69,8 @@ pub struct Telemetry {
     reviews: Family<OutcomeLabel, Counter>,
     review_errors: Counter,
     forge_requests: Family<StatusLabel, Counter>,
+    leader: Gauge,
+    leadership_lost: Counter,
 }
 
 impl Default for Telemetry {
@@ -87,6 +89,8 @@ impl Default for Telemetry {
             reviews: Family::default(),
             review_errors: Counter::default(),
             forge_requests: Family::default(),
+            leader: Gauge::default(),
+            leadership_lost: Counter::default(),
         }
     }
 }
@@ -160,6 +164,16 @@ impl Telemetry {
             "agentops_forge_requests",
             "Requests to the forge's API, by HTTP status",
             self.forge_requests.clone(),
+        );
+        r.register(
+            "agentops_leader",
+            "1 while this controller leads (syncs, dispatches, writes back), 0 while it stands by",
+            self.leader.clone(),
+        );
+        r.register(
+            "agentops_leadership_lost",
+            "Times this controller stopped leading because its leader lock failed",
+            self.leadership_lost.clone(),
         );
     }
 }
@@ -435,5 +449,46 @@ impl InternalEvent for ForgeResponded<'_> {
             })
             .inc();
         tracing::debug!(what = self.what, status = self.status, "forge answered");
+    }
+}
+
+/// Another controller leads: this one serves health and metrics and waits.
+pub struct StandingBy<'a> {
+    pub lock: &'a str,
+}
+
+impl InternalEvent for StandingBy<'_> {
+    fn emit(self) {
+        telemetry().leader.set(0);
+        tracing::info!(lock = self.lock, "standing by: another controller leads");
+    }
+}
+
+/// This controller took the lead.
+pub struct Leading<'a> {
+    pub lock: &'a str,
+}
+
+impl InternalEvent for Leading<'_> {
+    fn emit(self) {
+        telemetry().leader.set(1);
+        tracing::info!(lock = self.lock, "leading");
+    }
+}
+
+/// The leader lock failed: this controller stops leading.
+pub struct LeadershipLost<'a> {
+    pub error: &'a crate::runtime::leader::LeaderError,
+}
+
+impl InternalEvent for LeadershipLost<'_> {
+    fn emit(self) {
+        telemetry().leader.set(0);
+        telemetry().leadership_lost.inc();
+        tracing::error!(
+            reason = self.error.metric_label(),
+            error = %crate::error_chain(self.error),
+            "leadership lost: stopping"
+        );
     }
 }

@@ -104,6 +104,11 @@ impl Setup {
     }
 
     fn start_with(&self, args: &[&str]) -> Proc {
+        self.start_as("controller", &self.addr, args)
+    }
+
+    /// Another `up` on the same remote and database, with its own address, data and log.
+    fn start_as(&self, name: &str, addr: &str, args: &[&str]) -> Proc {
         let mut command = Command::new(BIN);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("AGENTOPS_") {
@@ -115,14 +120,19 @@ impl Setup {
             .arg("--repo")
             .arg(format!("file://{}", self.remote.display()))
             .args(["--database", &self.db.url])
-            .args(["--listen", &self.addr])
+            .args(["--listen", addr])
             .args(["--heartbeat", "1s"])
             .args(args)
             .arg("--data-dir")
-            .arg(self.dir.path().join("data"))
+            .arg(self.dir.path().join(format!("data-{name}")))
             .env_remove("OPENROUTER_API_KEY")
             .env("AGENTOPS_LOG", "info");
-        Proc::spawn("controller", command, &self.log)
+        let log = if name == "controller" {
+            self.log.clone()
+        } else {
+            self.dir.path().join(format!("{name}.log"))
+        };
+        Proc::spawn(name, command, &log)
     }
 
     async fn both_running(&self, controller: &mut Proc) {
@@ -461,4 +471,109 @@ async fn a_store_failure_answers_500_with_an_error_id_and_logs_the_cause() {
     .await;
     assert!(log.contains("reason=\"store_query\""), "{log}");
     controller.kill();
+}
+
+/// Two controllers on one database: the second stands by (alive, not ready, leasing nothing)
+/// while the first leads, and takes over once the first is killed.
+#[tokio::test]
+async fn a_second_controller_stands_by_and_takes_over_when_the_leader_dies() {
+    let setup = Setup::new().await;
+    let args = [
+        "--status-interval",
+        "1h",
+        "--lease",
+        "3s",
+        "--leader-retry",
+        "1s",
+    ];
+    let mut leader = setup.start_with(&args);
+    setup.both_running(&mut leader).await;
+    let leases_before: Vec<(String, Option<String>, i64)> = setup
+        .db
+        .rows("SELECT name, lease_owner, run_lease FROM tasks ORDER BY name")
+        .await;
+
+    let standby_addr = format!("127.0.0.1:{}", free_port());
+    let mut standby = setup.start_as("standby", &standby_addr, &args);
+    let log = standby.log.clone();
+    eventually(
+        "the second controller stands by",
+        Duration::from_secs(30),
+        || {
+            let log = log.clone();
+            async move {
+                common::log_tail(&log, 40)
+                    .contains("standing by")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let (http, url) = (http.clone(), format!("http://{standby_addr}{path}"));
+        async move {
+            let answer = http.get(&url).send().await.expect("the standby answers");
+            (answer.status().as_u16(), answer.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await.0, 200);
+    let (ready, why) = get("/readyz").await;
+    assert_eq!(ready, 503, "{why}");
+    let (_, metrics) = get("/metrics").await;
+    assert!(metrics.contains("agentops_leader 0"), "{metrics}");
+    let (claimed, _) = get("/api/v1/claim").await;
+    assert_eq!(claimed, 503, "the standby takes no agent requests");
+    // Several lock retries later, it still has not led: nothing moved.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(standby.is_running(), "{}", standby.log_tail(40));
+    let standby_log = standby.log_tail(200);
+    assert!(!standby_log.contains("listening on"), "{standby_log}");
+    assert!(!standby_log.contains("synced"), "{standby_log}");
+    let leases_now: Vec<(String, Option<String>, i64)> = setup
+        .db
+        .rows("SELECT name, lease_owner, run_lease FROM tasks ORDER BY name")
+        .await;
+    assert_eq!(leases_now, leases_before, "only the leader leases");
+
+    leader.kill();
+    let killed = Instant::now();
+    let log = standby.log.clone();
+    eventually("the standby leads", Duration::from_secs(15), || {
+        let log = log.clone();
+        async move {
+            common::log_tail(&log, 200)
+                .contains("leading")
+                .then_some(())
+        }
+    })
+    .await;
+    let took_over = killed.elapsed();
+    assert!(
+        took_over <= Duration::from_secs(15),
+        "took over after {took_over:?}"
+    );
+    eventually("the new leader is ready", Duration::from_secs(30), || {
+        let get = get("/readyz");
+        async move { (get.await.0 == 200).then_some(()) }
+    })
+    .await;
+    // The dead leader's leases run out and its tasks run again under the new leader.
+    eventually("the tasks run again", Duration::from_secs(60), || {
+        let db = &setup.db;
+        async move {
+            let rerun = db
+                .scalar(
+                    "SELECT count(*) FROM tasks WHERE status = 'in_progress' AND run_lease >= 2",
+                )
+                .await;
+            (rerun == 2).then_some(())
+        }
+    })
+    .await;
+    let (_, metrics) = get("/metrics").await;
+    assert!(metrics.contains("agentops_leader 1"), "{metrics}");
+    sigterm(&standby);
+    let status = wait_exit(&mut standby, Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "{}", standby.log_tail(40));
 }

@@ -88,6 +88,51 @@ pub fn router<Q: Queue + UsageLog>(state: Arc<ApiState<Q>>) -> Router {
         .with_state(state)
 }
 
+/// What a standby controller serves while another leads: it is alive, not ready, and its
+/// process metrics can be scraped.
+pub fn standby_router() -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "standing by: another controller leads",
+                )
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                let mut registry = prometheus_client::registry::Registry::default();
+                crate::telemetry::telemetry().register(&mut registry);
+                openmetrics(&registry)
+            }),
+        )
+        .fallback(|| async {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "standing by: another controller leads; retry",
+            )
+        })
+}
+
+fn openmetrics(registry: &prometheus_client::registry::Registry) -> Response {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, registry) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 /// Errors as the protocol answers them.
 #[derive(Debug)]
 pub enum ApiError {
@@ -187,18 +232,7 @@ async fn readyz<Q: Queue>(State(state): State<Arc<ApiState<Q>>>) -> StatusCode {
 }
 
 async fn metrics<Q: Queue>(State(state): State<Arc<ApiState<Q>>>) -> Response {
-    let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &state.registry) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    openmetrics(&state.registry)
 }
 
 #[derive(Deserialize)]

@@ -15,8 +15,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    DispatchArgs, EmbeddedArgs, GlobalConfig, LlmArgs, ShutdownArgs, SourceConfig, StoreConfig,
-    WritebackArgs,
+    DispatchArgs, EmbeddedArgs, GlobalConfig, LeaderArgs, LlmArgs, ShutdownArgs, SourceConfig,
+    StoreConfig, WritebackArgs,
 };
 
 #[derive(Debug, Parser)]
@@ -83,6 +83,8 @@ pub enum Command {
         llm: LlmArgs,
         #[command(flatten)]
         shutdown: ShutdownArgs,
+        #[command(flatten)]
+        leader: LeaderArgs,
         /// Exit 0 once no task can move without a person: none in progress, none pending with
         /// its dependencies completed (work in review waits for a merge).
         #[arg(long)]
@@ -147,6 +149,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             agents,
             llm,
             shutdown,
+            leader,
             exit_when_idle,
         } => {
             let embedded = (!agents.no_agents).then_some((agents, llm));
@@ -159,6 +162,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 embedded,
                 exit_when_idle,
                 shutdown,
+                leader,
             })
             .await
         }

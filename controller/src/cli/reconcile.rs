@@ -94,5 +94,7 @@ pub async fn up(config: ControllerConfig) -> anyhow::Result<ExitCode> {
     let runtime = Runtime::build(config).await?;
     match runtime.run(shutdown).await? {
         Exit::Stopped | Exit::Idle => Ok(ExitCode::SUCCESS),
+        // A supervisor restarts it, and it stands by until it can lead again.
+        Exit::LostLeadership => Ok(ExitCode::from(1)),
     }
 }

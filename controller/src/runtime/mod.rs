@@ -5,6 +5,7 @@
 //! [`stop`]: stop claiming, let agents finish or hand back, push the status, drain the relay,
 //! close the API.
 
+pub mod leader;
 mod stop;
 
 use std::net::SocketAddr;
@@ -19,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::ApiState;
 use crate::bus::{Bus, BusError, InProcessBus, NatsBus};
 use crate::config::{
-    DispatchArgs, EmbeddedArgs, GlobalConfig, LlmArgs, PRESENCE_TIMEOUT, ShutdownArgs,
+    DispatchArgs, EmbeddedArgs, GlobalConfig, LeaderArgs, LlmArgs, PRESENCE_TIMEOUT, ShutdownArgs,
     SourceConfig, StoreConfig, WritebackArgs,
 };
 use crate::dispatch::{Backends, Dispatcher};
@@ -35,7 +36,8 @@ use crate::store::usage::UsageLog;
 use crate::store::writeback::Writeback;
 use crate::store::{AnyStore, Store, StoreError};
 use crate::telemetry::{
-    InternalEvent, ReviewCheckFailed, ReviewsChecked, StatusNotCommitted, SyncCompleted, SyncFailed,
+    InternalEvent, LeadershipLost, Leading, ReviewCheckFailed, ReviewsChecked, StandingBy,
+    StatusNotCommitted, SyncCompleted, SyncFailed,
 };
 use crate::writeback::{GitResults, Retry, ReviewReport, Reviews, StatusWriter};
 
@@ -53,6 +55,7 @@ pub struct ControllerConfig {
     pub embedded: Option<(EmbeddedArgs, LlmArgs)>,
     pub exit_when_idle: bool,
     pub shutdown: ShutdownArgs,
+    pub leader: LeaderArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,8 @@ pub enum RuntimeError {
     Store(#[source] StoreError),
     #[error("configuring the language model")]
     Llm(#[source] agentops_agents::llm::LlmError),
+    #[error("leader election")]
+    Leader(#[source] leader::LeaderError),
 }
 
 /// Why [`Runtime::run`] returned.
@@ -90,6 +95,8 @@ pub enum Exit {
     Stopped,
     /// `--exit-when-idle`: no task can move without a person.
     Idle,
+    /// The leader lock failed, so another controller may lead now.
+    LostLeadership,
 }
 
 /// The store operations the controller needs, all in one bound.
@@ -291,6 +298,53 @@ impl Runtime {
     }
 }
 
+/// Stand by until this controller leads, serving health and metrics meanwhile. Returns the
+/// lead and the listener for the API, or `None` when told to stop first.
+async fn lead(
+    mut leadership: leader::Leadership,
+    lock: &str,
+    listener: tokio::net::TcpListener,
+    shutdown: &CancellationToken,
+) -> Result<Option<(leader::Lead, tokio::net::TcpListener)>, RuntimeError> {
+    if matches!(leadership, leader::Leadership::Sole) {
+        Leading { lock }.emit();
+        return Ok(Some((leadership.watch(), listener)));
+    }
+    // The standby's server and then the leader's API serve the same socket.
+    let addr = listener_addr(&listener);
+    let listen_error_at = move |source| RuntimeError::Listen { addr, source };
+    let socket = listener.into_std().map_err(listen_error_at)?;
+    let spare = socket.try_clone().map_err(listen_error_at)?;
+    let standby_listener = tokio::net::TcpListener::from_std(socket).map_err(listen_error_at)?;
+    let standby_stop = CancellationToken::new();
+    let closing = standby_stop.clone();
+    let standby = tokio::spawn(async move {
+        let serving = axum::serve(standby_listener, crate::api::standby_router())
+            .with_graceful_shutdown(closing.cancelled_owned())
+            .await;
+        if let Err(e) = serving {
+            tracing::error!("HTTP server stopped: {e}");
+        }
+    });
+    let acquired = leadership
+        .acquire(shutdown, || StandingBy { lock }.emit())
+        .await;
+    standby_stop.cancel();
+    let _ = standby.await;
+    if !acquired.map_err(RuntimeError::Leader)? {
+        return Ok(None);
+    }
+    Leading { lock }.emit();
+    let listener = tokio::net::TcpListener::from_std(spare).map_err(listen_error_at)?;
+    Ok(Some((leadership.watch(), listener)))
+}
+
+fn listener_addr(listener: &tokio::net::TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
 /// [`Runtime`] without its store, which [`Parts::run`] takes in its concrete type.
 struct Parts {
     config: ControllerConfig,
@@ -332,6 +386,13 @@ impl Parts {
             backends,
         } = self;
         store.migrate().await.map_err(RuntimeError::Store)?;
+        let leadership =
+            leader::Leadership::for_store(&config.store.url(&config.global), &config.leader);
+        let Some((mut leadership, listener)) =
+            lead(leadership, &config.leader.leader_lock, listener, &shutdown).await?
+        else {
+            return Ok(Exit::Stopped);
+        };
         let api_url = format!(
             "http://{}",
             listener
@@ -449,6 +510,10 @@ impl Parts {
                 // A stop asked for during a sync is seen as soon as the sync ends.
                 biased;
                 () = shutdown.cancelled() => break Exit::Stopped,
+                error = leadership.lost() => {
+                    LeadershipLost { error: &error }.emit();
+                    break Exit::LostLeadership;
+                }
                 reason = triggers.next() => reason,
                 _ = idle_check.tick(), if config.exit_when_idle && running.api.ready.load(Relaxed) => {
                     if idle(&store, &reviews, &running.dispatcher).await {
