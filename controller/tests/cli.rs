@@ -191,6 +191,110 @@ fn validate_prints_each_error_and_exits_1() {
     );
 }
 
+/// Files given one by one, as a pre-commit hook passes them: checked with the rest of their
+/// Git work tree, only their own errors printed under the paths as given, YAML of other
+/// tools ignored.
+#[test]
+fn validate_files_in_their_work_tree() {
+    let repo = GitRepo::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut files = good_fixture();
+    files.push((
+        ".github/workflows/ci.yaml",
+        "name: ci\non: [push]\njobs:\n  test:\n    runs-on: ubuntu-latest\n".to_owned(),
+    ));
+    files.push((
+        "deploy/web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n".to_owned(),
+    ));
+    commit_all(&repo, &files);
+    let validate = |paths: &[&str]| {
+        run(agentops(data.path())
+            .current_dir(repo.path())
+            .arg("validate")
+            .args(paths))
+    };
+
+    let (code, stdout, stderr) = validate(&[
+        "projects/site/tasks/build.yaml",
+        "projects/report/tasks/gather.yml",
+        ".github/workflows/ci.yaml",
+    ]);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(stdout, "");
+
+    // draft now depends on build, which depends on draft; and gather names a missing task.
+    let draft = "projects/site/tasks/draft.yaml";
+    let content = format!("{}  dependsOn: [build]\n", files[1].1);
+    std::fs::write(repo.path().join(draft), content).unwrap();
+    let (code, stdout, stderr) = validate(&[
+        draft,
+        "projects/report/tasks/gather.yml",
+        ".github/workflows/ci.yaml",
+        "deploy/web.yaml",
+    ]);
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        stdout,
+        "projects/site/tasks/draft.yaml:12:15: dependency cycle: draft → build → draft\n"
+    );
+    assert!(stderr.contains("1 errors"), "{stderr}");
+
+    // The other file of the cycle, alone, fails too, at its own entry.
+    let (code, stdout, _) = validate(&["projects/site/tasks/build.yaml"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        stdout,
+        "projects/site/tasks/build.yaml:7:15: dependency cycle: build → draft → build\n"
+    );
+
+    // A new file not yet added to the index is checked all the same, with its neighbours.
+    let extra = "projects/site/tasks/extra.yaml";
+    std::fs::write(
+        repo.path().join(extra),
+        format!("{API}\nkind: Task\nmetadata:\n  name: extra\nspec:\n  title: Extra\n  dependsOn: [missing, build]\n  action:\n    prompt: Extra.\n"),
+    )
+    .unwrap();
+    let (code, stdout, _) = validate(&[extra]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        stdout,
+        "projects/site/tasks/extra.yaml:7:15: dependsOn names task `missing`, which does not exist\n"
+    );
+}
+
+/// `--root`: files are checked with the specs under it, their projects taken from their place
+/// below it; without it, a file outside any work tree is checked alone.
+#[test]
+fn validate_files_under_a_root() {
+    let top = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    write_folder(&top.path().join("specs"), &good_fixture());
+    let build = "specs/projects/site/tasks/build.yaml";
+    let (code, stdout, stderr) = run(agentops(data.path())
+        .current_dir(top.path())
+        .args(["validate", "--root", "specs", build]));
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+
+    let (code, stdout, _) = run(agentops(data.path())
+        .current_dir(top.path())
+        .args(["validate", build]));
+    assert_eq!(code, 1);
+    assert!(
+        stdout.starts_with(&format!("{build}:")) && stdout.contains("task has no project"),
+        "{stdout}"
+    );
+
+    let (code, _, stderr) = run(agentops(data.path()).current_dir(top.path()).args([
+        "validate",
+        "--root",
+        "specs/projects/report",
+        build,
+    ]));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("is not inside"), "{stderr}");
+}
+
 /// The projects and tasks `status --format json` must show for the bad fixture (whose
 /// invalid task `extra` is never created) or the good one.
 fn expected_status() -> Value {

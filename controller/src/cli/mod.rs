@@ -48,8 +48,16 @@ pub enum TableFormat {
 pub enum Command {
     /// Check spec files; print every error as path:line:column: message. Exit 1 if any.
     Validate {
-        /// A spec file or a directory of them.
-        path: std::path::PathBuf,
+        /// Directories of spec files, each checked whole, or files (as a pre-commit hook
+        /// passes them), checked with the other spec files of their Git work tree (or of
+        /// --root); only the errors in the files given are printed.
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+        /// The folder the files' specs are synced from (the controller's --path inside the
+        /// repository): files given are checked with every spec file under it, their
+        /// projects taken from `projects/<p>/tasks/` relative to it.
+        #[arg(long, env = "AGENTOPS_VALIDATE_ROOT")]
+        root: Option<std::path::PathBuf>,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
@@ -132,7 +140,11 @@ pub enum Command {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = cli.global;
     match cli.command {
-        Command::Validate { path, format } => validate::run(&path, format),
+        Command::Validate {
+            paths,
+            root,
+            format,
+        } => validate::run(&paths, root.as_deref(), format),
         Command::Reconcile {
             source,
             store,
