@@ -263,6 +263,70 @@ fn validate_files_in_their_work_tree() {
     );
 }
 
+/// The hook a repository gets from `.pre-commit-hooks.yaml`, as pre-commit reads it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Hook {
+    id: String,
+    name: String,
+    description: String,
+    entry: String,
+    language: String,
+    files: String,
+    exclude: String,
+    pass_filenames: bool,
+    #[serde(default)]
+    args: Vec<String>,
+}
+
+/// The pre-commit hook runs a real subcommand: its entry, with its arguments and the file
+/// names pre-commit would pass, passes a good spec and fails a bad one at its line.
+#[test]
+fn the_pre_commit_hook_runs_agentops_validate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join(".pre-commit-hooks.yaml")).unwrap();
+    let hooks: Vec<Hook> = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    let hook = &hooks[0];
+    assert_eq!(hook.id, "agentops-validate");
+    assert_eq!(hook.name, "agentops validate");
+    assert!(hook.description.contains("path:line:column"), "{hook:?}");
+    // The binary's package is not at the top of the repository, where pre-commit's `rust`
+    // language would `cargo install` it from.
+    assert_eq!(hook.language, "system");
+    assert_eq!(hook.files, r"\.ya?ml$");
+    assert_eq!(hook.exclude, r"^\.agentops/");
+    assert!(hook.pass_filenames);
+    let mut entry = hook.entry.split_whitespace();
+    assert_eq!(entry.next(), Some("agentops"));
+    let entry_args: Vec<&str> = entry.collect();
+
+    let repo = GitRepo::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut files = good_fixture();
+    let bad = "projects/site/tasks/extra.yaml";
+    files.push((
+        bad,
+        format!("{API}\nkind: Task\nmetadata:\n  name: extra\nspec:\n  title: Extra\n  colour: red\n  action:\n    prompt: Extra.\n"),
+    ));
+    commit_all(&repo, &files);
+    let hook_run = |file: &str| {
+        run(agentops(data.path())
+            .current_dir(repo.path())
+            .args(&entry_args)
+            .args(&hook.args)
+            .arg(file))
+    };
+    let (code, stdout, stderr) = hook_run("projects/site/tasks/build.yaml");
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let (code, stdout, stderr) = hook_run(bad);
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.starts_with(&format!("{bad}:7:3: ")) && stdout.contains("colour"),
+        "{stdout}"
+    );
+}
+
 /// `--root`: files are checked with the specs under it, their projects taken from their place
 /// below it; without it, a file outside any work tree is checked alone.
 #[test]
