@@ -553,3 +553,50 @@ async fn migrate_a_fresh_database<S: TestStore>() {
     );
     assert_eq!(db.scalar("SELECT count(*) FROM project_progress").await, 0);
 }
+
+/// `completions`: a script for each shell that knows the subcommands; bash's parses and
+/// registers the completion when sourced.
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    let data = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, script, stderr) = run(agentops(data.path()).args(["completions", shell]));
+        assert_eq!(code, 0, "{shell}: {stderr}");
+        for subcommand in ["validate", "up", "diff", "completions"] {
+            assert!(script.contains(subcommand), "{shell} lacks {subcommand}");
+        }
+        match shell {
+            "zsh" => assert!(script.starts_with("#compdef agentops"), "{script}"),
+            "fish" => assert!(
+                script.contains("complete -c agentops -n \"__fish_agentops_needs_command\""),
+                "{script}"
+            ),
+            _ => {}
+        }
+    }
+
+    let script = data.path().join("agentops.bash");
+    let (code, text, _) = run(agentops(data.path()).args(["completions", "bash"]));
+    assert_eq!(code, 0);
+    std::fs::write(&script, text).unwrap();
+    let (code, stdout, stderr) = run(Command::new("bash").arg("-n").arg(&script));
+    assert_eq!(code, 0, "bash -n: {stdout}{stderr}");
+    let (code, stdout, stderr) = run(Command::new("bash")
+        .arg("-c")
+        .arg("source \"$1\" && complete -p agentops")
+        .arg("bash")
+        .arg(&script));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("-F _agentops agentops"), "{stdout}");
+    // The function completes a subcommand from its first letters.
+    let (code, stdout, stderr) = run(Command::new("bash")
+        .arg("-c")
+        .arg(
+            "source \"$1\"; COMP_WORDS=(agentops comp); COMP_CWORD=1; \
+             _agentops agentops comp agentops; printf '%s\\n' \"${COMPREPLY[@]}\"",
+        )
+        .arg("bash")
+        .arg(&script));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, "completions\n");
+}

@@ -135,6 +135,28 @@ pub enum Command {
         #[command(subcommand)]
         bench: bench::Bench,
     },
+    /// Print the shell completion script: `source <(agentops completions bash)`, or save it
+    /// where the shell loads completions from.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The completion script, written whole: generated into memory because the generator panics
+/// when its writer fails, and a reader that stops early (`| head`) is no error.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "agentops", &mut script);
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(&script).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("writing the completion script: {e}"))
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -207,6 +229,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { bench } => bench::run(&global, bench).await,
+        Command::Completions { shell } => completions(shell),
     }
 }
 
