@@ -54,13 +54,15 @@ pub(crate) async fn repair_postgres(
         return Ok(());
     }
     for (version, released, current) in checksum_updates(migrator, POSTGRES_REWORDED) {
-        sqlx::query("UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2 AND checksum = $3")
-            .bind(current)
-            .bind(version)
-            .bind(released)
-            .execute(pool)
-            .await
-            .map_err(query_error("recording a reworded migration's checksum"))?;
+        sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2 AND checksum = $3",
+        )
+        .bind(current)
+        .bind(version)
+        .bind(released)
+        .execute(pool)
+        .await
+        .map_err(query_error("recording a reworded migration's checksum"))?;
     }
     Ok(())
 }
@@ -79,13 +81,15 @@ pub(crate) async fn repair_sqlite(
         return Ok(());
     }
     for (version, released, current) in checksum_updates(migrator, SQLITE_REWORDED) {
-        sqlx::query("UPDATE _sqlx_migrations SET checksum = ?1 WHERE version = ?2 AND checksum = ?3")
-            .bind(current)
-            .bind(version)
-            .bind(released)
-            .execute(pool)
-            .await
-            .map_err(query_error("recording a reworded migration's checksum"))?;
+        sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = ?1 WHERE version = ?2 AND checksum = ?3",
+        )
+        .bind(current)
+        .bind(version)
+        .bind(released)
+        .execute(pool)
+        .await
+        .map_err(query_error("recording a reworded migration's checksum"))?;
     }
     Ok(())
 }

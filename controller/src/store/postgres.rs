@@ -68,10 +68,7 @@ impl Store for PgStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let migrator = sqlx::migrate!("../migrations/postgres");
         super::migrations::repair_postgres(&self.pool, &migrator).await?;
-        migrator
-            .run(&self.pool)
-            .await
-            .map_err(StoreError::Migrate)
+        migrator.run(&self.pool).await.map_err(StoreError::Migrate)
     }
 
     async fn load(&self, source: &str) -> Result<Current, StoreError> {

@@ -79,10 +79,7 @@ impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let migrator = sqlx::migrate!("../migrations/sqlite");
         super::migrations::repair_sqlite(&self.pool, &migrator).await?;
-        migrator
-            .run(&self.pool)
-            .await
-            .map_err(StoreError::Migrate)
+        migrator.run(&self.pool).await.map_err(StoreError::Migrate)
     }
 
     async fn load(&self, source: &str) -> Result<Current, StoreError> {
