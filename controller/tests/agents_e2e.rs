@@ -338,6 +338,107 @@ async fn ask_proposes_a_project_that_runs_once_merged() {
     );
 }
 
+/// Offline, a request that lists its steps in one sentence is planned as one task per step,
+/// in order, each depending on the one before.
+#[tokio::test]
+async fn ask_plans_a_listed_sentence_as_a_chain_of_tasks() {
+    let setup = Setup::new(|work| {
+        std::fs::write(work.join("README.md"), "specs\n").unwrap();
+    });
+    let mut ask = setup.command(&[
+        "ask",
+        "Plan a team offsite: book a venue, send the invitations, collect dietary needs, then confirm the catering",
+    ]);
+    ask.kill_on_drop(true);
+    let output = Setup::run(ask).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        stdout.trim(),
+        "branch agentops/proposals/plan-a-team-offsite"
+    );
+
+    setup.fetch();
+    git(
+        &setup.clone,
+        &[
+            "checkout",
+            "-q",
+            "origin/agentops/proposals/plan-a-team-offsite",
+        ],
+    );
+    let dir = setup.clone.join("projects/plan-a-team-offsite/tasks");
+    let mut tasks: Vec<(String, String, Vec<String>)> = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let rel = path
+            .strip_prefix(&setup.clone)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let parsed = agentops_specs::parse_file(&rel, &std::fs::read(&path).unwrap());
+        assert!(parsed.errors.is_empty(), "{rel}: {:?}", parsed.errors);
+        for object in parsed.objects {
+            let agentops_specs::Spec::Task(task) = &object.spec else {
+                panic!("{rel} holds a {:?}", object.spec);
+            };
+            tasks.push((
+                object.name().to_owned(),
+                task.title.clone(),
+                task.depends_on.clone(),
+            ));
+        }
+    }
+    // Follow the chain from the task that depends on nothing.
+    let mut chain = Vec::new();
+    let mut previous: Option<String> = None;
+    while let Some(next) = tasks
+        .iter()
+        .find(|(_, _, deps)| deps.as_slice() == previous.as_slice())
+    {
+        chain.push((next.0.clone(), next.1.clone(), next.2.clone()));
+        previous = Some(next.0.clone());
+    }
+    assert_eq!(chain.len(), tasks.len(), "not one chain: {tasks:?}");
+    let expect = |name: &str, title: &str, after: Option<&str>| {
+        (
+            name.to_owned(),
+            title.to_owned(),
+            after.map(str::to_owned).into_iter().collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        chain,
+        [
+            expect("book-a-venue", "Book a venue", None),
+            expect(
+                "send-the-invitations",
+                "Send the invitations",
+                Some("book-a-venue")
+            ),
+            expect(
+                "collect-dietary-needs",
+                "Collect dietary needs",
+                Some("send-the-invitations")
+            ),
+            expect(
+                "confirm-the-catering",
+                "Confirm the catering",
+                Some("collect-dietary-needs")
+            ),
+        ]
+    );
+    let project = std::fs::read_to_string(
+        setup
+            .clone
+            .join("projects/plan-a-team-offsite/project.yaml"),
+    )
+    .unwrap();
+    assert!(
+        project.contains("title: Plan a team offsite\n"),
+        "{project}"
+    );
+}
+
 fn run_task(name: &str, script: &str, paths: &str) -> String {
     format!(
         "apiVersion: agentops.dev/v1alpha1\nkind: Task\nmetadata:\n  name: {name}\nspec:\n  \

@@ -191,6 +191,174 @@ fn validate_prints_each_error_and_exits_1() {
     );
 }
 
+/// Files given one by one, as a pre-commit hook passes them: checked with the rest of their
+/// Git work tree, only their own errors printed under the paths as given, YAML of other
+/// tools ignored.
+#[test]
+fn validate_files_in_their_work_tree() {
+    let repo = GitRepo::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut files = good_fixture();
+    files.push((
+        ".github/workflows/ci.yaml",
+        "name: ci\non: [push]\njobs:\n  test:\n    runs-on: ubuntu-latest\n".to_owned(),
+    ));
+    files.push((
+        "deploy/web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n".to_owned(),
+    ));
+    commit_all(&repo, &files);
+    let validate = |paths: &[&str]| {
+        run(agentops(data.path())
+            .current_dir(repo.path())
+            .arg("validate")
+            .args(paths))
+    };
+
+    let (code, stdout, stderr) = validate(&[
+        "projects/site/tasks/build.yaml",
+        "projects/report/tasks/gather.yml",
+        ".github/workflows/ci.yaml",
+    ]);
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(stdout, "");
+
+    // draft now depends on build, which depends on draft; and gather names a missing task.
+    let draft = "projects/site/tasks/draft.yaml";
+    let content = format!("{}  dependsOn: [build]\n", files[1].1);
+    std::fs::write(repo.path().join(draft), content).unwrap();
+    let (code, stdout, stderr) = validate(&[
+        draft,
+        "projects/report/tasks/gather.yml",
+        ".github/workflows/ci.yaml",
+        "deploy/web.yaml",
+    ]);
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(
+        stdout,
+        "projects/site/tasks/draft.yaml:12:15: dependency cycle: draft → build → draft\n"
+    );
+    assert!(stderr.contains("1 errors"), "{stderr}");
+
+    // The other file of the cycle, alone, fails too, at its own entry.
+    let (code, stdout, _) = validate(&["projects/site/tasks/build.yaml"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        stdout,
+        "projects/site/tasks/build.yaml:7:15: dependency cycle: build → draft → build\n"
+    );
+
+    // A new file not yet added to the index is checked all the same, with its neighbours.
+    let extra = "projects/site/tasks/extra.yaml";
+    std::fs::write(
+        repo.path().join(extra),
+        format!("{API}\nkind: Task\nmetadata:\n  name: extra\nspec:\n  title: Extra\n  dependsOn: [missing, build]\n  action:\n    prompt: Extra.\n"),
+    )
+    .unwrap();
+    let (code, stdout, _) = validate(&[extra]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        stdout,
+        "projects/site/tasks/extra.yaml:7:15: dependsOn names task `missing`, which does not exist\n"
+    );
+}
+
+/// The hook a repository gets from `.pre-commit-hooks.yaml`, as pre-commit reads it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Hook {
+    id: String,
+    name: String,
+    description: String,
+    entry: String,
+    language: String,
+    files: String,
+    exclude: String,
+    pass_filenames: bool,
+    #[serde(default)]
+    args: Vec<String>,
+}
+
+/// The pre-commit hook runs a real subcommand: its entry, with its arguments and the file
+/// names pre-commit would pass, passes a good spec and fails a bad one at its line.
+#[test]
+fn the_pre_commit_hook_runs_agentops_validate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join(".pre-commit-hooks.yaml")).unwrap();
+    let hooks: Vec<Hook> = serde_saphyr::from_str(&text).unwrap();
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    let hook = &hooks[0];
+    assert_eq!(hook.id, "agentops-validate");
+    assert_eq!(hook.name, "agentops validate");
+    assert!(hook.description.contains("path:line:column"), "{hook:?}");
+    // The binary's package is not at the top of the repository, where pre-commit's `rust`
+    // language would `cargo install` it from.
+    assert_eq!(hook.language, "system");
+    assert_eq!(hook.files, r"\.ya?ml$");
+    assert_eq!(hook.exclude, r"^\.agentops/");
+    assert!(hook.pass_filenames);
+    let mut entry = hook.entry.split_whitespace();
+    assert_eq!(entry.next(), Some("agentops"));
+    let entry_args: Vec<&str> = entry.collect();
+
+    let repo = GitRepo::new();
+    let data = tempfile::tempdir().unwrap();
+    let mut files = good_fixture();
+    let bad = "projects/site/tasks/extra.yaml";
+    files.push((
+        bad,
+        format!("{API}\nkind: Task\nmetadata:\n  name: extra\nspec:\n  title: Extra\n  colour: red\n  action:\n    prompt: Extra.\n"),
+    ));
+    commit_all(&repo, &files);
+    let hook_run = |file: &str| {
+        run(agentops(data.path())
+            .current_dir(repo.path())
+            .args(&entry_args)
+            .args(&hook.args)
+            .arg(file))
+    };
+    let (code, stdout, stderr) = hook_run("projects/site/tasks/build.yaml");
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let (code, stdout, stderr) = hook_run(bad);
+    assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stdout.starts_with(&format!("{bad}:7:3: ")) && stdout.contains("colour"),
+        "{stdout}"
+    );
+}
+
+/// `--root`: files are checked with the specs under it, their projects taken from their place
+/// below it; without it, a file outside any work tree is checked alone.
+#[test]
+fn validate_files_under_a_root() {
+    let top = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    write_folder(&top.path().join("specs"), &good_fixture());
+    let build = "specs/projects/site/tasks/build.yaml";
+    let (code, stdout, stderr) = run(agentops(data.path())
+        .current_dir(top.path())
+        .args(["validate", "--root", "specs", build]));
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+
+    let (code, stdout, _) = run(agentops(data.path())
+        .current_dir(top.path())
+        .args(["validate", build]));
+    assert_eq!(code, 1);
+    assert!(
+        stdout.starts_with(&format!("{build}:")) && stdout.contains("task has no project"),
+        "{stdout}"
+    );
+
+    let (code, _, stderr) = run(agentops(data.path()).current_dir(top.path()).args([
+        "validate",
+        "--root",
+        "specs/projects/report",
+        build,
+    ]));
+    assert_eq!(code, 2);
+    assert!(stderr.contains("is not inside"), "{stderr}");
+}
+
 /// The projects and tasks `status --format json` must show for the bad fixture (whose
 /// invalid task `extra` is never created) or the good one.
 fn expected_status() -> Value {
@@ -384,4 +552,51 @@ async fn migrate_a_fresh_database<S: TestStore>() {
         2
     );
     assert_eq!(db.scalar("SELECT count(*) FROM project_progress").await, 0);
+}
+
+/// `completions`: a script for each shell that knows the subcommands; bash's parses and
+/// registers the completion when sourced.
+#[test]
+fn completions_for_bash_zsh_and_fish() {
+    let data = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, script, stderr) = run(agentops(data.path()).args(["completions", shell]));
+        assert_eq!(code, 0, "{shell}: {stderr}");
+        for subcommand in ["validate", "up", "diff", "completions"] {
+            assert!(script.contains(subcommand), "{shell} lacks {subcommand}");
+        }
+        match shell {
+            "zsh" => assert!(script.starts_with("#compdef agentops"), "{script}"),
+            "fish" => assert!(
+                script.contains("complete -c agentops -n \"__fish_agentops_needs_command\""),
+                "{script}"
+            ),
+            _ => {}
+        }
+    }
+
+    let script = data.path().join("agentops.bash");
+    let (code, text, _) = run(agentops(data.path()).args(["completions", "bash"]));
+    assert_eq!(code, 0);
+    std::fs::write(&script, text).unwrap();
+    let (code, stdout, stderr) = run(Command::new("bash").arg("-n").arg(&script));
+    assert_eq!(code, 0, "bash -n: {stdout}{stderr}");
+    let (code, stdout, stderr) = run(Command::new("bash")
+        .arg("-c")
+        .arg("source \"$1\" && complete -p agentops")
+        .arg("bash")
+        .arg(&script));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("-F _agentops agentops"), "{stdout}");
+    // The function completes a subcommand from its first letters.
+    let (code, stdout, stderr) = run(Command::new("bash")
+        .arg("-c")
+        .arg(
+            "source \"$1\"; COMP_WORDS=(agentops comp); COMP_CWORD=1; \
+             _agentops agentops comp agentops; printf '%s\\n' \"${COMPREPLY[@]}\"",
+        )
+        .arg("bash")
+        .arg(&script));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, "completions\n");
 }

@@ -15,6 +15,7 @@ both_backends!(
     same_revision_writes_nothing,
     bad_file_keeps_its_last_good_version,
     broken_project_keeps_its_tasks,
+    every_file_of_a_cycle_is_invalid,
     folder_is_imported_and_resnapshotted,
 );
 
@@ -634,6 +635,86 @@ async fn bad_file_keeps_its_last_good_version<S: TestStore>() {
     assert_eq!(
         env.task_lines().await[0],
         r#"web/a pending g2 projects/web/tasks/a.yaml @c6 "Task A v3""#
+    );
+    assert_eq!(env.db.source().await.errors(), json!([]));
+}
+
+/// A dependency cycle through three files and two projects: each file gets the error at its
+/// own `dependsOn` entry, each task keeps its last good version flagged with it, and the
+/// source's errors list all three; breaking the cycle clears them all.
+async fn every_file_of_a_cycle_is_invalid<S: TestStore>() {
+    const OPS: &str = "projects/ops/project.yaml";
+    const D: &str = "projects/ops/tasks/d.yaml";
+    let depends =
+        |name: &str, title: &str, on: &str| format!("{}  dependsOn: [{on}]\n", task(name, title));
+    let mut env = Env::<S>::new().await;
+    env.commit(
+        "create",
+        &[
+            (PROJECT, Some(&project("web", "Website"))),
+            (OPS, Some(&project("ops", "Operations"))),
+            (A, Some(&task("a", "Task A"))),
+            (B, Some(&task("b", "Task B"))),
+            (D, Some(&task("d", "Task D"))),
+        ],
+    );
+    let report = env.sync().await;
+    assert!(report.diagnostics.is_empty(), "{:?}", report.diagnostics);
+    env.new_events().await;
+
+    env.commit(
+        "close a cycle",
+        &[
+            (A, Some(&depends("a", "Task A v2", "b"))),
+            (B, Some(&depends("b", "Task B v2", "ops/d"))),
+            (D, Some(&depends("d", "Task D v2", "web/a"))),
+        ],
+    );
+    let report = env.sync().await;
+    let expected = [
+        format!("{D}:9:15: dependency cycle: d → web/a → web/b → d"),
+        format!("{A}:9:15: dependency cycle: a → b → ops/d → a"),
+        format!("{B}:9:15: dependency cycle: b → ops/d → a → b"),
+    ];
+    let lines: Vec<String> = report.diagnostics.iter().map(ToString::to_string).collect();
+    assert_eq!(lines, expected);
+    assert_eq!(
+        env.task_lines().await,
+        [
+            format!(r#"ops/d pending g1 {D} @c1 "Task D" ! {}"#, expected[0]),
+            format!(r#"web/a pending g1 {A} @c1 "Task A" ! {}"#, expected[1]),
+            format!(r#"web/b pending g1 {B} @c1 "Task B" ! {}"#, expected[2]),
+        ]
+    );
+    assert_eq!(
+        env.db.source().await.errors(),
+        serde_json::to_value(&report.diagnostics).unwrap()
+    );
+    assert_eq!(
+        env.new_events().await,
+        counts(&[("source.invalid", 3), ("task.invalid", 3)])
+    );
+    let mut flagged: Vec<String> = env
+        .db
+        .events_of("task.invalid")
+        .await
+        .iter()
+        .map(|e| e["path"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    flagged.sort();
+    assert_eq!(flagged, [D, A, B]);
+
+    // Breaking the cycle at one task clears every member; the other two take effect now.
+    env.commit("break the cycle", &[(D, Some(&task("d", "Task D v2")))]);
+    let report = env.sync().await;
+    assert!(report.diagnostics.is_empty(), "{:?}", report.diagnostics);
+    assert_eq!(
+        env.task_lines().await,
+        [
+            format!(r#"ops/d pending g2 {D} @c3 "Task D v2""#),
+            format!(r#"web/a pending g2 {A} @c3 "Task A v2""#),
+            format!(r#"web/b pending g2 {B} @c3 "Task B v2""#),
+        ]
     );
     assert_eq!(env.db.source().await.errors(), json!([]));
 }

@@ -644,6 +644,74 @@ async fn reconcile_once_flushes_the_status() {
     assert_eq!(remote.head(), head.id());
 }
 
+/// A dependency cycle across two projects: after a sync, each project's status file carries
+/// the error of its own task, at that task's `dependsOn` entry.
+#[tokio::test]
+async fn every_task_of_a_cycle_has_its_error_in_the_status() {
+    let remote = Remote::new();
+    let files = specs();
+    remote.commit("specs", &changes(&files));
+    let dir = tempfile::tempdir().unwrap();
+    let reconcile = || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_agentops"))
+            .args(["reconcile", "--once", "--repo", &remote.url()])
+            .arg("--database")
+            .arg(format!(
+                "sqlite://{}",
+                dir.path().join("db.sqlite").display()
+            ))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("AGENTOPS_LOG", "warn")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "{stderr}");
+    };
+    reconcile();
+    let draft = "projects/web/tasks/draft.yaml";
+    let write = "projects/docs/tasks/write.yaml";
+    remote.commit(
+        "a cycle",
+        &[
+            (
+                draft,
+                Some(&format!(
+                    "{}  dependsOn: [docs/write]\n",
+                    task("draft", "Draft the copy")
+                )),
+            ),
+            (
+                write,
+                Some(&format!(
+                    "{}  dependsOn: [web/draft]\n",
+                    task("write", "Write the docs")
+                )),
+            ),
+        ],
+    );
+    reconcile();
+    let head = remote.head();
+    for (project, message) in [
+        (
+            "web",
+            format!("{draft}:9:15: dependency cycle: draft → docs/write → draft"),
+        ),
+        (
+            "docs",
+            format!("{write}:9:15: dependency cycle: write → web/draft → write"),
+        ),
+    ] {
+        let yaml = remote
+            .file(head, &format!(".agentops/status/{project}.yaml"))
+            .unwrap_or_else(|| panic!("no status for {project}"));
+        assert!(
+            yaml.contains(&format!("    message: \"{message}\"\n")),
+            "{project}: {yaml}"
+        );
+    }
+}
+
 /// `up` commits the status on its interval and once more on its way out.
 #[tokio::test]
 async fn up_commits_the_status_before_it_exits() {

@@ -243,8 +243,11 @@ pub fn validate_with_known<D: Declared>(objects: &[D], known: &HashSet<KeyRef<'_
         }
     }
 
-    for cycle in find_cycles(&order, &edges) {
-        let (at, pos) = cycle.closing;
+    // Each member of a cycle is told at its own entry, so that every file of the cycle is
+    // marked (a hook checking one file of it must fail too), and the path it reads starts
+    // with the task in front of it.
+    for entry in cycle_entries(&order, &edges) {
+        let at = entry.members[0];
         let at_project = match objects[at].key_ref() {
             KeyRef::Task { project, .. } => project,
             _ => "",
@@ -254,13 +257,11 @@ pub fn validate_with_known<D: Declared>(objects: &[D], known: &HashSet<KeyRef<'_
             KeyRef::Task { project, name } => format!("{project}/{name}"),
             other => other.to_string(),
         };
-        let mut path: Vec<String> = cycle.members.iter().map(|&i| label(i)).collect();
-        path.push(label(cycle.members[0]));
         v.report(
             &objects[at],
-            pos,
-            format!("dependency cycle: {}", path.join(" → ")),
-            &cycle.members,
+            entry.at,
+            format!("dependency cycle: {}", cycle_path(&entry.members, label)),
+            &entry.members,
         );
     }
 
@@ -278,54 +279,218 @@ impl Validation {
     }
 }
 
-struct Cycle {
-    /// In dependency order: each member depends on the next, the last on the first.
-    members: Vec<usize>,
-    /// The task and `dependsOn` entry that close the cycle: where the error is reported.
-    closing: (usize, Pos),
+/// A cycle's members, the first repeated at the end, joined by arrows. A cycle of more than
+/// [`CYCLE_SHOWN`] tasks shows its first ones and how many more there are: one such message
+/// per member would otherwise grow with the square of the cycle's length.
+fn cycle_path(members: &[usize], label: impl Fn(usize) -> String) -> String {
+    let mut parts: Vec<String> = members
+        .iter()
+        .take(CYCLE_SHOWN)
+        .map(|&i| label(i))
+        .collect();
+    if members.len() > CYCLE_SHOWN {
+        parts.push(format!("… {} more", members.len() - CYCLE_SHOWN));
+    }
+    parts.push(label(members[0]));
+    parts.join(" → ")
 }
 
-/// Every dependency cycle reachable by depth-first search, each reported once at the edge that
-/// closes it. Iterative, so a long chain cannot overflow the stack.
-fn find_cycles(order: &[usize], edges: &[Vec<(usize, Pos)>]) -> Vec<Cycle> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        New,
-        OnPath,
-        Done,
-    }
-    let mut mark = vec![Mark::New; edges.len()];
-    let mut cycles = Vec::new();
+const CYCLE_SHOWN: usize = 12;
 
+/// A `dependsOn` entry that leads into a dependency cycle.
+#[derive(Debug, PartialEq)]
+struct CycleEntry {
+    /// The entry's position in the task `members[0]` declares.
+    at: Pos,
+    /// The shortest cycle through the entry, from the task that declares it: each member
+    /// depends on the next, the last on the first.
+    members: Vec<usize>,
+}
+
+/// Every entry of the graph that lies on a cycle, each with the shortest cycle through it,
+/// in `order` of the declaring tasks and then of their entries. An entry lies on a cycle
+/// exactly when it stays inside a strongly connected component; the shortest way back is a
+/// breadth-first search inside that component.
+fn cycle_entries(order: &[usize], edges: &[Vec<(usize, Pos)>]) -> Vec<CycleEntry> {
+    const NONE: usize = usize::MAX;
+    let component = components(order, edges);
+    let mut entries = Vec::new();
+    let mut seen = vec![NONE; edges.len()];
+    let mut parent = vec![NONE; edges.len()];
+    let mut queue = std::collections::VecDeque::new();
+    let mut search = 0;
+    for &from in order {
+        for &(to, at) in &edges[from] {
+            if to == from || component[to] != component[from] || component[from] == NONE {
+                continue;
+            }
+            search += 1;
+            queue.clear();
+            queue.push_back(to);
+            seen[to] = search;
+            while let Some(node) = queue.pop_front() {
+                if node == from {
+                    break;
+                }
+                for &(next, _) in &edges[node] {
+                    if component[next] == component[from] && seen[next] != search {
+                        seen[next] = search;
+                        parent[next] = node;
+                        queue.push_back(next);
+                    }
+                }
+            }
+            if seen[from] != search {
+                continue;
+            }
+            // Back from `from` to `to` along the search, then reversed.
+            let mut back = Vec::new();
+            let mut node = from;
+            while node != to && back.len() < edges.len() {
+                node = parent[node];
+                back.push(node);
+            }
+            back.reverse();
+            let mut members = Vec::with_capacity(back.len() + 1);
+            members.push(from);
+            members.extend(back);
+            entries.push(CycleEntry { at, members });
+        }
+    }
+    entries
+}
+
+/// The strongly connected component of every node reached from `order`, by Tarjan's
+/// algorithm; iterative, so a long chain cannot overflow the stack. `usize::MAX` for nodes
+/// not reached.
+fn components(order: &[usize], edges: &[Vec<(usize, Pos)>]) -> Vec<usize> {
+    const NONE: usize = usize::MAX;
+    let n = edges.len();
+    let mut index = vec![NONE; n];
+    let mut low = vec![0; n];
+    let mut on_stack = vec![false; n];
+    let mut component = vec![NONE; n];
+    let mut stack: Vec<usize> = Vec::new();
+    let mut next_index = 0;
+    let mut next_component = 0;
     for &root in order {
-        if edges[root].is_empty() || mark[root] != Mark::New {
+        if index[root] != NONE {
             continue;
         }
+        index[root] = next_index;
+        low[root] = next_index;
+        next_index += 1;
+        stack.push(root);
+        on_stack[root] = true;
         // (node, index of the next edge to follow)
-        let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
-        mark[root] = Mark::OnPath;
-        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
-            if let Some(&(to, pos)) = edges[node].get(*next) {
+        let mut calls: Vec<(usize, usize)> = vec![(root, 0)];
+        while let Some(&mut (node, ref mut next)) = calls.last_mut() {
+            if let Some(&(to, _)) = edges[node].get(*next) {
                 *next += 1;
-                match mark[to] {
-                    Mark::New => {
-                        mark[to] = Mark::OnPath;
-                        stack.push((to, 0));
-                    }
-                    Mark::OnPath => {
-                        let start = stack.iter().position(|&(n, _)| n == to).unwrap_or(0);
-                        cycles.push(Cycle {
-                            members: stack[start..].iter().map(|&(n, _)| n).collect(),
-                            closing: (node, pos),
-                        });
-                    }
-                    Mark::Done => {}
+                if index[to] == NONE {
+                    index[to] = next_index;
+                    low[to] = next_index;
+                    next_index += 1;
+                    stack.push(to);
+                    on_stack[to] = true;
+                    calls.push((to, 0));
+                } else if on_stack[to] {
+                    low[node] = low[node].min(index[to]);
                 }
-            } else {
-                mark[node] = Mark::Done;
-                stack.pop();
+                continue;
+            }
+            calls.pop();
+            if let Some(&(caller, _)) = calls.last() {
+                low[caller] = low[caller].min(low[node]);
+            }
+            if low[node] == index[node] {
+                while let Some(member) = stack.pop() {
+                    on_stack[member] = false;
+                    component[member] = next_component;
+                    if member == node {
+                        break;
+                    }
+                }
+                next_component += 1;
             }
         }
     }
-    cycles
+    component
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph(n: usize, edges: &[(usize, usize)]) -> Vec<Vec<(usize, Pos)>> {
+        let mut graph = vec![Vec::new(); n];
+        for (k, &(from, to)) in edges.iter().enumerate() {
+            let line = u32::try_from(k).unwrap() + 1;
+            graph[from].push((to, Pos { line, column: 1 }));
+        }
+        graph
+    }
+
+    fn cycles(n: usize, edges: &[(usize, usize)]) -> Vec<(u32, Vec<usize>)> {
+        let order: Vec<usize> = (0..n).collect();
+        cycle_entries(&order, &graph(n, edges))
+            .into_iter()
+            .map(|e| (e.at.line, e.members))
+            .collect()
+    }
+
+    #[test]
+    fn every_member_of_a_cycle_gets_the_cycle_from_itself() {
+        assert_eq!(
+            cycles(2, &[(0, 1), (1, 0)]),
+            [(1, vec![0, 1]), (2, vec![1, 0])]
+        );
+        assert_eq!(
+            cycles(4, &[(0, 1), (1, 2), (2, 0), (3, 0)]),
+            [(1, vec![0, 1, 2]), (2, vec![1, 2, 0]), (3, vec![2, 0, 1])],
+            "3 depends on the cycle without being on it"
+        );
+    }
+
+    #[test]
+    fn a_task_on_two_cycles_is_told_at_both_entries() {
+        // 0 → 1 → 0 and 0 → 2 → 0: both of 0's entries lead into a cycle.
+        assert_eq!(
+            cycles(3, &[(0, 1), (0, 2), (1, 0), (2, 0)]),
+            [
+                (1, vec![0, 1]),
+                (2, vec![0, 2]),
+                (3, vec![1, 0]),
+                (4, vec![2, 0])
+            ]
+        );
+        // A shortcut: 3 reaches 1 directly, and the way back from 1 is the shortest.
+        assert_eq!(
+            cycles(4, &[(0, 1), (1, 2), (2, 3), (3, 0), (3, 1)]),
+            [
+                (1, vec![0, 1, 2, 3]),
+                (2, vec![1, 2, 3]),
+                (3, vec![2, 3, 1]),
+                (4, vec![3, 0, 1, 2]),
+                (5, vec![3, 1, 2])
+            ]
+        );
+    }
+
+    #[test]
+    fn no_cycle_no_entries() {
+        assert!(cycles(4, &[(0, 1), (1, 2), (0, 2), (3, 2)]).is_empty());
+        assert!(cycles(0, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_long_cycle_is_named_by_its_first_tasks() {
+        let members: Vec<usize> = (0..20).collect();
+        let path = cycle_path(&members, |i| format!("t{i}"));
+        assert_eq!(
+            path,
+            "t0 → t1 → t2 → t3 → t4 → t5 → t6 → t7 → t8 → t9 → t10 → t11 → … 8 more → t0"
+        );
+        assert_eq!(cycle_path(&[3, 4], |i| format!("t{i}")), "t3 → t4 → t3");
+    }
 }

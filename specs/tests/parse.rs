@@ -565,6 +565,38 @@ fn a_long_dependency_chain_is_not_a_cycle_and_does_not_overflow() {
 }
 
 #[test]
+fn a_long_cycle_tells_every_member_with_a_bounded_message() {
+    let mut text = format!("{API}\nkind: Project\nmetadata: {{name: p}}\nspec: {{title: P}}\n");
+    let n = 5_000;
+    for i in 0..n {
+        text += &format!(
+            "---\n{API}\nkind: Task\nmetadata: {{name: t{i}}}\nspec: {{project: p, title: T, dependsOn: [t{}], action: {{prompt: Go}}}}\n",
+            (i + 1) % n
+        );
+    }
+    let objects = parse_ok("ring.yaml", &text);
+    let started = std::time::Instant::now();
+    let validation = validate(&objects);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(validation.diagnostics.len(), n);
+    assert!(validation.invalid[1..].iter().all(|&i| i));
+    let first = validation
+        .diagnostics
+        .iter()
+        .find(|d| d.message.starts_with("dependency cycle: t42 → "))
+        .expect("t42 is told");
+    assert_eq!(
+        first.message,
+        "dependency cycle: t42 → t43 → t44 → t45 → t46 → t47 → t48 → t49 → t50 → t51 → t52 \
+         → t53 → … 4988 more → t42"
+    );
+}
+
+#[test]
 fn diagnostics_print_as_path_line_column_message() {
     let parsed = parse_file(
         "p.yaml",

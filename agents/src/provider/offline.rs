@@ -4,7 +4,8 @@
 //!
 //! - Planning: the request's heading or first sentence is the project's title; its bullet
 //!   points (or else its other sentences) are the tasks, in order, each depending on the one
-//!   before.
+//!   before. A sentence that lists things to do ("Plan the offsite: book a venue, send the
+//!   invitations, then confirm the catering") gives one task per item, see [`split_list`].
 //! - Writing: one markdown file that restates the instructions and the acceptance criteria,
 //!   marked as produced offline, at the path the prompt names (or in the first output folder).
 //! - Drafting: a tool from a script template that only echoes its arguments, and a specialist
@@ -198,18 +199,125 @@ fn outline(request: &str) -> Option<(String, Vec<String>)> {
             .unwrap_or_else(|| bullets[0].clone());
         return Some((strip_end(&title), bullets));
     }
+    // A sentence is one task, or as many as it lists.
+    let expand = |sentence: &String| match split_list(sentence) {
+        Some((_, items)) => items,
+        None => vec![sentence.clone()],
+    };
     match heading {
         Some(title) if sentences.is_empty() => Some((title.clone(), vec![title])),
-        Some(title) => Some((title, sentences)),
+        Some(title) => Some((title, sentences.iter().flat_map(expand).collect())),
         None => {
-            let title = strip_end(sentences.first()?);
-            let items = if sentences.len() > 1 {
-                sentences[1..].to_vec()
-            } else {
-                sentences
-            };
-            Some((title, items))
+            let first = sentences.first()?;
+            let rest = sentences[1..].iter().flat_map(expand);
+            match split_list(first) {
+                // "Plan the offsite: book a venue, …": the lead-in is the title.
+                Some((lead, items)) => {
+                    let title = strip_end(lead.as_deref().unwrap_or(first));
+                    Some((title, items.into_iter().chain(rest).collect()))
+                }
+                None if sentences.len() > 1 => Some((strip_end(first), rest.collect())),
+                None => Some((strip_end(first), sentences)),
+            }
         }
+    }
+}
+
+/// Words that introduce the last item of a list, or any item: "…, and C", "…, then D",
+/// "…, and then C", "…; and finally E".
+const CONJUNCTIONS: [&str; 3] = ["and ", "then ", "finally "];
+
+/// A sentence that lists things to do, as its lead-in and its items; `None` when it is not a
+/// list. The rule, meant to split lists of actions and nothing else:
+///
+/// - Text before a colon that is followed by a list is the lead-in: "Plan a team offsite:
+///   book a venue, send the invitations, then confirm the catering".
+/// - Semicolons separate items: "Book a venue; send the invitations; and confirm".
+/// - Without semicolons, commas (followed by a space) separate items only when the last item
+///   is introduced by "and", "then" or "and then", after the last comma ("A, B, and C",
+///   "A, B, C, then D", "A, B, and then C") or inside the last part ("A, B and C"), and only
+///   when every item has at least two words. So a comma in a single task ("Write the report,
+///   which is due on Friday"), an enumeration inside one task ("Buy apples, pears and plums")
+///   and a bare "A and B" stay one item.
+///
+/// Each item loses its leading conjunction and its closing punctuation and starts with a
+/// capital letter.
+fn split_list(text: &str) -> Option<(Option<String>, Vec<String>)> {
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some((lead, rest)) = text.split_once(": ")
+        && let Some(items) = list_items(rest)
+    {
+        let lead = lead.trim();
+        let lead = (!lead.is_empty()).then(|| lead.to_owned());
+        return Some((lead, items));
+    }
+    list_items(&text).map(|items| (None, items))
+}
+
+/// The items of a list (see [`split_list`]), without a lead-in.
+fn list_items(text: &str) -> Option<Vec<String>> {
+    let parts: Vec<&str> = if text.contains(';') {
+        text.split(';').collect()
+    } else {
+        let mut parts: Vec<&str> = text.split(", ").collect();
+        if parts.len() < 2 {
+            return None;
+        }
+        let last = parts.pop()?;
+        if starts_with_conjunction(last) {
+            parts.push(last);
+        } else {
+            // "A, B and C", "A, B then C": the last part holds the last two items.
+            let (before, after) = [" and then ", " then ", " and "]
+                .iter()
+                .find_map(|sep| last.rsplit_once(sep))?;
+            parts.push(before);
+            parts.push(after);
+        }
+        let words = |part: &str| {
+            strip_conjunctions(part)
+                .split_whitespace()
+                .filter(|w| w.chars().any(char::is_alphanumeric))
+                .count()
+        };
+        if parts.iter().any(|part| words(part) < 2) {
+            return None;
+        }
+        parts
+    };
+    let items: Vec<String> = parts
+        .into_iter()
+        .map(|part| capitalize(strip_end_punctuation(strip_conjunctions(part.trim()))))
+        .filter(|item| item.chars().any(char::is_alphanumeric))
+        .collect();
+    (items.len() >= 2).then_some(items)
+}
+
+fn starts_with_conjunction(text: &str) -> bool {
+    CONJUNCTIONS.iter().any(|c| {
+        text.get(..c.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(c))
+    })
+}
+
+/// `text` without the conjunctions it starts with: "and then C" is "C".
+fn strip_conjunctions(mut text: &str) -> &str {
+    while starts_with_conjunction(text) {
+        let word = text.split_once(' ').map_or("", |(_, rest)| rest);
+        text = word.trim_start();
+    }
+    text
+}
+
+fn strip_end_punctuation(text: &str) -> &str {
+    text.trim_end_matches(['.', '!', '?', ',', ';', ':', ' '])
+}
+
+fn capitalize(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
     }
 }
 
@@ -516,6 +624,172 @@ mod tests {
             plan_from_text("Plan the offsite:\n1. Pick a venue\n2) Book it", None, &[]).unwrap();
         assert_eq!(numbered.project.title, "Plan the offsite");
         assert_eq!(names(&numbered), ["pick-a-venue", "book-it"]);
+    }
+
+    /// What [`split_list`] returns for a list with `lead` and `items`.
+    fn list(lead: Option<&str>, items: &[&str]) -> Option<(Option<String>, Vec<String>)> {
+        Some((
+            lead.map(str::to_owned),
+            items.iter().map(|i| (*i).to_owned()).collect(),
+        ))
+    }
+
+    #[test]
+    fn a_list_ending_in_then() {
+        assert_eq!(
+            split_list(
+                "Book a venue, send the invitations, collect dietary needs, then confirm the catering"
+            ),
+            list(
+                None,
+                &[
+                    "Book a venue",
+                    "Send the invitations",
+                    "Collect dietary needs",
+                    "Confirm the catering"
+                ]
+            )
+        );
+    }
+
+    #[test]
+    fn a_list_ending_in_and() {
+        assert_eq!(
+            split_list("Draft the copy, review the draft, and publish the page"),
+            list(
+                None,
+                &["Draft the copy", "Review the draft", "Publish the page"]
+            )
+        );
+        assert_eq!(
+            split_list("Draft the copy, review the draft and publish the page."),
+            list(
+                None,
+                &["Draft the copy", "Review the draft", "Publish the page"]
+            )
+        );
+    }
+
+    #[test]
+    fn a_list_of_semicolons_ending_in_and() {
+        assert_eq!(
+            split_list("Book a venue; send the invitations; and confirm the catering"),
+            list(
+                None,
+                &[
+                    "Book a venue",
+                    "Send the invitations",
+                    "Confirm the catering"
+                ]
+            )
+        );
+        // Semicolons separate items that have commas of their own.
+        assert_eq!(
+            split_list("Book a venue, near the office; confirm"),
+            list(None, &["Book a venue, near the office", "Confirm"])
+        );
+    }
+
+    #[test]
+    fn a_list_ending_in_and_then() {
+        assert_eq!(
+            split_list("Gather the numbers, write the summary, and then send the report!"),
+            list(
+                None,
+                &["Gather the numbers", "Write the summary", "Send the report"]
+            )
+        );
+    }
+
+    #[test]
+    fn the_text_before_a_colon_leads_the_list_in() {
+        assert_eq!(
+            split_list("Plan a team offsite: book a venue, then send the invitations"),
+            list(
+                Some("Plan a team offsite"),
+                &["Book a venue", "Send the invitations"]
+            )
+        );
+        // A colon that is not followed by a list is part of the sentence.
+        assert_eq!(split_list("Note: the venue is booked"), None);
+    }
+
+    #[test]
+    fn text_without_a_list_is_not_split() {
+        for text in [
+            "Write a haiku about Rust",
+            // A comma without a conjunction for the last item.
+            "Write the report, which is due on Friday",
+            "Dear team, please book a venue",
+            // One task enumerating things: items of one word.
+            "Buy apples, pears and plums",
+            "Write a haiku, short and sweet",
+            // "and" alone joins, it does not list.
+            "Draft the terms and conditions",
+            "Research and write a report",
+            // A number's comma has no space after it.
+            "Raise 1,000 dollars and thank the donors",
+        ] {
+            assert_eq!(split_list(text), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn a_sentence_that_lists_tasks_plans_one_each_in_order() {
+        let plan = plan_from_text(
+            "Plan a team offsite: book a venue, send the invitations, collect dietary needs, then confirm the catering",
+            None,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(plan.name, "plan-a-team-offsite");
+        assert_eq!(plan.project.title, "Plan a team offsite");
+        assert_eq!(
+            names(&plan),
+            [
+                "book-a-venue",
+                "send-the-invitations",
+                "collect-dietary-needs",
+                "confirm-the-catering"
+            ]
+        );
+        assert_eq!(
+            deps(&plan),
+            [
+                vec![],
+                vec!["book-a-venue".to_owned()],
+                vec!["send-the-invitations".to_owned()],
+                vec!["collect-dietary-needs".to_owned()]
+            ]
+        );
+        assert_eq!(plan.tasks[3].spec.title, "Confirm the catering");
+
+        // A list after a title sentence, and a sentence that is not a list, in order.
+        let plan = plan_from_text(
+            "Launch the site. Draft the copy, review it twice and build the page. Celebrate.",
+            None,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(plan.project.title, "Launch the site");
+        assert_eq!(
+            names(&plan),
+            [
+                "draft-the-copy",
+                "review-it-twice",
+                "build-the-page",
+                "celebrate"
+            ]
+        );
+
+        // Bullets are items as written, commas and all.
+        let plan = plan_from_text(
+            "# Offsite\n- Book a venue, send the invitations and confirm\n- Go",
+            None,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(plan.tasks.len(), 2);
     }
 
     #[test]

@@ -48,8 +48,16 @@ pub enum TableFormat {
 pub enum Command {
     /// Check spec files; print every error as path:line:column: message. Exit 1 if any.
     Validate {
-        /// A spec file or a directory of them.
-        path: std::path::PathBuf,
+        /// Directories of spec files, each checked whole, or files (as a pre-commit hook
+        /// passes them), checked with the other spec files of their Git work tree (or of
+        /// --root); only the errors in the files given are printed.
+        #[arg(required = true)]
+        paths: Vec<std::path::PathBuf>,
+        /// The folder the files' specs are synced from (the controller's --path inside the
+        /// repository): files given are checked with every spec file under it, their
+        /// projects taken from `projects/<p>/tasks/` relative to it.
+        #[arg(long, env = "AGENTOPS_VALIDATE_ROOT")]
+        root: Option<std::path::PathBuf>,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
@@ -129,12 +137,38 @@ pub enum Command {
         #[command(subcommand)]
         bench: bench::Bench,
     },
+    /// Print the shell completion script: `source <(agentops completions bash)`, or save it
+    /// where the shell loads completions from.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The completion script, written whole: generated into memory because the generator panics
+/// when its writer fails, and a reader that stops early (`| head`) is no error.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "agentops", &mut script);
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(&script).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("writing the completion script: {e}"))
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let global = cli.global;
     match cli.command {
-        Command::Validate { path, format } => validate::run(&path, format),
+        Command::Validate {
+            paths,
+            root,
+            format,
+        } => validate::run(&paths, root.as_deref(), format),
         Command::Reconcile {
             source,
             store,
@@ -199,6 +233,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { bench } => bench::run(&global, bench).await,
+        Command::Completions { shell } => completions(shell),
     }
 }
 
