@@ -88,6 +88,13 @@ pub struct DispatchArgs {
     /// without it they are kept in memory.
     #[arg(long, env = "AGENTOPS_REDIS")]
     pub redis: Option<String>,
+    /// The enrollment secret agents present to register, from any machine. Without it (and
+    /// without --agent-secrets) only programs on this machine may register.
+    #[arg(long, env = "AGENTOPS_AGENT_SECRET", hide_env_values = true)]
+    pub agent_secret: Option<String>,
+    /// A YAML file of per-agent secrets: `agents: [{name, secretSha256, types: [seed]}]`.
+    #[arg(long, env = "AGENTOPS_AGENT_SECRETS")]
+    pub agent_secrets: Option<std::path::PathBuf>,
 }
 
 /// Write-back: status commits, result commits, and the forge that reviews results.

@@ -71,6 +71,7 @@ pub struct Telemetry {
     forge_requests: Family<StatusLabel, Counter>,
     leader: Gauge,
     leadership_lost: Counter,
+    registrations_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Telemetry {
@@ -91,6 +92,7 @@ impl Default for Telemetry {
             forge_requests: Family::default(),
             leader: Gauge::default(),
             leadership_lost: Counter::default(),
+            registrations_refused: Family::default(),
         }
     }
 }
@@ -174,6 +176,11 @@ impl Telemetry {
             "agentops_leadership_lost",
             "Times this controller stopped leading because its leader lock failed",
             self.leadership_lost.clone(),
+        );
+        r.register(
+            "agentops_registrations_refused",
+            "Agent registrations refused, by reason",
+            self.registrations_refused.clone(),
         );
     }
 }
@@ -489,6 +496,29 @@ impl InternalEvent for LeadershipLost<'_> {
             reason = self.error.metric_label(),
             error = %crate::error_chain(self.error),
             "leadership lost: stopping"
+        );
+    }
+}
+
+/// A registration did not present what enrollment asks for.
+pub struct RegistrationRefused<'a> {
+    pub refused: crate::api::enroll::Refused,
+    pub name: &'a str,
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+impl InternalEvent for RegistrationRefused<'_> {
+    fn emit(self) {
+        let reason = self.refused.metric_label();
+        telemetry()
+            .registrations_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        tracing::warn!(
+            name = self.name,
+            peer = ?self.peer,
+            reason,
+            "agent registration refused"
         );
     }
 }

@@ -214,9 +214,13 @@ impl Controller {
         let api = format!("http://{}", listener.local_addr().unwrap());
         let state = ApiState::new(dispatcher.clone());
         let server = tokio::spawn(async move {
-            axum::serve(listener, agentops::api::router(state))
-                .await
-                .unwrap();
+            agentops::api::serve(
+                listener,
+                agentops::api::router(state),
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
         });
         let loops = dispatcher.start();
         let background = dispatcher.spawn_background();

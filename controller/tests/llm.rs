@@ -194,9 +194,13 @@ async fn a_remote_agent_posts_its_usage_to_the_controller<
     let api = format!("http://{}", listener.local_addr().unwrap());
     let state = ApiState::new(dispatcher.clone());
     let server = tokio::spawn(async move {
-        axum::serve(listener, agentops::api::router(state))
-            .await
-            .unwrap();
+        agentops::api::serve(
+            listener,
+            agentops::api::router(state),
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
     });
     let _loops = dispatcher.start();
     dispatcher.wake();

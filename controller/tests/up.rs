@@ -577,3 +577,219 @@ async fn a_second_controller_stands_by_and_takes_over_when_the_leader_dies() {
     let status = wait_exit(&mut standby, Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0), "{}", standby.log_tail(40));
 }
+
+/// A non-loopback address of this machine, to reach the controller as another host would.
+fn outside_address() -> String {
+    let out = Command::new("hostname")
+        .arg("-I")
+        .output()
+        .expect("hostname runs");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|a| {
+            a.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| !ip.is_loopback())
+        })
+        .expect("this machine has a non-loopback IPv4 address")
+        .to_owned()
+}
+
+/// The agents registered besides the two the schema seeds.
+async fn agents(db: &TestDb) -> Vec<String> {
+    db.rows::<(String,)>("SELECT name FROM agents WHERE name NOT IN ('cos', 'seed') ORDER BY name")
+        .await
+        .into_iter()
+        .map(|(n,)| n)
+        .collect()
+}
+
+async fn register(
+    http: &reqwest::Client,
+    url: &str,
+    name: &str,
+    agent_type: &str,
+    secret: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut request = http
+        .post(format!("{url}/api/v1/agents/register"))
+        .json(&serde_json::json!({"name": name, "type": agent_type}));
+    if let Some(secret) = secret {
+        request = request.bearer_auth(secret);
+    }
+    let answer = request.send().await.expect("the controller answers");
+    let status = answer.status().as_u16();
+    (status, answer.json().await.unwrap_or_default())
+}
+
+/// Without a secret only this machine registers; with one, everyone must present it, and a
+/// per-agent secret admits its name and types only. Nothing refused reaches the store, and
+/// every refusal is counted.
+#[tokio::test]
+async fn registration_needs_this_machine_or_the_enrollment_secret() {
+    let setup = Setup::new().await;
+    let port = free_port();
+    let listen = format!("0.0.0.0:{port}");
+    let (local, outside) = (
+        format!("http://127.0.0.1:{port}"),
+        format!("http://{}:{port}", outside_address()),
+    );
+    let http = reqwest::Client::new();
+    let ready = |url: String| {
+        let http = http.clone();
+        async move {
+            eventually("the API is ready", Duration::from_secs(60), || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    let answer = http.get(format!("{url}/readyz")).send().await.ok()?;
+                    answer.status().is_success().then_some(())
+                }
+            })
+            .await
+        }
+    };
+
+    let mut open = setup.start_as("open", &listen, &["--no-agents"]);
+    ready(local.clone()).await;
+    let log = open.log_tail(40);
+    assert!(
+        log.contains("agent registration: from this machine only"),
+        "{log}"
+    );
+    let (status, body) = register(&http, &outside, "far", "seed", None).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (403, Some("not_loopback")),
+        "{body}"
+    );
+    let (status, body) = register(&http, &local, "near", "seed", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(agents(&setup.db).await, ["near"]);
+    sigterm(&open);
+    wait_exit(&mut open, Duration::from_secs(30)).await;
+
+    let secrets = setup.dir.path().join("agent-secrets.yaml");
+    let laptop_hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(b"laptop-secret"))
+    };
+    std::fs::write(
+        &secrets,
+        format!("agents:\n  - name: laptop\n    secretSha256: {laptop_hash}\n    types: [seed]\n"),
+    )
+    .unwrap();
+    let mut guarded = setup.start_as(
+        "guarded",
+        &listen,
+        &[
+            "--no-agents",
+            "--agent-secret",
+            "team-secret",
+            "--agent-secrets",
+            secrets.to_str().unwrap(),
+        ],
+    );
+    ready(local.clone()).await;
+    for (url, name, agent_type, secret, expected, reason) in [
+        (&local, "no-secret", "seed", None, 401, "no_secret"),
+        (
+            &outside,
+            "wrong",
+            "seed",
+            Some("guess"),
+            401,
+            "wrong_secret",
+        ),
+        (
+            &outside,
+            "laptop",
+            "cos",
+            Some("laptop-secret"),
+            403,
+            "type_not_allowed",
+        ),
+        (
+            &outside,
+            "other",
+            "seed",
+            Some("laptop-secret"),
+            401,
+            "wrong_secret",
+        ),
+    ] {
+        let (status, body) = register(&http, url, name, agent_type, secret).await;
+        assert_eq!(
+            (status, body["reason"].as_str()),
+            (expected, Some(reason)),
+            "{name}: {body}"
+        );
+    }
+    let (status, body) = register(&http, &outside, "laptop", "seed", Some("laptop-secret")).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) =
+        register(&http, &outside, "remote", "specialist", Some("team-secret")).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        agents(&setup.db).await,
+        ["laptop", "near", "remote"],
+        "nothing refused was stored"
+    );
+    // The registered agent works with its session token, not the enrollment secret.
+    let claim = |bearer: String| {
+        let http = http.clone();
+        let url = format!("{outside}/api/v1/claim");
+        async move {
+            http.post(url)
+                .bearer_auth(bearer)
+                .json(&serde_json::json!({"max": 1, "wait_ms": 0}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(claim(token).await, 200);
+    assert_eq!(claim("team-secret".into()).await, 401);
+
+    let metrics = http
+        .get(format!("{local}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (reason, count) in [
+        ("no_secret", 1.0),
+        ("wrong_secret", 2.0),
+        ("type_not_allowed", 1.0),
+    ] {
+        assert_eq!(
+            series(
+                &metrics,
+                &format!("agentops_registrations_refused_total{{reason=\"{reason}\"}}")
+            ),
+            Some(count),
+            "{metrics}"
+        );
+    }
+    // The agent binary presents the secret from its environment.
+    let mut runner = Command::new(common::agent_run_bin());
+    runner
+        .args(["--api", &outside, "--name", "runner-x"])
+        .env("AGENTOPS_AGENT_SECRET", "team-secret");
+    let _runner = Proc::spawn("runner", runner, &setup.dir.path().join("runner.log"));
+    eventually("the runner registers", Duration::from_secs(30), || {
+        let db = &setup.db;
+        async move {
+            agents(db)
+                .await
+                .contains(&"runner-x".to_owned())
+                .then_some(())
+        }
+    })
+    .await;
+    sigterm(&guarded);
+    wait_exit(&mut guarded, Duration::from_secs(30)).await;
+}

@@ -776,9 +776,13 @@ impl Api {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
-            axum::serve(listener, agentops::api::router(state))
-                .await
-                .unwrap();
+            agentops::api::serve(
+                listener,
+                agentops::api::router(state),
+                std::future::pending(),
+            )
+            .await
+            .unwrap();
         });
         Api {
             url,
@@ -1390,9 +1394,13 @@ async fn webhook_verifies_signatures_and_nudges() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hooks/github", listener.local_addr().unwrap());
     tokio::spawn(async move {
-        axum::serve(listener, agentops::api::router(state))
-            .await
-            .unwrap();
+        agentops::api::serve(
+            listener,
+            agentops::api::router(state),
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
     });
     let http = reqwest::Client::new();
     let body = br#"{"ref": "refs/heads/main"}"#.to_vec();

@@ -33,6 +33,9 @@ struct Args {
     #[arg(long, env = "AGENTOPS_AGENT_CONCURRENCY", default_value = "4")]
     concurrency: NonZeroUsize,
     /// The controller's NATS server: follow its ready-work announcements (optional).
+    /// The enrollment secret the controller asks for (its `--agent-secret`).
+    #[arg(long, env = "AGENTOPS_AGENT_SECRET", hide_env_values = true)]
+    agent_secret: Option<String>,
     #[arg(long, env = "AGENTOPS_NATS")]
     nats: Option<String>,
     /// The prefix of the controller's NATS subjects, streams and consumers (its own
@@ -71,6 +74,7 @@ async fn main() -> ExitCode {
         concurrency: args.concurrency.get(),
         nats: args.nats,
         bus: args.bus_prefix,
+        secret: args.agent_secret,
         ..AgentConfig::new(args.api, args.name)
     };
     match Agent::new(config, RunCommand).run(shutdown).await {

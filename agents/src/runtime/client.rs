@@ -83,6 +83,7 @@ pub(crate) struct Client {
     identity: RegisterRequest,
     session: RwLock<Arc<Session>>,
     reregistering: tokio::sync::Mutex<()>,
+    enrollment_secret: Option<String>,
 }
 
 /// One HTTP client for every agent in the process. Building one loads and parses the
@@ -114,7 +115,14 @@ impl Client {
                 heartbeat: Duration::from_secs(10),
             })),
             reregistering: tokio::sync::Mutex::new(()),
+            enrollment_secret: None,
         })
+    }
+
+    /// Register with this secret as the bearer token.
+    pub fn with_enrollment_secret(mut self, secret: Option<String>) -> Client {
+        self.enrollment_secret = secret;
+        self
     }
 
     pub fn session(&self) -> Arc<Session> {
@@ -127,7 +135,7 @@ impl Client {
             .send(
                 "/api/v1/agents/register",
                 &self.identity,
-                None,
+                self.enrollment_secret.as_deref(),
                 CALL_TIMEOUT,
             )
             .await?;

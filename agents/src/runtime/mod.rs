@@ -76,6 +76,9 @@ pub struct AgentConfig {
     pub nats: Option<String>,
     /// The NATS names the controller uses (its `--bus-prefix`); `agentops` by default.
     pub bus: BusNames,
+    /// The enrollment secret presented when registering (the controller's
+    /// `--agent-secret`, or this agent's own from its `--agent-secrets` file).
+    pub secret: Option<String>,
 }
 
 impl AgentConfig {
@@ -90,6 +93,7 @@ impl AgentConfig {
             claim_wait: Duration::from_secs(20),
             nats: None,
             bus: BusNames::default(),
+            secret: None,
         }
     }
 }
@@ -270,7 +274,8 @@ impl<H: Handler> Agent<H> {
                 capabilities: self.config.capabilities.clone(),
                 concurrency,
             },
-        )?;
+        )?
+        .with_enrollment_secret(self.config.secret.clone());
         // Followed from before registering: a controller that comes back announces its work,
         // which ends a registration backoff too.
         let following = CancellationToken::new();

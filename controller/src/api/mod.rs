@@ -22,8 +22,10 @@ use crate::store::usage::{UsageLog, UsageRow};
 use crate::writeback::paths::OutputFile;
 use crate::writeback::{ResultError, Results};
 
+pub mod enroll;
 mod hooks;
 
+pub use enroll::Enrollment;
 pub use hooks::Hooks;
 
 pub struct ApiState<Q> {
@@ -35,6 +37,8 @@ pub struct ApiState<Q> {
     pub results: Option<Arc<dyn Results>>,
     /// The webhook's secret and whom it nudges; without it `/hooks/github` answers 404.
     pub hooks: Option<Hooks>,
+    /// Who may register as an agent.
+    pub enrollment: Enrollment,
 }
 
 impl<Q: Queue> ApiState<Q> {
@@ -47,6 +51,15 @@ impl<Q: Queue> ApiState<Q> {
         results: Option<Arc<dyn Results>>,
         hooks: Option<Hooks>,
     ) -> Arc<ApiState<Q>> {
+        ApiState::build(dispatcher, results, hooks, Enrollment::default())
+    }
+
+    pub fn build(
+        dispatcher: Arc<Dispatcher<Q>>,
+        results: Option<Arc<dyn Results>>,
+        hooks: Option<Hooks>,
+        enrollment: Enrollment,
+    ) -> Arc<ApiState<Q>> {
         let mut registry = Registry::default();
         dispatcher.metrics.register(&mut registry);
         crate::telemetry::telemetry().register(&mut registry);
@@ -56,8 +69,48 @@ impl<Q: Queue> ApiState<Q> {
             ready: AtomicBool::new(false),
             results,
             hooks,
+            enrollment,
         })
     }
+}
+
+/// Serve the API, telling handlers each request's peer address (registration depends on it),
+/// until `shutdown` resolves; requests in flight are answered first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// The peer's address, when the server was started with [`serve`].
+struct Peer(Option<std::net::SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0),
+        ))
+    }
+}
+
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 /// Output files make completions large; the rest of the protocol stays at axum's 2 MB.
@@ -210,13 +263,8 @@ impl<Q: Queue> FromRequestParts<Arc<ApiState<Q>>> for Authenticated {
         parts: &mut Parts,
         state: &Arc<ApiState<Q>>,
     ) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthorized)?;
-        match state.dispatcher.authenticate(token.trim()).await? {
+        let token = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
+        match state.dispatcher.authenticate(token).await? {
             Some(agent) => Ok(Authenticated(agent)),
             None => Err(ApiError::Unauthorized),
         }
@@ -264,6 +312,8 @@ const AGENT_TYPES: [&str; 4] = ["cos", "seed", "specialist", "meta"];
 
 async fn register<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
+    Peer(peer): Peer,
+    headers: axum::http::HeaderMap,
     Json(req): Json<RegisterRequest>,
 ) -> Result<Response, ApiError> {
     if let Err(why) = agentops_specs::names::check_dns_label(&req.name) {
@@ -278,6 +328,29 @@ async fn register<Q: Queue>(
             req.agent_type,
             AGENT_TYPES.join(", ")
         )));
+    }
+    if let Err(refused) = state
+        .enrollment
+        .check(peer, bearer(&headers), &req.name, &req.agent_type)
+    {
+        use crate::telemetry::InternalEvent;
+        crate::telemetry::RegistrationRefused {
+            refused,
+            name: &req.name,
+            peer,
+        }
+        .emit();
+        let status = match refused {
+            enroll::Refused::NoSecret | enroll::Refused::WrongSecret => StatusCode::UNAUTHORIZED,
+            enroll::Refused::NotLoopback | enroll::Refused::TypeNotAllowed => StatusCode::FORBIDDEN,
+        };
+        return Ok((
+            status,
+            Json(
+                serde_json::json!({ "error": refused.message(), "reason": refused.metric_label() }),
+            ),
+        )
+            .into_response());
     }
     let agent = AgentIdentity {
         name: req.name,

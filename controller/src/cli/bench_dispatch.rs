@@ -234,6 +234,8 @@ where
         nats: bench.nats.clone(),
         bus_prefix: bus_names.clone(),
         redis: bench.redis.clone(),
+        agent_secret: None,
+        agent_secrets: None,
     })
     .await?;
     let bus = backends.bus.describe();
@@ -241,11 +243,12 @@ where
     let dispatcher = Dispatcher::with_backends(store.clone(), DispatchConfig::default(), backends);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let api = format!("http://{}", listener.local_addr()?);
-    let server = axum::serve(
+    let server = crate::api::serve(
         listener,
         crate::api::router(ApiState::new(dispatcher.clone())),
+        std::future::pending(),
     );
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(server);
     let loops = dispatcher.start();
     let background = dispatcher.spawn_background();
 

@@ -84,6 +84,9 @@ pub struct Embedded<S> {
     pub limiter: Arc<dyn RateLimiter>,
     pub usage: StoreUsageSink<S>,
     pub proposer: Proposer,
+    /// What the embedded agents present to register: the controller accepts it whatever
+    /// enrollment asks of other agents.
+    pub enrollment_secret: String,
 }
 
 /// Runs the embedded agents against the API at `api` until `stop` stops their claiming; what
@@ -121,11 +124,13 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
                 capabilities: seed_capabilities,
                 concurrency: 2,
                 claim_wait: Duration::from_secs(2),
+                secret: Some(shared.enrollment_secret.clone()),
                 ..AgentConfig::new(&api, "seed")
             },
             AgentConfig {
                 agent_type: AgentType::Cos,
                 claim_wait: Duration::from_secs(2),
+                secret: Some(shared.enrollment_secret.clone()),
                 ..AgentConfig::new(&api, "cos")
             },
         ] {
@@ -154,6 +159,7 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
             let config = AgentConfig {
                 api: api.clone(),
                 claim_wait: Duration::from_secs(2),
+                secret: Some(shared.enrollment_secret.clone()),
                 ..config
             };
             let instructions = Some(instructions).filter(|i| !i.trim().is_empty());

@@ -86,6 +86,8 @@ pub enum RuntimeError {
     Llm(#[source] agentops_agents::llm::LlmError),
     #[error("leader election")]
     Leader(#[source] leader::LeaderError),
+    #[error("agent enrollment")]
+    Enrollment(#[source] crate::api::enroll::EnrollmentError),
 }
 
 /// Why [`Runtime::run`] returned.
@@ -419,8 +421,25 @@ impl Parts {
             sync: triggers.nudger(),
             review: review_nudge.clone(),
         };
-        let api =
-            ApiState::with_writeback(dispatcher.clone(), Some(Arc::new(results)), Some(hooks));
+        let mut enrollment = crate::api::Enrollment::configure(
+            config.dispatch.agent_secret.as_deref(),
+            config.dispatch.agent_secrets.as_deref(),
+        )
+        .map_err(RuntimeError::Enrollment)?;
+        if !enrollment.requires_secret() {
+            eprintln!(
+                "agent registration: from this machine only (--agent-secret or --agent-secrets \
+                 enrolls agents elsewhere)"
+            );
+        }
+        let embedded_secret = crate::dispatch::new_token();
+        enrollment.allow_internal(&embedded_secret);
+        let api = ApiState::build(
+            dispatcher.clone(),
+            Some(Arc::new(results)),
+            Some(hooks),
+            enrollment,
+        );
         let reviews = Reviews {
             store: store.clone(),
             forge: forge.clone(),
@@ -460,9 +479,7 @@ impl Parts {
         let closing = server_stop.clone();
         let router = crate::api::router(api.clone());
         let server = tasks.spawn(async move {
-            let serving = axum::serve(listener, router)
-                .with_graceful_shutdown(closing.cancelled_owned())
-                .await;
+            let serving = crate::api::serve(listener, router, closing.cancelled_owned()).await;
             if let Err(e) = serving {
                 tracing::error!("HTTP server stopped: {e}");
             }
@@ -496,6 +513,7 @@ impl Parts {
                         author: config.writeback.author(),
                         forge: forge.clone(),
                     },
+                    enrollment_secret: embedded_secret.clone(),
                 }),
                 agents.seed_capabilities.clone(),
             )),
