@@ -177,8 +177,7 @@ impl JsonSchema for Priority {
 
 /// The strings [`Priority`] reads: a word, or a whole number 0-100 written as text (which is
 /// what `str::parse::<i64>` accepts in that range: a sign, leading zeros).
-pub const PRIORITY_PATTERN: &str =
-    "^(critical|high|medium|low|[+]?0*([0-9]|[1-9][0-9]|100)|-0+)$";
+pub const PRIORITY_PATTERN: &str = "^(critical|high|medium|low|[+]?0*([0-9]|[1-9][0-9]|100)|-0+)$";
 
 /// A duration written the human way (`30s`, `30m`, `1h 30m`), kept to whole seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -230,6 +229,10 @@ impl JsonSchema for HumanDuration {
 }
 
 /// A goal: a group of tasks with a priority and an accountable agent.
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) names its own type_"
+)]
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "agentops.dev",
@@ -248,7 +251,11 @@ impl JsonSchema for HumanDuration {
         json_path = ".status.progress",
         description = "completed of all tasks that are not cancelled"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProjectSpec {
@@ -268,6 +275,10 @@ pub struct ProjectSpec {
 }
 
 /// One piece of work for one agent.
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) names its own type_"
+)]
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "agentops.dev",
@@ -284,7 +295,11 @@ pub struct ProjectSpec {
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Agent", type_ = "string", json_path = ".status.agent"),
     printcolumn(name = "Attempt", type_ = "integer", json_path = ".status.attempt"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TaskSpec {
@@ -489,6 +504,10 @@ impl AgentType {
 }
 
 /// A worker that takes tasks: a role, what it can do, and the models it uses.
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) names its own type_"
+)]
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "agentops.dev",
@@ -502,7 +521,11 @@ impl AgentType {
     doc = "An agentops Agent: a worker that takes tasks.",
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentSpec {
@@ -548,6 +571,10 @@ impl ToolType {
 }
 
 /// Something an agent can call: a function, an API, a script or a service.
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) names its own type_"
+)]
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "agentops.dev",
@@ -561,7 +588,11 @@ impl ToolType {
     doc = "An agentops Tool: something an agent can call.",
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
     printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ToolSpec {

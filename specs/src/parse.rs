@@ -1428,12 +1428,21 @@ mod schema_tests {
 
     #[test]
     fn the_parser_reads_the_fields_the_schema_declares() {
-        assert_eq!(fields_read::<RawProjectSpec>(), fields_declared::<ProjectSpec>());
+        assert_eq!(
+            fields_read::<RawProjectSpec>(),
+            fields_declared::<ProjectSpec>()
+        );
         assert_eq!(fields_read::<RawTaskSpec>(), fields_declared::<TaskSpec>());
-        assert_eq!(fields_read::<RawAgentSpec>(), fields_declared::<AgentSpec>());
+        assert_eq!(
+            fields_read::<RawAgentSpec>(),
+            fields_declared::<AgentSpec>()
+        );
         assert_eq!(fields_read::<RawToolSpec>(), fields_declared::<ToolSpec>());
         assert_eq!(fields_read::<RawAction>(), fields_declared::<Action>());
-        assert_eq!(fields_read::<RawToolAction>(), fields_declared::<ToolAction>());
+        assert_eq!(
+            fields_read::<RawToolAction>(),
+            fields_declared::<ToolAction>()
+        );
         assert_eq!(fields_read::<RawOutput>(), fields_declared::<Output>());
         assert_eq!(fields_read::<RunAction>(), fields_declared::<RunAction>());
         assert_eq!(fields_read::<PlanAction>(), fields_declared::<PlanAction>());

@@ -63,7 +63,10 @@ fn every_crd_is_a_custom_resource_definition_with_names_columns_and_status() {
         };
         assert_eq!(format!("{API_GROUP}/{}", version.name), API_VERSION);
         assert!(version.served && version.storage, "{kind}");
-        let status = version.subresources.as_ref().and_then(|s| s.status.as_ref());
+        let status = version
+            .subresources
+            .as_ref()
+            .and_then(|s| s.status.as_ref());
         assert!(status.is_some(), "{kind}: no status subresource");
         let names: Vec<&str> = version
             .additional_printer_columns
@@ -75,7 +78,10 @@ fn every_crd_is_a_custom_resource_definition_with_names_columns_and_status() {
 
         let schema = version.schema.as_ref().unwrap().open_api_v3_schema.as_ref();
         let properties = schema.unwrap().properties.as_ref().unwrap();
-        assert!(properties.contains_key("status"), "{kind}: no status schema");
+        assert!(
+            properties.contains_key("status"),
+            "{kind}: no status schema"
+        );
         let name = &properties["metadata"].properties.as_ref().unwrap()["name"];
         assert_eq!(name.pattern.as_deref(), Some(DNS_LABEL_PATTERN));
     }
@@ -85,7 +91,13 @@ fn every_crd_is_a_custom_resource_definition_with_names_columns_and_status() {
 fn the_tool_crd_states_the_script_command_rule() {
     let tool = crd::crd(Kind::Tool).unwrap();
     let schema = tool.spec.versions[0].schema.as_ref().unwrap();
-    let spec = &schema.open_api_v3_schema.as_ref().unwrap().properties.as_ref().unwrap()["spec"];
+    let spec = &schema
+        .open_api_v3_schema
+        .as_ref()
+        .unwrap()
+        .properties
+        .as_ref()
+        .unwrap()["spec"];
     let rules: Vec<&str> = spec
         .x_kubernetes_validations
         .iter()
@@ -159,7 +171,10 @@ fn documents(text: &str) -> Vec<(Option<Kind>, Value)> {
                 .is_some_and(|v| v.starts_with(API_GROUP))
         })
         .map(|doc| {
-            let kind = doc.get("kind").and_then(Value::as_str).and_then(Kind::parse);
+            let kind = doc
+                .get("kind")
+                .and_then(Value::as_str)
+                .and_then(Kind::parse);
             (kind, doc)
         })
         .collect()
@@ -207,7 +222,11 @@ fn every_example_and_good_case_is_accepted_by_the_crds_the_schemas_and_the_parse
             };
             let bytes = std::fs::read(&file).unwrap();
             let parsed = parse_file(&rel, &bytes);
-            assert!(parsed.is_ok(), "{rel}: the parser refuses it: {:?}", parsed.errors);
+            assert!(
+                parsed.is_ok(),
+                "{rel}: the parser refuses it: {:?}",
+                parsed.errors
+            );
             if !parsed.ours {
                 continue;
             }
@@ -215,13 +234,26 @@ fn every_example_and_good_case_is_accepted_by_the_crds_the_schemas_and_the_parse
             for (kind, doc) in documents(&text) {
                 let kind = kind.unwrap_or_else(|| panic!("{rel}: a document without a kind"));
                 let at = Kind::ALL.iter().position(|k| *k == kind).unwrap();
-                let errors: Vec<String> =
-                    crd_specs[at].iter_errors(&doc["spec"]).map(|e| e.to_string()).collect();
-                assert!(errors.is_empty(), "{rel}: the {kind} CRD refuses its spec: {errors:?}");
-                assert!(names.is_valid(&doc["metadata"]["name"]), "{rel}: CRD refuses the name");
-                let errors: Vec<String> =
-                    documents_schemas[at].iter_errors(&doc).map(|e| e.to_string()).collect();
-                assert!(errors.is_empty(), "{rel}: {kind} schema refuses it: {errors:?}");
+                let errors: Vec<String> = crd_specs[at]
+                    .iter_errors(&doc["spec"])
+                    .map(|e| e.to_string())
+                    .collect();
+                assert!(
+                    errors.is_empty(),
+                    "{rel}: the {kind} CRD refuses its spec: {errors:?}"
+                );
+                assert!(
+                    names.is_valid(&doc["metadata"]["name"]),
+                    "{rel}: CRD refuses the name"
+                );
+                let errors: Vec<String> = documents_schemas[at]
+                    .iter_errors(&doc)
+                    .map(|e| e.to_string())
+                    .collect();
+                assert!(
+                    errors.is_empty(),
+                    "{rel}: {kind} schema refuses it: {errors:?}"
+                );
                 checked += 1;
             }
         }
@@ -280,7 +312,10 @@ fn the_crds_refuse_the_bad_cases_that_are_spec_errors() {
     for case in CRD_REFUSES {
         let path = root().join("specs/corpus/bad").join(case);
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(!parse_file(case, text.as_bytes()).is_ok(), "{case}: the parser accepts it");
+        assert!(
+            !parse_file(case, text.as_bytes()).is_ok(),
+            "{case}: the parser accepts it"
+        );
         let docs = documents(&text);
         assert!(!docs.is_empty(), "{case}: no document of ours");
         let refused = docs
@@ -291,8 +326,17 @@ fn the_crds_refuse_the_bad_cases_that_are_spec_errors() {
                 !crd_specs[at].is_valid(&doc["spec"]) || !names.is_valid(&doc["metadata"]["name"])
             })
             .count();
-        let bad = if *case == "several-bad-documents.yaml" { 4 } else { 1 };
-        assert_eq!(refused, bad, "{case}: {refused} of {} documents refused", docs.len());
+        let bad = if *case == "several-bad-documents.yaml" {
+            4
+        } else {
+            1
+        };
+        assert_eq!(
+            refused,
+            bad,
+            "{case}: {refused} of {} documents refused",
+            docs.len()
+        );
     }
 }
 
@@ -302,8 +346,24 @@ fn the_name_pattern_is_the_parsers_name_rule() {
     let long = "a".repeat(63);
     let too_long = "a".repeat(64);
     for name in [
-        "a", "draft-copy", "x1", "1x", "a-b-c", &long, &too_long, "", "-a", "a-", "A", "a_b",
-        "a.b", "ä", "a b", "a\n", "--", "0",
+        "a",
+        "draft-copy",
+        "x1",
+        "1x",
+        "a-b-c",
+        &long,
+        &too_long,
+        "",
+        "-a",
+        "a-",
+        "A",
+        "a_b",
+        "a.b",
+        "ä",
+        "a b",
+        "a\n",
+        "--",
+        "0",
     ] {
         assert_eq!(
             names.is_valid(&json!(name)),
@@ -321,9 +381,27 @@ fn the_output_path_schema_is_the_parsers_path_rule() {
         .unwrap();
     let paths = jsonschema::validator_for(item).unwrap();
     for path in [
-        "site/", "site/copy.md", "docs", "a/.gitkeep", "a..b", ".github/x", "x/.agentops2", "",
-        "/etc", "\\x", "../x", "a/../../b", "a/..", ".git", ".git/config", "a/.git/b",
-        ".agentops/status", "C:/x", "a\\..\\b", "a\u{7}b", "a\u{85}b",
+        "site/",
+        "site/copy.md",
+        "docs",
+        "a/.gitkeep",
+        "a..b",
+        ".github/x",
+        "x/.agentops2",
+        "",
+        "/etc",
+        "\\x",
+        "../x",
+        "a/../../b",
+        "a/..",
+        ".git",
+        ".git/config",
+        "a/.git/b",
+        ".agentops/status",
+        "C:/x",
+        "a\\..\\b",
+        "a\u{7}b",
+        "a\u{85}b",
     ] {
         assert_eq!(
             paths.is_valid(&json!(path)),
@@ -349,7 +427,13 @@ fn the_priority_schema_is_what_priority_reads() {
     ] {
         values.push(json!(text));
     }
-    values.extend([json!(50.5), json!(true), json!(null), json!([1]), json!({"a": 1})]);
+    values.extend([
+        json!(50.5),
+        json!(true),
+        json!(null),
+        json!([1]),
+        json!({"a": 1}),
+    ]);
     for value in values {
         let read = serde_json::from_value::<Priority>(value.clone()).is_ok();
         assert_eq!(crd_priority.is_valid(&value), read, "{value}");
