@@ -23,8 +23,6 @@ use crate::status::{AgentStatus, ProjectStatus, TaskStatus, ToolStatus};
 
 /// The only apiVersion this build understands.
 pub const API_VERSION: &str = "agentops.dev/v1alpha1";
-/// The version part of [`API_VERSION`], as the CRDs serve it.
-pub const API_VERSION_NAME: &str = "v1alpha1";
 /// Documents whose apiVersion is in another group are not ours and are ignored.
 pub const API_GROUP: &str = "agentops.dev";
 
@@ -355,7 +353,7 @@ pub fn default_retries() -> u32 {
 }
 
 /// What a task asks its agent to do. Exactly one kind per task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Action {
     /// LLM work, done by a Seed.
@@ -403,6 +401,56 @@ impl JsonSchema for Action {
             "minProperties": 1,
             "maxProperties": 1,
         })
+    }
+}
+
+/// Read as the parser and the schema read an action, so that a custom resource the API server
+/// accepted deserializes too: one mapping with exactly one of the four keys, `plan` also when
+/// null.
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct OneOf {
+            #[serde(default)]
+            prompt: Option<String>,
+            #[serde(default)]
+            run: Option<RunAction>,
+            #[serde(default)]
+            tool: Option<ToolAction>,
+            #[serde(default, deserialize_with = "present")]
+            plan: Option<Option<PlanAction>>,
+        }
+
+        fn present<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Option<PlanAction>>, D::Error> {
+            Option::<PlanAction>::deserialize(d).map(Some)
+        }
+
+        let OneOf {
+            prompt,
+            run,
+            tool,
+            plan,
+        } = OneOf::deserialize(d)?;
+        let mut given = [
+            prompt.map(Action::Prompt),
+            run.map(Action::Run),
+            tool.map(Action::Tool),
+            plan.map(|p| Action::Plan(p.unwrap_or_default())),
+        ]
+        .into_iter()
+        .flatten();
+        match (given.next(), given.next()) {
+            (Some(action), None) => Ok(action),
+            (None, _) => Err(serde::de::Error::custom(
+                "action must have exactly one of prompt, run, tool, plan; it has none",
+            )),
+            (Some(_), Some(_)) => Err(serde::de::Error::custom(
+                "action must have exactly one of prompt, run, tool, plan; it has several",
+            )),
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use agentops_specs::crd::{self, SCRIPT_NEEDS_COMMAND_CEL};
 use agentops_specs::names::{DNS_LABEL_MAX, DNS_LABEL_PATTERN, check_dns_label, check_output_path};
-use agentops_specs::{API_GROUP, API_VERSION, Kind, Priority, parse_file, schema};
+use agentops_specs::{API_GROUP, API_VERSION, Kind, Priority, Spec, parse_file, schema};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde_json::{Value, json};
 
@@ -231,7 +231,7 @@ fn every_example_and_good_case_is_accepted_by_the_crds_the_schemas_and_the_parse
                 continue;
             }
             let text = String::from_utf8(bytes).unwrap();
-            for (kind, doc) in documents(&text) {
+            for (in_file, (kind, doc)) in documents(&text).into_iter().enumerate() {
                 let kind = kind.unwrap_or_else(|| panic!("{rel}: a document without a kind"));
                 let at = Kind::ALL.iter().position(|k| *k == kind).unwrap();
                 let errors: Vec<String> = crd_specs[at]
@@ -254,11 +254,30 @@ fn every_example_and_good_case_is_accepted_by_the_crds_the_schemas_and_the_parse
                     errors.is_empty(),
                     "{rel}: {kind} schema refuses it: {errors:?}"
                 );
+                assert_reads_as_parsed(&rel, &doc, &parsed.objects[in_file]);
                 checked += 1;
             }
         }
     }
     assert!(checked >= 16, "only {checked} documents checked");
+}
+
+/// A custom resource's spec, read by the model's own `Deserialize` (as `kube` reads one from the
+/// API server), is the spec the parser read from the same document. A task's project is the
+/// one thing a custom resource must say that a file may leave to its path.
+fn assert_reads_as_parsed(rel: &str, doc: &Value, parsed: &agentops_specs::Object) {
+    let mut spec = doc["spec"].clone();
+    let read = match &parsed.spec {
+        Spec::Project(_) => serde_json::from_value(spec).map(Spec::Project),
+        Spec::Task(t) => {
+            spec["project"] = json!(t.project);
+            serde_json::from_value(spec).map(Spec::Task)
+        }
+        Spec::Agent(_) => serde_json::from_value(spec).map(Spec::Agent),
+        Spec::Tool(_) => serde_json::from_value(spec).map(Spec::Tool),
+    };
+    let read = read.unwrap_or_else(|e| panic!("{rel}: the model does not read the spec: {e}"));
+    assert_eq!(read, parsed.spec, "{rel}: {}", parsed.name());
 }
 
 /// Bad cases whose error lies in a spec or a name, which a CRD can refuse (the others are about
@@ -437,5 +456,42 @@ fn the_priority_schema_is_what_priority_reads() {
     for value in values {
         let read = serde_json::from_value::<Priority>(value.clone()).is_ok();
         assert_eq!(crd_priority.is_valid(&value), read, "{value}");
+    }
+}
+
+#[test]
+fn an_action_reads_as_the_parser_reads_it() {
+    use agentops_specs::{Action, PlanAction};
+    let read = |v: Value| serde_json::from_value::<Action>(v);
+    assert_eq!(
+        read(json!({"plan": null})).unwrap(),
+        Action::Plan(PlanAction::default())
+    );
+    assert_eq!(
+        read(json!({"plan": {}})).unwrap(),
+        Action::Plan(PlanAction::default())
+    );
+    assert_eq!(
+        read(json!({"prompt": "go"})).unwrap(),
+        Action::Prompt("go".into())
+    );
+    for bad in [
+        json!({}),
+        json!({"prompt": "a", "plan": {}}),
+        json!({"pormpt": "a"}),
+    ] {
+        assert!(read(bad.clone()).is_err(), "{bad}");
+    }
+    // What the model writes (the store keeps it) reads back.
+    for action in [
+        Action::Prompt("go".into()),
+        Action::Plan(PlanAction {
+            request: Some("r".into()),
+        }),
+    ] {
+        assert_eq!(
+            read(serde_json::to_value(&action).unwrap()).unwrap(),
+            action
+        );
     }
 }
