@@ -25,7 +25,7 @@ pub struct SchemaArgs {
 
 pub fn crds(args: &CrdsArgs) -> anyhow::Result<ExitCode> {
     match &args.dir {
-        None => print!("{}", crd::to_yaml_stream()?),
+        None => stdout(&crd::to_yaml_stream()?)?,
         Some(dir) => {
             for kind in Kind::ALL {
                 write(dir, &crd::file_name(kind), &crd::to_yaml(kind)?)?;
@@ -37,7 +37,7 @@ pub fn crds(args: &CrdsArgs) -> anyhow::Result<ExitCode> {
 
 pub fn schema(args: &SchemaArgs) -> anyhow::Result<ExitCode> {
     match &args.dir {
-        None => print!("{}", json(&schema::all_schema())?),
+        None => stdout(&json(&schema::all_schema())?)?,
         Some(dir) => {
             for kind in Kind::ALL {
                 let text = json(&schema::document_schema(kind))?;
@@ -47,6 +47,15 @@ pub fn schema(args: &SchemaArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Written rather than printed so that a closed pipe (`| head`) is an error, not a panic.
+fn stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
 }
 
 fn json(value: &serde_json::Value) -> anyhow::Result<String> {
