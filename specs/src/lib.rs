@@ -1,14 +1,18 @@
 //! The agentops resource model.
 //!
 //! One source of truth for the Project, Task, Agent and Tool resources, whether they come from
-//! YAML files in Git or (later) from Kubernetes custom resources: the types ([`model`]), the
-//! YAML reader with `path:line:column` errors ([`parse_file`]) and the checks across objects
-//! ([`validate()`]).
+//! YAML files in Git or from Kubernetes custom resources: the types ([`model`], [`status`]), the
+//! YAML reader with `path:line:column` errors ([`parse_file`]), the checks across objects
+//! ([`validate()`]), and the CRDs ([`crd`]) and editor JSON Schemas ([`schema`]) derived from the
+//! same types.
 
+pub mod crd;
 pub mod diagnostic;
 pub mod model;
 pub mod names;
 pub mod parse;
+pub mod schema;
+pub mod status;
 pub mod validate;
 
 pub use diagnostic::Diagnostic;

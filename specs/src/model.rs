@@ -1,16 +1,25 @@
 //! The resource types, as they are stored and exchanged once parsed and validated.
 //!
 //! These are the clean shapes: no source positions. The YAML parser reads a positioned twin of
-//! [`TaskSpec`] (see `parse.rs`) and converts it, so that validation can point at the line of
+//! each spec (see `parse.rs`) and converts it, so that validation can point at the line of
 //! an offending field while everything downstream works with plain values.
+//!
+//! The same structs are the custom resources' specs (`ProjectResource`, `TaskResource`,
+//! `AgentResource`, `ToolResource`, derived by `kube`), and their schema is what a file in Git
+//! may hold: the `#[schemars]` attributes below carry the parser's rules (names, ranges, enums,
+//! which fields may be left out) into the CRDs and the published JSON Schemas.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::names::{DEPENDENCY_PATTERN, DNS_LABEL_MAX, DNS_LABEL_PATTERN, NOT_BLANK_PATTERN};
+use crate::status::{AgentStatus, ProjectStatus, TaskStatus, ToolStatus};
 
 /// The only apiVersion this build understands.
 pub const API_VERSION: &str = "agentops.dev/v1alpha1";
@@ -39,6 +48,16 @@ impl Kind {
 
     pub fn parse(s: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The resource's plural, as the CRD names it (`kubectl get tasks`).
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Project => "projects",
+            Kind::Task => "tasks",
+            Kind::Agent => "agents",
+            Kind::Tool => "tools",
+        }
     }
 }
 
@@ -140,16 +159,23 @@ impl JsonSchema for Priority {
     }
 
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // The bounds and the pattern sit beside `anyOf` rather than inside it: `minimum` only
+        // constrains numbers and `pattern` only strings, and Kubernetes accepts an int-or-string
+        // only with the bare `anyOf` of the two types.
         schemars::json_schema!({
             "description": "0-100, or critical (90), high (70), medium (50), low (30)",
             "x-kubernetes-int-or-string": true,
-            "anyOf": [
-                {"type": "integer", "minimum": 0, "maximum": 100},
-                {"type": "string", "enum": ["critical", "high", "medium", "low"]}
-            ]
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "minimum": 0,
+            "maximum": Priority::MAX,
+            "pattern": PRIORITY_PATTERN,
         })
     }
 }
+
+/// The strings [`Priority`] reads: a word, or a whole number 0-100 written as text (which is
+/// what `str::parse::<i64>` accepts in that range: a sign, leading zeros).
+pub const PRIORITY_PATTERN: &str = "^(critical|high|medium|low|[+]?0*([0-9]|[1-9][0-9]|100)|-0+)$";
 
 /// A duration written the human way (`30s`, `30m`, `1h 30m`), kept to whole seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -192,13 +218,46 @@ impl JsonSchema for HumanDuration {
     }
 
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({"type": "string", "description": "a duration such as 45s, 30m or 1h30m"})
+        schemars::json_schema!({
+            "type": "string",
+            "description": "a duration longer than zero, such as 45s, 30m or 1h30m",
+            "minLength": 1,
+        })
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// A goal: a group of tasks with a priority and an accountable agent.
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) names its own type_"
+)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "agentops.dev",
+    version = "v1alpha1",
+    kind = "Project",
+    root = "ProjectResource",
+    namespaced,
+    status = "ProjectStatus",
+    shortname = "aoproj",
+    category = "agentops",
+    doc = "An agentops Project: a goal, worked through its tasks.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Progress",
+        type_ = "string",
+        json_path = ".status.progress",
+        description = "completed of all tasks that are not cancelled"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProjectSpec {
+    #[schemars(pattern(NOT_BLANK_PATTERN))]
     pub title: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
@@ -206,30 +265,67 @@ pub struct ProjectSpec {
     pub priority: Priority,
     /// The agent accountable for the project.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = DNS_LABEL_MAX))]
     pub owner: Option<String>,
     /// When true, nothing of this project is dispatched.
     #[serde(default)]
     pub suspend: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// One piece of work for one agent.
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) names its own type_"
+)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "agentops.dev",
+    version = "v1alpha1",
+    kind = "Task",
+    root = "TaskResource",
+    namespaced,
+    status = "TaskStatus",
+    shortname = "aotask",
+    category = "agentops",
+    doc = "An agentops Task: one piece of work, dispatched to an agent.",
+    printcolumn(name = "Project", type_ = "string", json_path = ".spec.project"),
+    printcolumn(name = "Assignee", type_ = "string", json_path = ".spec.assignee"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Agent", type_ = "string", json_path = ".status.agent"),
+    printcolumn(name = "Attempt", type_ = "integer", json_path = ".status.attempt"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TaskSpec {
-    /// Always set once parsed: taken from `projects/<p>/tasks/` when the file omits it.
+    /// The project the task belongs to. In Git it may be left out of a file under
+    /// `projects/<project>/tasks/`, which names it; it is always set once parsed.
+    #[schemars(
+        default = "no_project",
+        pattern(DNS_LABEL_PATTERN),
+        length(max = DNS_LABEL_MAX)
+    )]
     pub project: String,
+    #[schemars(pattern(NOT_BLANK_PATTERN))]
     pub title: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
     /// A role (`cos`, `seed`) or the name of an Agent.
     #[serde(default = "default_assignee")]
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = DNS_LABEL_MAX))]
     pub assignee: String,
     /// An agent must have all of these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(NOT_BLANK_PATTERN)))]
     pub capabilities: Vec<String>,
     #[serde(default)]
     pub priority: Priority,
     /// `task` (same project) or `project/task`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(DEPENDENCY_PATTERN)))]
     pub depends_on: Vec<String>,
     pub action: Action,
     #[serde(default)]
@@ -237,6 +333,7 @@ pub struct TaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<HumanDuration>,
     #[serde(default = "default_retries")]
+    #[schemars(range(max = crate::parse::MAX_RETRIES))]
     pub retries: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub acceptance_criteria: Vec<String>,
@@ -246,12 +343,17 @@ pub fn default_assignee() -> String {
     "seed".to_owned()
 }
 
+/// Marks `project` optional in the schema, without a default: the parser fills it from the path.
+fn no_project() -> Option<String> {
+    None
+}
+
 pub fn default_retries() -> u32 {
     2
 }
 
 /// What a task asks its agent to do. Exactly one kind per task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Action {
     /// LLM work, done by a Seed.
@@ -262,6 +364,94 @@ pub enum Action {
     Tool(ToolAction),
     /// Chief of Staff: decompose into sub-tasks.
     Plan(PlanAction),
+}
+
+/// The shape the parser reads (one mapping of which exactly one key is set, `plan` also when
+/// empty or null) rather than what a derive would make of the enum; as one object with
+/// optional properties it is also a structural schema, which Kubernetes requires.
+impl JsonSchema for Action {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Action".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let run = generator.subschema_for::<RunAction>();
+        let tool = generator.subschema_for::<ToolAction>();
+        let mut plan = generator.subschema_for::<PlanAction>();
+        // `plan:` with nothing after it asks for planning too.
+        if plan.get("$ref").is_some() {
+            plan = schemars::json_schema!({"anyOf": [plan, {"type": "null"}]});
+        } else {
+            plan.insert("type".into(), serde_json::json!(["object", "null"]));
+        }
+        schemars::json_schema!({
+            "description": "What the task asks its agent to do: exactly one of prompt, run, tool, plan.",
+            "type": "object",
+            "properties": {
+                "prompt": {
+                    "description": "LLM work, done by a Seed.",
+                    "type": "string",
+                    "pattern": NOT_BLANK_PATTERN,
+                },
+                "run": run,
+                "tool": tool,
+                "plan": plan,
+            },
+            "additionalProperties": false,
+            "minProperties": 1,
+            "maxProperties": 1,
+        })
+    }
+}
+
+/// Read as the parser and the schema read an action, so that a custom resource the API server
+/// accepted deserializes too: one mapping with exactly one of the four keys, `plan` also when
+/// null.
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct OneOf {
+            #[serde(default)]
+            prompt: Option<String>,
+            #[serde(default)]
+            run: Option<RunAction>,
+            #[serde(default)]
+            tool: Option<ToolAction>,
+            #[serde(default, deserialize_with = "present")]
+            plan: Option<Option<PlanAction>>,
+        }
+
+        fn present<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Option<PlanAction>>, D::Error> {
+            Option::<PlanAction>::deserialize(d).map(Some)
+        }
+
+        let OneOf {
+            prompt,
+            run,
+            tool,
+            plan,
+        } = OneOf::deserialize(d)?;
+        let mut given = [
+            prompt.map(Action::Prompt),
+            run.map(Action::Run),
+            tool.map(Action::Tool),
+            plan.map(|p| Action::Plan(p.unwrap_or_default())),
+        ]
+        .into_iter()
+        .flatten();
+        match (given.next(), given.next()) {
+            (Some(action), None) => Ok(action),
+            (None, _) => Err(serde::de::Error::custom(
+                "action must have exactly one of prompt, run, tool, plan; it has none",
+            )),
+            (Some(_), Some(_)) => Err(serde::de::Error::custom(
+                "action must have exactly one of prompt, run, tool, plan; it has several",
+            )),
+        }
+    }
 }
 
 impl Action {
@@ -275,20 +465,28 @@ impl Action {
     }
 }
 
+/// A command run in a fresh checkout.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunAction {
+    /// The program and its arguments.
+    #[schemars(length(min = 1))]
     pub command: Vec<String>,
 }
 
+/// A registered tool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ToolAction {
+    /// The Tool's name.
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = DNS_LABEL_MAX))]
     pub name: String,
+    /// Arguments filled into the tool's `{braces}`.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub with: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Chief of Staff: decompose into sub-tasks.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanAction {
@@ -304,7 +502,24 @@ pub struct Output {
     pub mode: OutputMode,
     /// Where the agent may write, relative to the repository root.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "output_paths_schema")]
     pub paths: Vec<String>,
+}
+
+/// [`crate::names::check_output_path`] as a schema: relative, no `:`, no `..`, `.git` or
+/// `.agentops` part, no control characters.
+fn output_paths_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Where the agent may write, relative to the repository root.",
+        "type": "array",
+        "items": {
+            "type": "string",
+            "pattern": "^[^/\\\\:][^:]*$",
+            "not": {
+                "pattern": "(^|[/\\\\])(\\.\\.|\\.git|\\.agentops)([/\\\\]|$)|[\\x00-\\x1f\\x7f-\\x9f]",
+            },
+        },
+    })
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -336,17 +551,44 @@ impl AgentType {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// A worker that takes tasks: a role, what it can do, and the models it uses.
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) names its own type_"
+)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "agentops.dev",
+    version = "v1alpha1",
+    kind = "Agent",
+    root = "AgentResource",
+    namespaced,
+    status = "AgentStatus",
+    shortname = "aoagent",
+    category = "agentops",
+    doc = "An agentops Agent: a worker that takes tasks.",
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AgentSpec {
     #[serde(rename = "type")]
     pub agent_type: AgentType,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(NOT_BLANK_PATTERN)))]
     pub capabilities: Vec<String>,
     /// Tried in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(pattern(NOT_BLANK_PATTERN)))]
     pub models: Vec<String>,
+    /// How many tasks the agent works on at once.
     #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = crate::parse::MAX_CONCURRENCY))]
     pub concurrency: u32,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub instructions: String,
@@ -376,17 +618,42 @@ impl ToolType {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// Something an agent can call: a function, an API, a script or a service.
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each printcolumn(...) names its own type_"
+)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "agentops.dev",
+    version = "v1alpha1",
+    kind = "Tool",
+    root = "ToolResource",
+    namespaced,
+    status = "ToolStatus",
+    shortname = "aotool",
+    category = "agentops",
+    doc = "An agentops Tool: something an agent can call.",
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.type"),
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ToolSpec {
     #[serde(rename = "type")]
     pub tool_type: ToolType,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
-    /// Arguments in `{braces}` are filled from the task's `with`.
+    /// Arguments in `{braces}` are filled from the task's `with`. A script tool needs one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// The agent (or role) that registered the tool.
     #[serde(default = "default_assignee")]
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = DNS_LABEL_MAX))]
     pub created_by: String,
 }
 

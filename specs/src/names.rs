@@ -1,11 +1,22 @@
 //! Name and path rules shared by the parser, the API and write-back.
 
+/// [`check_dns_label`] as a schema pattern, for the CRDs and the JSON Schemas (together with
+/// [`DNS_LABEL_MAX`]): the API server and editors refuse the names the parser refuses.
+pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// The longest name [`check_dns_label`] allows.
+pub const DNS_LABEL_MAX: usize = 63;
+/// A `dependsOn` entry: `task` or `project/task`, each a DNS-1123 label.
+pub const DEPENDENCY_PATTERN: &str =
+    "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$";
+/// Text that says something: the parser refuses blank titles, prompts and capabilities.
+pub const NOT_BLANK_PATTERN: &str = "\\S";
+
 /// Kubernetes' DNS-1123 label: what a resource name must be so the same file is a valid CR.
 pub fn check_dns_label(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".into());
     }
-    if name.len() > 63 {
+    if name.len() > DNS_LABEL_MAX {
         return Err(format!(
             "is {} characters; at most 63 are allowed",
             name.len()

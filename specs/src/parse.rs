@@ -1371,3 +1371,89 @@ mod fast_path_tests {
         assert!(checked >= 10, "only {checked} files took the fast path");
     }
 }
+
+/// The positioned twins read exactly the fields the spec types' schema declares, so that the
+/// CRDs and the published JSON Schemas accept what the parser accepts, field for field.
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use serde::de::value::Error;
+
+    /// A deserializer that answers only which fields a derived struct asks for.
+    struct FieldNames;
+
+    impl<'de> Deserializer<'de> for FieldNames {
+        type Error = Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Error> {
+            Err(de::Error::custom(fields.join(",")))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+
+    fn fields_read<T: DeserializeOwned>() -> Vec<String> {
+        let Err(e) = T::deserialize(FieldNames) else {
+            panic!("FieldNames produced a value");
+        };
+        let mut fields: Vec<String> = e.to_string().split(',').map(str::to_owned).collect();
+        fields.sort();
+        fields
+    }
+
+    fn fields_declared<T: schemars::JsonSchema>() -> Vec<String> {
+        let schema = schemars::schema_for!(T).to_value();
+        let mut fields: Vec<String> = schema["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{} has no properties", T::schema_name()))
+            .keys()
+            .cloned()
+            .collect();
+        fields.sort();
+        fields
+    }
+
+    #[test]
+    fn the_parser_reads_the_fields_the_schema_declares() {
+        assert_eq!(
+            fields_read::<RawProjectSpec>(),
+            fields_declared::<ProjectSpec>()
+        );
+        assert_eq!(fields_read::<RawTaskSpec>(), fields_declared::<TaskSpec>());
+        assert_eq!(
+            fields_read::<RawAgentSpec>(),
+            fields_declared::<AgentSpec>()
+        );
+        assert_eq!(fields_read::<RawToolSpec>(), fields_declared::<ToolSpec>());
+        assert_eq!(fields_read::<RawAction>(), fields_declared::<Action>());
+        assert_eq!(
+            fields_read::<RawToolAction>(),
+            fields_declared::<ToolAction>()
+        );
+        assert_eq!(fields_read::<RawOutput>(), fields_declared::<Output>());
+        assert_eq!(fields_read::<RunAction>(), fields_declared::<RunAction>());
+        assert_eq!(fields_read::<PlanAction>(), fields_declared::<PlanAction>());
+        let metadata = crate::schema::document_schema(Kind::Task);
+        let mut declared: Vec<String> = metadata["properties"]["metadata"]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        declared.sort();
+        assert_eq!(fields_read::<RawMeta>(), declared);
+    }
+}

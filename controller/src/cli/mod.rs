@@ -5,6 +5,7 @@ mod ask;
 mod bench;
 mod bench_dispatch;
 mod bench_writeback;
+mod crds;
 mod diff;
 mod reconcile;
 mod status;
@@ -131,6 +132,11 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: TableFormat,
     },
+    /// Print the CustomResourceDefinitions of Project, Task, Agent and Tool for
+    /// `kubectl apply -f -`, or write one file each with --dir.
+    Crds(crds::CrdsArgs),
+    /// Print the JSON Schema of spec files for editors, or write one per kind with --dir.
+    Schema(crds::SchemaArgs),
     /// Apply the database migrations.
     Migrate {
         #[command(flatten)]
@@ -238,6 +244,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Bench { bench } => bench::run(&global, bench).await,
         Command::Completions { shell } => completions(shell),
+        Command::Crds(args) => crds::crds(&args),
+        Command::Schema(args) => crds::schema(&args),
     }
 }
 
