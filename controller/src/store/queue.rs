@@ -167,16 +167,6 @@ impl Default for LeasePolicy {
     }
 }
 
-impl LeasePolicy {
-    /// The wait before the retry that follows attempt `attempt` (0-based).
-    pub fn backoff(&self, attempt: i32) -> Duration {
-        let factor = 1u32 << attempt.clamp(0, 20);
-        self.backoff_base
-            .saturating_mul(factor)
-            .min(self.backoff_max)
-    }
-}
-
 pub trait Queue: Send + Sync + 'static {
     /// Record the agent (upsert by name) and a session token for it; earlier tokens of the
     /// same name stop working. Stores only a hash of the token.
@@ -394,8 +384,8 @@ pub(super) fn millis(duration: Duration) -> i64 {
     duration.as_millis().min(1 << 40) as i64
 }
 
-/// The backoff base and cap in milliseconds, as the SQL twin of [`LeasePolicy::backoff`]
-/// takes them: `min(base << min(max(attempt, 0), 20), cap)`.
+/// The backoff base and cap in milliseconds, as the `{backoff}` token of the statements takes
+/// them: `min(base << min(max(attempt, 0), 20), cap)`.
 pub(super) fn backoff_params(policy: &LeasePolicy) -> (i64, i64) {
     (millis(policy.backoff_base), millis(policy.backoff_max))
 }

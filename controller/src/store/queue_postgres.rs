@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::postgres::PgStore;
+use super::PgStore;
 use super::queue::*;
 use super::{StoreError, query_error};
 

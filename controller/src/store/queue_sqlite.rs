@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use sqlx::{Sqlite, Transaction};
 use uuid::Uuid;
 
+use super::SqliteStore;
 use super::queue::*;
-use super::sqlite::SqliteStore;
 use super::{StoreError, query_error};
 
 /// Now, in the schema's one timestamp format.
@@ -513,15 +513,6 @@ async fn claim_one(
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
     Ok((assignments, role_emptied))
-}
-
-impl SqliteStore {
-    async fn begin(&self) -> Result<Tx, StoreError> {
-        self.pool()
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(query_error("starting a transaction"))
-    }
 }
 
 async fn commit(tx: Tx, doing: &'static str) -> Result<(), StoreError> {
