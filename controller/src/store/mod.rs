@@ -7,6 +7,7 @@
 mod db;
 mod migrations;
 pub mod queue;
+mod queue_db;
 mod queue_postgres;
 mod queue_sqlite;
 mod rows;

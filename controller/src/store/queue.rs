@@ -480,6 +480,14 @@ pub(super) fn pools(claimers: &[Claimer]) -> Vec<Vec<usize>> {
     groups
 }
 
+/// Who gets each of a pool's picked tasks, in claim order, as positions in `free` (the free
+/// slots of each claimer): dealt round-robin, slot 1 of every claimer, then slot 2…, so a few
+/// ready tasks spread over the waiting agents instead of all going to the first.
+pub(super) fn deal(free: &[i64]) -> impl Iterator<Item = usize> + '_ {
+    let rounds = free.iter().copied().max().unwrap_or(0);
+    (0..rounds).flat_map(move |k| (0..free.len()).filter(move |&j| free[j] > k))
+}
+
 /// One answer per completion: `sent[i]` for those sent, and for a repeat, refused when its
 /// first completed the task or refused like its first.
 pub(super) fn completion_answers(
@@ -533,3 +541,15 @@ pub(super) fn strings(value: Option<serde_json::Value>) -> Vec<String> {
 /// How long a session's `last_seen_at` may lag before `authenticate` writes it again: a token
 /// is checked on every request, and a write per request would be the busiest write there is.
 pub(super) const SEEN_EVERY_SECONDS: i64 = 30;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_are_dealt_one_slot_of_each_claimer_at_a_time() {
+        assert_eq!(deal(&[3, 0, 1, 2]).collect::<Vec<_>>(), [0, 2, 3, 0, 3, 0]);
+        assert_eq!(deal(&[]).count(), 0);
+        assert_eq!(deal(&[0, -1]).count(), 0);
+    }
+}

@@ -81,7 +81,13 @@ impl Dialect {
     /// JSON column as text); `{age:COL}` (seconds since a timestamp, as a bigint);
     /// `{each:EXPR}` (a JSON array of strings as the relation `d(value)`); `{head:EXPR}` and
     /// `{tail:EXPR}` (the parts of `project/task` before and after the slash);
-    /// `{has_table:NAME}` (whether the table exists).
+    /// `{has_table:NAME}` (whether the table exists); `{time:COL}` (a timestamp as RFC 3339
+    /// text to the millisecond, as SQLite keeps them); `{ago:N}` (now less parameter N
+    /// milliseconds); `{age_ms:COL}` (milliseconds since a timestamp); `{values:N}` (the JSON
+    /// array parameter N as the relation `v(value)`); `{each_n:EXPR}` (like `each`, with the
+    /// elements' positions as `d.key`); `{skip_locked}` (lock the rows, passing over those
+    /// another transaction holds, where rows can be locked); `{rows:COL TYPE,…}` (the JSON
+    /// array parameter 1 as the relation `r` of these columns).
     pub fn spell(&self, template: &str) -> Result<String, Unspellable> {
         let mut out = String::with_capacity(template.len() + 64);
         let mut rest = template;
@@ -154,8 +160,57 @@ impl Dialect {
             "has_table" => format!(
                 "EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{arg}')"
             ),
+            "time" if pg => {
+                format!("to_char({arg} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+            }
+            "time" => arg.to_owned(),
+            "ago" if pg => format!("now() - ${} * interval '1 millisecond'", number()?),
+            "ago" => format!(
+                "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%.3f seconds', ${} / 1000.0))",
+                number()?
+            ),
+            "age_ms" if pg => {
+                format!("CAST(EXTRACT(EPOCH FROM (now() - {arg})) * 1000 AS bigint)")
+            }
+            "age_ms" => {
+                format!("CAST((julianday('now') - julianday({arg})) * 86400000 AS INTEGER)")
+            }
+            "values" if pg => format!(
+                "jsonb_array_elements_text(CAST(${} AS text)::jsonb) AS v(value)",
+                number()?
+            ),
+            "values" => format!("json_each(${}) AS v", number()?),
+            "each_n" if pg => {
+                format!("jsonb_array_elements_text({arg}) WITH ORDINALITY AS d(value, key)")
+            }
+            "each_n" => format!("json_each({arg}) AS d"),
+            "skip_locked" => if pg { "FOR UPDATE SKIP LOCKED" } else { "" }.to_owned(),
+            "rows" => {
+                let columns = arg
+                    .split(',')
+                    .map(|column| {
+                        let (name, ty) = column.trim().split_once(' ')?;
+                        let ty = match ty.trim() {
+                            "uuid" => Ty::Uuid,
+                            "text" => Ty::Text,
+                            "integer" => Ty::Int,
+                            "bigint" => Ty::BigInt,
+                            "boolean" => Ty::Bool,
+                            "json" => Ty::Json,
+                            _ => return None,
+                        };
+                        Some((name, ty))
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                self.rows(&columns)
+            }
             _ => return None,
         })
+    }
+
+    /// This backend's own template of a statement whose plan differs between the engines.
+    pub fn pick(&self, postgres: &'static str, sqlite: &'static str) -> &'static str {
+        if self.postgres { postgres } else { sqlite }
     }
 
     /// Now plus `ms` milliseconds (an SQL expression).
@@ -172,14 +227,19 @@ impl Dialect {
 /// dialect, and lists them all (for the test that prepares every statement on both backends).
 macro_rules! statements {
     ($(#[$meta:meta])* $name:ident { $($(#[$doc:meta])* $field:ident = $template:expr,)* }) => {
+        $crate::store::sql::statements! {
+            $(#[$meta])* $name(_d) { $($(#[$doc])* $field = $template,)* }
+        }
+    };
+    ($(#[$meta:meta])* $name:ident($d:ident) { $($(#[$doc:meta])* $field:ident = $template:expr,)* }) => {
         $(#[$meta])*
         pub struct $name {
             $(pub $field: String,)*
         }
 
         impl $name {
-            pub fn new(d: &$crate::store::sql::Dialect) -> Result<Self, $crate::store::sql::Unspellable> {
-                Ok($name { $($field: d.spell($template)?,)* })
+            pub fn new($d: &$crate::store::sql::Dialect) -> Result<Self, $crate::store::sql::Unspellable> {
+                Ok($name { $($field: $d.spell($template)?,)* })
             }
 
             pub fn all(&self) -> Vec<(&'static str, &str)> {
@@ -472,6 +532,7 @@ pub struct Sql {
     pub writeback: super::writeback::Statements,
     pub registry: super::tools::Statements,
     pub usage: super::usage::Statements,
+    pub queue: super::queue_db::Statements,
 }
 
 statements! {
@@ -524,6 +585,7 @@ impl Sql {
             writeback: super::writeback::Statements::new(d)?,
             registry: super::tools::Statements::new(d)?,
             usage: super::usage::Statements::new(d)?,
+            queue: super::queue_db::Statements::new(d)?,
         })
     }
 
@@ -560,6 +622,7 @@ impl Sql {
         all.extend(self.writeback.all());
         all.extend(self.registry.all());
         all.extend(self.usage.all());
+        all.extend(self.queue.all());
         all
     }
 }
