@@ -27,51 +27,27 @@ pub enum Arg<'a> {
     Bytes(&'a [u8]),
 }
 
-impl<'a> From<&'a [u8]> for Arg<'a> {
-    fn from(v: &'a [u8]) -> Self {
-        Arg::Bytes(v)
-    }
+/// `Arg::from` for each type a statement binds.
+macro_rules! arg_from {
+    ($($ty:ty => |$v:ident| $arg:expr;)*) => {
+        $(impl<'a> From<$ty> for Arg<'a> {
+            fn from($v: $ty) -> Self {
+                $arg
+            }
+        })*
+    };
 }
 
-impl<'a> From<&'a str> for Arg<'a> {
-    fn from(v: &'a str) -> Self {
-        Arg::Text(Some(v))
-    }
-}
-impl<'a> From<&'a String> for Arg<'a> {
-    fn from(v: &'a String) -> Self {
-        Arg::Text(Some(v))
-    }
-}
-impl<'a> From<Option<&'a str>> for Arg<'a> {
-    fn from(v: Option<&'a str>) -> Self {
-        Arg::Text(v)
-    }
-}
-impl<'a> From<&'a Option<String>> for Arg<'a> {
-    fn from(v: &'a Option<String>) -> Self {
-        Arg::Text(v.as_deref())
-    }
-}
-impl From<i64> for Arg<'_> {
-    fn from(v: i64) -> Self {
-        Arg::Int(Some(v))
-    }
-}
-impl From<Option<i32>> for Arg<'_> {
-    fn from(v: Option<i32>) -> Self {
-        Arg::Int(v.map(i64::from))
-    }
-}
-impl From<Option<f64>> for Arg<'_> {
-    fn from(v: Option<f64>) -> Self {
-        Arg::Real(v)
-    }
-}
-impl From<bool> for Arg<'_> {
-    fn from(v: bool) -> Self {
-        Arg::Bool(v)
-    }
+arg_from! {
+    &'a str => |v| Arg::Text(Some(v));
+    &'a String => |v| Arg::Text(Some(v));
+    Option<&'a str> => |v| Arg::Text(v);
+    &'a Option<String> => |v| Arg::Text(v.as_deref());
+    i64 => |v| Arg::Int(Some(v));
+    Option<i32> => |v| Arg::Int(v.map(i64::from));
+    Option<f64> => |v| Arg::Real(v);
+    bool => |v| Arg::Bool(v);
+    &'a [u8] => |v| Arg::Bytes(v);
 }
 
 /// The parameters of a statement, in order.
@@ -135,6 +111,31 @@ where
     })
 }
 
+/// The two engines run statements alike; only their row and connection types differ.
+macro_rules! engine_io {
+    () => {
+        async fn fetch<R: Decoded>(
+            conn: &mut Self::Connection,
+            sql: &'static str,
+            args: &[Arg<'_>],
+        ) -> Result<Vec<R>, sqlx::Error> {
+            let rows = conn.fetch_all(query::<Self>(sql, args)).await?;
+            rows.iter().map(R::from_row).collect()
+        }
+
+        async fn execute(
+            conn: &mut Self::Connection,
+            sql: &'static str,
+            args: &[Arg<'_>],
+        ) -> Result<u64, sqlx::Error> {
+            Ok(conn
+                .execute(query::<Self>(sql, args))
+                .await?
+                .rows_affected())
+        }
+    };
+}
+
 impl Backend for Postgres {
     const DIALECT: &'static Dialect = &POSTGRES;
     const BEGIN: &'static str = "BEGIN";
@@ -149,25 +150,7 @@ impl Backend for Postgres {
         migrator.run(pool).await.map_err(StoreError::Migrate)
     }
 
-    async fn fetch<R: Decoded>(
-        conn: &mut Self::Connection,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> Result<Vec<R>, sqlx::Error> {
-        let rows = conn.fetch_all(query::<Self>(sql, args)).await?;
-        rows.iter().map(R::from_row).collect()
-    }
-
-    async fn execute(
-        conn: &mut Self::Connection,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> Result<u64, sqlx::Error> {
-        Ok(conn
-            .execute(query::<Self>(sql, args))
-            .await?
-            .rows_affected())
-    }
+    engine_io!();
 }
 
 impl Backend for Sqlite {
@@ -186,25 +169,7 @@ impl Backend for Sqlite {
         migrator.run(pool).await.map_err(StoreError::Migrate)
     }
 
-    async fn fetch<R: Decoded>(
-        conn: &mut Self::Connection,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> Result<Vec<R>, sqlx::Error> {
-        let rows = conn.fetch_all(query::<Self>(sql, args)).await?;
-        rows.iter().map(R::from_row).collect()
-    }
-
-    async fn execute(
-        conn: &mut Self::Connection,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> Result<u64, sqlx::Error> {
-        Ok(conn
-            .execute(query::<Self>(sql, args))
-            .await?
-            .rows_affected())
-    }
+    engine_io!();
 }
 
 /// The store on one engine. Cheap to clone: the pool is shared, so the syncer and the

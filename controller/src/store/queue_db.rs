@@ -268,6 +268,73 @@ impl TaskRow {
     }
 }
 
+/// A claimed task, as both engines' claims return it.
+#[derive(sqlx::FromRow)]
+pub(super) struct AssignmentRow {
+    pub agent: String,
+    pub id: String,
+    pub run_lease: i64,
+    pub attempt: i32,
+    pub priority: Option<i64>,
+    pub created_at: Option<String>,
+    pub project: String,
+    pub name: String,
+    pub title: String,
+    pub description: String,
+    pub action: Option<String>,
+    pub output: Option<String>,
+    pub acceptance_criteria: String,
+    pub timeout_seconds: Option<i32>,
+    pub revision: Option<String>,
+    pub lease_expires_at: String,
+    pub review_comments: Option<String>,
+    /// As it was before this claim (SQLite's RETURNING does not see what the trigger
+    /// changes).
+    pub ready_at: Option<String>,
+}
+
+/// Hand each claimed task to its claimer, in claim order (higher priority, then older, first).
+pub(super) fn assign(
+    answers: &mut [Vec<Assignment>],
+    claimers: &[Claimer],
+    mut rows: Vec<AssignmentRow>,
+) -> Result<(), StoreError> {
+    rows.sort_by(|a, b| {
+        (b.priority.cmp(&a.priority)).then_with(|| a.created_at.cmp(&b.created_at))
+    });
+    let slot: HashMap<&str, usize> = claimers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.agent.name.as_str(), i))
+        .collect();
+    for r in rows {
+        let Some(&i) = slot.get(r.agent.as_str()) else {
+            let who = r.agent;
+            return Err(StoreError::Corrupt(format!(
+                "a claim leased a task to {who}, who did not ask"
+            )));
+        };
+        answers[i].push(Assignment {
+            id: parse_id(&r.id)?,
+            run_lease: r.run_lease,
+            attempt: r.attempt,
+            project: r.project,
+            name: r.name,
+            title: r.title,
+            description: r.description,
+            action: parse_json(r.action.as_deref())?.unwrap_or(Value::Null),
+            output: parse_json(r.output.as_deref())?.unwrap_or(Value::Null),
+            acceptance_criteria: strings(parse_json(Some(&r.acceptance_criteria))?),
+            timeout_seconds: r.timeout_seconds,
+            revision: r.revision,
+            lease_expires_at: parse_time(&r.lease_expires_at)?,
+            review_comments: r.review_comments,
+            ready_at: r.ready_at.as_deref().map(parse_time).transpose()?,
+        });
+    }
+    Ok(())
+}
+
 #[derive(sqlx::FromRow)]
 struct BlockedRow {
     id: String,

@@ -5,16 +5,11 @@
 //! any size is one round trip. SQLite has no data-modifying CTEs, hence its own
 //! (`queue_sqlite.rs`).
 
-use std::collections::HashMap;
-
-use chrono::{DateTime, Utc};
 use sqlx::Postgres;
-use sqlx::types::Json;
-use uuid::Uuid;
 
-use super::db::Db;
+use super::db::{Db, args};
 use super::queue::*;
-use super::queue_db::{Dispatch, json_text, ready};
+use super::queue_db::{Dispatch, assign, json_text, ready};
 use super::{StoreError, query_error};
 
 /// When task `t` became ready: its last change (the trigger keeps `updated_at`: created,
@@ -147,12 +142,14 @@ pub(super) const CLAIM: &str = concat!(
     stale_or!("l"),
     " (l.status <> 'busy' AND EXISTS (SELECT 1 FROM claimed c WHERE c.agent = l.name))) \
              ORDER BY l.name FOR UPDATE)) \
-     SELECT c.agent, c.ready_at, c.id, c.run_lease, c.attempt, \
+     SELECT c.agent, {time:c.ready_at} AS ready_at, CAST(c.id AS text) AS id, c.run_lease, \
+         c.attempt, CAST(c.priority AS bigint) AS priority, {time:c.created_at} AS created_at, \
          COALESCE((SELECT p.name FROM projects p WHERE p.id = c.project_id), '') AS project, \
          COALESCE(c.name, '') AS name, c.title, COALESCE(c.description, '') AS description, \
-         c.action, c.output, c.acceptance_criteria, c.timeout_seconds, c.revision, \
-         c.lease_expires_at, c.review_comments \
-     FROM claimed c ORDER BY c.priority DESC NULLS LAST, c.created_at"
+         CAST(c.action AS text) AS action, CAST(c.output AS text) AS output, \
+         CAST(c.acceptance_criteria AS text) AS acceptance_criteria, c.timeout_seconds, \
+         c.revision, {time:c.lease_expires_at} AS lease_expires_at, c.review_comments \
+     FROM claimed c"
 );
 
 /// $1 completions as [`CompletionRow`], each naming its agent.
@@ -241,26 +238,6 @@ pub(super) const READY_TASKS: &str = concat!(
      ORDER BY p.pool, r.priority DESC NULLS LAST, r.created_at"
 );
 
-#[derive(sqlx::FromRow)]
-struct AssignmentRow {
-    agent: String,
-    ready_at: Option<DateTime<Utc>>,
-    id: Uuid,
-    run_lease: i64,
-    attempt: i32,
-    project: String,
-    name: String,
-    title: String,
-    description: String,
-    action: Option<Json<serde_json::Value>>,
-    output: Option<Json<serde_json::Value>>,
-    acceptance_criteria: Json<serde_json::Value>,
-    timeout_seconds: Option<i32>,
-    revision: Option<String>,
-    lease_expires_at: DateTime<Utc>,
-    review_comments: Option<String>,
-}
-
 impl Dispatch for Postgres {
     async fn claim(
         db: &Db<Self>,
@@ -281,43 +258,10 @@ impl Dispatch for Postgres {
                 continue;
             }
             let (agent_type, capabilities) = claimers[pool[0]].pool();
-            let rows: Vec<AssignmentRow> = sqlx::query_as(db.sql.queue.claim.as_str())
-                .bind(json_text(&input)?)
-                .bind(agent_type)
-                .bind(json_text(&capabilities)?)
-                .bind(millis(policy.lease))
-                .fetch_all(db.pool())
-                .await
-                .map_err(query_error("claiming tasks"))?;
-            let slot: HashMap<&str, usize> = pool
-                .iter()
-                .map(|&i| (claimers[i].agent.name.as_str(), i))
-                .collect();
-            for r in rows {
-                let Some(&i) = slot.get(r.agent.as_str()) else {
-                    return Err(StoreError::Corrupt(format!(
-                        "a claim leased a task to {}, who did not ask",
-                        r.agent
-                    )));
-                };
-                answers[i].push(Assignment {
-                    id: r.id,
-                    run_lease: r.run_lease,
-                    attempt: r.attempt,
-                    project: r.project,
-                    name: r.name,
-                    title: r.title,
-                    description: r.description,
-                    action: r.action.map_or(serde_json::Value::Null, |a| a.0),
-                    output: r.output.map_or(serde_json::Value::Null, |o| o.0),
-                    acceptance_criteria: strings(Some(r.acceptance_criteria.0)),
-                    timeout_seconds: r.timeout_seconds,
-                    revision: r.revision,
-                    lease_expires_at: r.lease_expires_at,
-                    review_comments: r.review_comments,
-                    ready_at: r.ready_at,
-                });
-            }
+            let (input, capabilities) = (json_text(&input)?, json_text(&capabilities)?);
+            let args = args![&input, agent_type, &capabilities, millis(policy.lease)];
+            let rows = db.rows(&db.sql.queue.claim, args, "claiming tasks").await?;
+            assign(&mut answers, claimers, rows)?;
         }
         Ok(answers)
     }

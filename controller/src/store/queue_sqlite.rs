@@ -12,8 +12,8 @@ use super::StoreError;
 use super::db::{Db, args, commit, rows_on, run_on};
 use super::queue::*;
 use super::queue_db::{
-    Dispatch, TaskRow, agent_ended, event, events, json_text, parse_id, parse_json, parse_time,
-    ready, returning, update, updates,
+    AssignmentRow, Dispatch, TaskRow, agent_ended, assign, event, events, json_text, ready,
+    returning, update, updates,
 };
 
 /// $1 the tasks dealt as [{id, agent}], $2 the lease (ms).
@@ -71,29 +71,6 @@ pub(super) const READY_TASKS: &str = concat!(
      WHERE p.pool IS NOT NULL \
      ORDER BY p.pool, r.priority DESC NULLS LAST, r.created_at"
 );
-
-#[derive(sqlx::FromRow)]
-struct AssignmentRow {
-    agent: String,
-    id: String,
-    run_lease: i64,
-    attempt: i32,
-    priority: Option<i64>,
-    created_at: Option<String>,
-    project: String,
-    name: String,
-    title: String,
-    description: String,
-    action: Option<String>,
-    output: Option<String>,
-    acceptance_criteria: String,
-    timeout_seconds: Option<i32>,
-    revision: Option<String>,
-    lease_expires_at: String,
-    review_comments: Option<String>,
-    /// As it was before this claim: RETURNING does not see what the trigger changes.
-    ready_at: Option<String>,
-}
 
 impl Dispatch for Sqlite {
     /// As on Postgres, per pool: the tasks named for each claimer first, then the pool's role
@@ -153,19 +130,13 @@ impl Dispatch for Sqlite {
                 }
             }
         }
-        let mut rows: Vec<AssignmentRow> = if dealt.is_empty() {
+        let rows: Vec<AssignmentRow> = if dealt.is_empty() {
             Vec::new()
         } else {
             let dealt = json_text(&dealt)?;
             let args = args![&dealt, millis(policy.lease)];
             rows_on::<Sqlite, _>(&mut tx, &sql.claim, args, "claiming tasks").await?
         };
-        // RETURNING comes in no particular order.
-        rows.sort_by(|a, b| {
-            b.priority
-                .cmp(&a.priority)
-                .then_with(|| a.created_at.cmp(&b.created_at))
-        });
         let claimed: Vec<Value> = rows
             .iter()
             .map(|r| {
@@ -175,11 +146,6 @@ impl Dispatch for Sqlite {
             })
             .collect();
         events(db, &mut tx, &claimed).await?;
-        let slot: HashMap<&str, usize> = claimers
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.agent.name.as_str(), i))
-            .collect();
         for claimer in claimers.iter().filter(|c| c.max > 0) {
             let name = claimer.agent.name.as_str();
             let took = rows.iter().any(|r| r.agent == name);
@@ -188,31 +154,7 @@ impl Dispatch for Sqlite {
             run_on::<Sqlite>(&mut tx, &sql.agent_claimed, args, doing).await?;
         }
         commit(tx, "committing a claim").await?;
-        for r in rows {
-            let Some(&i) = slot.get(r.agent.as_str()) else {
-                return Err(StoreError::Corrupt(format!(
-                    "a claim leased a task to {}, who did not ask",
-                    r.agent
-                )));
-            };
-            answers[i].push(Assignment {
-                id: parse_id(&r.id)?,
-                run_lease: r.run_lease,
-                attempt: r.attempt,
-                project: r.project,
-                name: r.name,
-                title: r.title,
-                description: r.description,
-                action: parse_json(r.action.as_deref())?.unwrap_or(Value::Null),
-                output: parse_json(r.output.as_deref())?.unwrap_or(Value::Null),
-                acceptance_criteria: strings(parse_json(Some(&r.acceptance_criteria))?),
-                timeout_seconds: r.timeout_seconds,
-                revision: r.revision,
-                lease_expires_at: parse_time(&r.lease_expires_at)?,
-                review_comments: r.review_comments,
-                ready_at: r.ready_at.as_deref().map(parse_time).transpose()?,
-            });
-        }
+        assign(&mut answers, claimers, rows)?;
         Ok(answers)
     }
 
