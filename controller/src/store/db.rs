@@ -209,6 +209,11 @@ impl<B: Backend> Db<B> {
         &self.pool
     }
 
+    /// Every statement the store runs, by name, as this engine's dialect spells it.
+    pub fn statements(&self) -> Vec<(&'static str, &'static str)> {
+        self.sql.all()
+    }
+
     pub(crate) async fn conn(&self) -> Result<sqlx::pool::PoolConnection<B>, StoreError> {
         self.pool
             .acquire()

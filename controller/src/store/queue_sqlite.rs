@@ -47,11 +47,13 @@ pub(super) const COMPLETE: &str = concat!(
 );
 
 /// $1 after which entry, $2 how many: one event an entry, as SQLite's row triggers write
-/// them. An entry whose event is gone comes with an empty event.
+/// them, so the entries need not be counted by their events as on Postgres. An entry whose
+/// event is gone comes with an empty event.
 pub(super) const UNPUBLISHED: &str = "\
     SELECT o.seq, e.id, e.event_type, e.source_agent, e.target_agent, e.payload, e.created_at \
-    FROM (SELECT seq, event_id FROM event_outbox WHERE seq > $1 ORDER BY seq LIMIT $2) o \
-    LEFT JOIN events e ON e.id = o.event_id ORDER BY o.seq";
+    FROM (SELECT seq, event_ids FROM event_outbox WHERE seq > $1 ORDER BY seq LIMIT $2) o \
+    LEFT JOIN json_each(o.event_ids) u ON true LEFT JOIN events e ON e.id = u.value \
+    ORDER BY o.seq, u.key";
 
 /// $1 how many per pool.
 ///
