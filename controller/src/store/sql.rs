@@ -355,7 +355,9 @@ fn fields(d: &Dialect, table: &str, columns: &[(&str, Ty)]) -> Result<String, Un
 
 fn project(d: &Dialect) -> Result<Statements, Unspellable> {
     let cols = with(&PROJECT_COLUMNS);
-    Ok(Statements {
+    let prune = "status = CASE WHEN projects.status = 'completed' THEN projects.status \
+        ELSE 'cancelled' END";
+    keyed(d, "projects", ("id", Ty::Uuid), prune, Statements {
         insert: d.render(
             "INSERT INTO projects (id, name, title, description, priority, owner, labels, suspend, \
              source, path, revision, generation, spec_hash, metadata) \
@@ -375,16 +377,8 @@ fn project(d: &Dialect) -> Result<Statements, Unspellable> {
             ),
             &cols,
         )?,
-        prune: d.render(
-            "UPDATE projects SET pruned_at = {now}, \
-             status = CASE WHEN projects.status = 'completed' THEN projects.status ELSE 'cancelled' END \
-             FROM {rows} WHERE projects.id = r.id",
-            &[("id", Ty::Uuid)],
-        )?,
-        flag: d.render(
-            "UPDATE projects SET status_message = r.message FROM {rows} WHERE projects.id = r.id",
-            &[("id", Ty::Uuid), ("message", Ty::Text)],
-        )?,
+        prune: String::new(),
+        flag: String::new(),
     })
 }
 
@@ -407,7 +401,12 @@ fn task(d: &Dialect) -> Result<Statements, Unspellable> {
         revive("not_before", "NULL"),
     ]
     .join(", ");
-    Ok(Statements {
+    // Work that already ended keeps its outcome; anything still open is cancelled, and its
+    // lease is dropped so the holder's next heartbeat is refused.
+    let prune = "lease_owner = NULL, lease_expires_at = NULL, \
+        status = CASE WHEN tasks.status IN ('completed', 'failed', 'cancelled') \
+        THEN tasks.status ELSE 'cancelled' END";
+    keyed(d, "tasks", ("id", Ty::Uuid), prune, Statements {
         insert: d.render(
             "INSERT INTO tasks (id, project_id, name, title, description, assigned_to, assignee, \
              priority, capabilities, depends_on, action, output, acceptance_criteria, \
@@ -431,83 +430,108 @@ fn task(d: &Dialect) -> Result<Statements, Unspellable> {
             ),
             &cols,
         )?,
-        // Work that already ended keeps its outcome; anything still open is cancelled, and
-        // its lease is dropped so the holder's next heartbeat is refused.
-        prune: d.render(
-            "UPDATE tasks SET pruned_at = {now}, lease_owner = NULL, lease_expires_at = NULL, \
-             status = CASE WHEN tasks.status IN ('completed', 'failed', 'cancelled') \
-                 THEN tasks.status ELSE 'cancelled' END \
-             FROM {rows} WHERE tasks.id = r.id",
-            &[("id", Ty::Uuid)],
-        )?,
-        flag: d.render(
-            "UPDATE tasks SET status_message = r.message FROM {rows} WHERE tasks.id = r.id",
-            &[("id", Ty::Uuid), ("message", Ty::Text)],
-        )?,
+        prune: String::new(),
+        flag: String::new(),
     })
 }
 
+// Agents and tools are unique by name and may already exist (the seeded `cos` and `seed`, or
+// one registered through the API), so declaring one adopts the row.
 fn agent(d: &Dialect) -> Result<Statements, Unspellable> {
-    let cols = with(&AGENT_COLUMNS);
-    // Agents are unique by name and may already exist (the seeded `cos` and `seed`, or one
-    // registered through the API), so declaring one adopts the row.
-    let upsert = d.render(
-        "INSERT INTO agents (id, name, type, capabilities, models, concurrency, instructions, \
-         source, path, revision, generation, spec_hash, metadata) \
-         SELECT r.id, r.name, r.type, r.capabilities, r.models, r.concurrency, r.instructions, \
-         r.source, r.path, r.revision, r.generation, r.spec_hash, r.metadata FROM {rows} WHERE true \
-         ON CONFLICT (name) DO UPDATE SET type = excluded.type, \
-         capabilities = excluded.capabilities, models = excluded.models, \
-         concurrency = excluded.concurrency, instructions = excluded.instructions, \
-         source = excluded.source, path = excluded.path, revision = excluded.revision, \
-         generation = excluded.generation, spec_hash = excluded.spec_hash, metadata = excluded.metadata, \
-         status_message = NULL, \
-         status = CASE WHEN agents.pruned_at IS NULL THEN agents.status ELSE 'offline' END, \
-         pruned_at = NULL",
-        &cols,
-    )?;
-    Ok(Statements {
-        insert: upsert.clone(),
-        update: upsert,
-        prune: d.render(
-            "UPDATE agents SET pruned_at = {now}, status = 'offline' \
-             FROM {rows} WHERE agents.name = r.name",
-            &[("name", Ty::Text)],
-        )?,
-        flag: d.render(
-            "UPDATE agents SET status_message = r.message FROM {rows} WHERE agents.name = r.name",
-            &[("name", Ty::Text), ("message", Ty::Text)],
-        )?,
-    })
+    let revive = "status = CASE WHEN agents.pruned_at IS NULL THEN agents.status \
+        ELSE 'offline' END, ";
+    let upsert = upsert(d, "agents", &AGENT_COLUMNS, revive)?;
+    let prune = "status = 'offline'";
+    keyed(
+        d,
+        "agents",
+        ("name", Ty::Text),
+        prune,
+        Statements::both(upsert),
+    )
 }
 
 fn tool(d: &Dialect) -> Result<Statements, Unspellable> {
-    let cols = with(&TOOL_COLUMNS);
-    let upsert = d.render(
-        "INSERT INTO tools (id, name, description, created_by, tool_type, implementation, \
-         source, path, revision, generation, spec_hash, metadata) \
-         SELECT r.id, r.name, r.description, r.created_by, r.tool_type, r.implementation, \
-         r.source, r.path, r.revision, r.generation, r.spec_hash, r.metadata FROM {rows} WHERE true \
-         ON CONFLICT (name) DO UPDATE SET description = excluded.description, \
-         created_by = excluded.created_by, tool_type = excluded.tool_type, \
-         implementation = excluded.implementation, source = excluded.source, \
-         path = excluded.path, revision = excluded.revision, generation = excluded.generation, \
-         spec_hash = excluded.spec_hash, metadata = excluded.metadata, status_message = NULL, \
-         pruned_at = NULL",
-        &cols,
-    )?;
+    let upsert = upsert(d, "tools", &TOOL_COLUMNS, "")?;
+    keyed(d, "tools", ("name", Ty::Text), "", Statements::both(upsert))
+}
+
+/// Insert or adopt by name, setting `revive` too.
+fn upsert(
+    d: &Dialect,
+    table: &str,
+    columns: &[(&'static str, Ty)],
+    revive: &str,
+) -> Result<String, Unspellable> {
+    let object = [
+        "source",
+        "path",
+        "revision",
+        "generation",
+        "spec_hash",
+        "metadata",
+    ];
+    let set: Vec<&str> = columns
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(object)
+        .collect();
+    let all: Vec<&str> = ["id", "name"]
+        .into_iter()
+        .chain(set.iter().copied())
+        .collect();
+    let picked: Vec<String> = all.iter().map(|c| format!("r.{c}")).collect();
+    let excluded: Vec<String> = set.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+    d.render(
+        &format!(
+            "INSERT INTO {table} ({}) SELECT {} FROM {{rows}} WHERE true \
+             ON CONFLICT (name) DO UPDATE SET {}, status_message = NULL, {revive}pruned_at = NULL",
+            all.join(", "),
+            picked.join(", "),
+            excluded.join(", ")
+        ),
+        &with(columns),
+    )
+}
+
+/// A table's statements with the prune (which also sets `prune`) and the flag of the rows
+/// found by `key`.
+fn keyed(
+    d: &Dialect,
+    table: &str,
+    (key, ty): (&str, Ty),
+    prune: &str,
+    writes: Statements,
+) -> Result<Statements, Unspellable> {
+    let prune = if prune.is_empty() {
+        String::new()
+    } else {
+        format!(", {prune}")
+    };
+    let by_key = format!("FROM {{rows}} WHERE {table}.{key} = r.{key}");
     Ok(Statements {
-        insert: upsert.clone(),
-        update: upsert,
         prune: d.render(
-            "UPDATE tools SET pruned_at = {now} FROM {rows} WHERE tools.name = r.name",
-            &[("name", Ty::Text)],
+            &format!("UPDATE {table} SET pruned_at = {{now}}{prune} {by_key}"),
+            &[(key, ty)],
         )?,
         flag: d.render(
-            "UPDATE tools SET status_message = r.message FROM {rows} WHERE tools.name = r.name",
-            &[("name", Ty::Text), ("message", Ty::Text)],
+            &format!("UPDATE {table} SET status_message = r.message {by_key}"),
+            &[(key, ty), ("message", Ty::Text)],
         )?,
+        ..writes
     })
+}
+
+impl Statements {
+    /// An upsert serves as both insert and update.
+    fn both(upsert: String) -> Statements {
+        Statements {
+            insert: upsert.clone(),
+            update: upsert,
+            prune: String::new(),
+            flag: String::new(),
+        }
+    }
 }
 
 /// Rendered once per process, when the first store connects; `&'static` so sqlx accepts them
