@@ -39,6 +39,29 @@ macro_rules! ready {
 }
 pub(super) use ready;
 
+/// $1 how many per pool: the pools found by skipping through `idx_tasks_pending_assignee` one
+/// assignee at a time (a loose index scan), and each pool's first ready tasks by walking it in
+/// claim order, joined as `$join`…`$end`: the cost follows the number of pools and of tasks
+/// announced, not the length of the queue.
+macro_rules! ready_tasks {
+    ($join:literal, $end:literal) => {
+        concat!(
+            "WITH RECURSIVE pools(pool) AS ( \
+                 SELECT (SELECT min(x.assignee) FROM tasks x WHERE x.status = 'pending') \
+                 UNION ALL \
+                 SELECT (SELECT min(x.assignee) FROM tasks x WHERE x.status = 'pending' \
+                     AND x.assignee > p.pool) FROM pools p WHERE p.pool IS NOT NULL) \
+             SELECT p.pool, {text:r.id} AS id, r.run_lease FROM pools p ",
+            $join,
+            ready!(),
+            " AND t.assignee = p.pool ORDER BY t.priority DESC NULLS LAST, t.created_at \
+                 LIMIT $1",
+            $end,
+            " WHERE p.pool IS NOT NULL ORDER BY p.pool, r.priority DESC NULLS LAST, r.created_at"
+        )
+    };
+}
+
 /// `(task $1, run_lease $2, agent $3)` still hold the task.
 macro_rules! fence {
     () => {
@@ -198,9 +221,14 @@ statements! {
         /// $1 outbox entries as a JSON array.
         mark_published = "DELETE FROM event_outbox \
             WHERE seq IN (SELECT CAST(v.value AS bigint) FROM {values:1})",
+        /// SQLite has no `LATERAL`, hence its correlated `IN`.
         ready_tasks = d.pick(
-            super::queue_postgres::READY_TASKS,
-            super::queue_sqlite::READY_TASKS
+            ready_tasks!(
+                "CROSS JOIN LATERAL (SELECT t.id, t.run_lease, t.priority, t.created_at \
+                    FROM tasks t WHERE ",
+                ") r"
+            ),
+            ready_tasks!("JOIN tasks r ON r.id IN (SELECT t.id FROM tasks t WHERE ", ")")
         ),
         agent_liveness = "SELECT name, status, pruned_at IS NOT NULL AS pruned, \
             {age_ms:last_active_at} AS seen_ms_ago \

@@ -219,25 +219,6 @@ pub(super) const UNPUBLISHED: &str = "\
         AND e.id = ANY(ARRAY(SELECT id FROM ids WHERE id IS NOT NULL)) \
     ORDER BY ids.seq, ids.n";
 
-/// $1 how many per pool.
-///
-/// The pools are found by skipping through `idx_tasks_pending_assignee` one assignee at a time
-/// (a loose index scan), and each pool's first tasks by walking it in claim order: the cost
-/// follows the number of pools and of tasks announced, not the length of the queue.
-pub(super) const READY_TASKS: &str = concat!(
-    "WITH RECURSIVE pools AS ( \
-         SELECT (SELECT min(x.assignee) FROM tasks x WHERE x.status = 'pending') AS pool \
-         UNION ALL \
-         SELECT (SELECT min(x.assignee) FROM tasks x WHERE x.status = 'pending' \
-             AND x.assignee > p.pool) FROM pools p WHERE p.pool IS NOT NULL) \
-     SELECT p.pool, CAST(r.id AS text) AS id, r.run_lease FROM pools p CROSS JOIN LATERAL ( \
-         SELECT t.id, t.run_lease, t.priority, t.created_at FROM tasks t WHERE ",
-    ready!(),
-    " AND t.assignee = p.pool ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT $1) r \
-     WHERE p.pool IS NOT NULL \
-     ORDER BY p.pool, r.priority DESC NULLS LAST, r.created_at"
-);
-
 impl Dispatch for Postgres {
     async fn claim(
         db: &Db<Self>,

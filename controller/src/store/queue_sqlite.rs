@@ -12,8 +12,8 @@ use super::StoreError;
 use super::db::{Db, args, commit, rows_on, run_on};
 use super::queue::*;
 use super::queue_db::{
-    AssignmentRow, Dispatch, TaskRow, agent_ended, assign, event, events, json_text, ready,
-    returning, update, updates,
+    AssignmentRow, Dispatch, TaskRow, agent_ended, assign, event, events, json_text, returning,
+    update, updates,
 };
 
 /// $1 the tasks dealt as [{id, agent}], $2 the lease (ms).
@@ -55,25 +55,6 @@ pub(super) const UNPUBLISHED: &str = "\
     LEFT JOIN json_each(o.event_ids) u ON true LEFT JOIN events e ON e.id = u.value \
     ORDER BY o.seq, u.key";
 
-/// $1 how many per pool.
-///
-/// As on Postgres: the pools by a loose scan of `idx_tasks_pending_assignee`, then each pool's
-/// first ready tasks in claim order, so the cost does not grow with the length of the queue.
-/// SQLite has no `LATERAL`, hence the correlated `IN`.
-pub(super) const READY_TASKS: &str = concat!(
-    "WITH RECURSIVE pools(pool) AS ( \
-         SELECT (SELECT min(x.assignee) FROM tasks x WHERE x.status = 'pending') \
-         UNION ALL \
-         SELECT (SELECT min(x.assignee) FROM tasks x WHERE x.status = 'pending' \
-             AND x.assignee > p.pool) FROM pools p WHERE p.pool IS NOT NULL) \
-     SELECT p.pool, r.id, r.run_lease FROM pools p JOIN tasks r ON r.id IN ( \
-         SELECT t.id FROM tasks t WHERE ",
-    ready!(),
-    " AND t.assignee = p.pool ORDER BY t.priority DESC NULLS LAST, t.created_at LIMIT $1) \
-     WHERE p.pool IS NOT NULL \
-     ORDER BY p.pool, r.priority DESC NULLS LAST, r.created_at"
-);
-
 impl Dispatch for Sqlite {
     /// As on Postgres, per pool: the tasks named for each claimer first, then the pool's role
     /// tasks, picked once in claim order and dealt over the claimers' free slots round-robin
@@ -84,9 +65,8 @@ impl Dispatch for Sqlite {
         claimers: &[Claimer],
         policy: &LeasePolicy,
     ) -> Result<Vec<Vec<Assignment>>, StoreError> {
-        let mut answers = vec![Vec::new(); claimers.len()];
         if claimers.iter().all(|c| c.max == 0) {
-            return Ok(answers);
+            return Ok(vec![Vec::new(); claimers.len()]);
         }
         let sql = &db.sql.queue;
         let mut tx = db.begin().await?;
@@ -156,6 +136,7 @@ impl Dispatch for Sqlite {
             run_on::<Sqlite>(&mut tx, &sql.agent_claimed, args, doing).await?;
         }
         commit(tx, "committing a claim").await?;
+        let mut answers = vec![Vec::new(); claimers.len()];
         assign(&mut answers, claimers, rows)?;
         Ok(answers)
     }

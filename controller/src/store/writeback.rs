@@ -159,84 +159,57 @@ pub trait Writeback: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Rejected>, StoreError>> + Send;
 }
 
-const STATUS_REVISION: &str = "SELECT revision FROM sync_sources WHERE name = $1";
-
-const STATUS_PROJECTS: &str = "SELECT name, status, status_message FROM projects \
-    WHERE source = $1 AND pruned_at IS NULL AND name IS NOT NULL ORDER BY name";
-
-const STATUS_TASKS: &str = "SELECT {text:t.id} AS id, p.name AS project, t.name, t.title, \
-    t.status, COALESCE(t.lease_owner, t.assigned_to) AS agent, CAST(t.attempt AS bigint) AS attempt, \
-    {ts:t.started_at} AS started_at, {ts:t.completed_at} AS completed_at, \
-    t.status_message, t.error, {text:t.result} AS result \
-    FROM tasks t JOIN projects p ON p.id = t.project_id \
-    WHERE p.source = $1 AND p.pruned_at IS NULL AND t.pruned_at IS NULL AND t.name IS NOT NULL \
-    ORDER BY p.name, t.name";
-
-const STATUS_ARTIFACTS: &str = "SELECT {text:a.task_id} AS task_id, a.name, a.artifact_type, \
-    a.s3_key AS key FROM artifacts a JOIN tasks t ON t.id = a.task_id \
-    JOIN projects p ON p.id = t.project_id \
-    WHERE p.source = $1 AND p.pruned_at IS NULL AND t.pruned_at IS NULL \
-    ORDER BY a.task_id, a.created_at, a.name";
-
-const RECORD_EVENT: &str = "INSERT INTO events (event_type, source_agent, payload) \
-    VALUES ($1, 'controller', {json:2})";
-
-const RESULT_TASK: &str = "SELECT p.name AS project, t.name, CAST(t.attempt AS bigint) AS attempt, \
-    {text:t.output} AS output, t.dispatch_revision \
-    FROM tasks t JOIN projects p ON p.id = t.project_id \
-    WHERE t.id = {id:1} AND t.run_lease = $2 AND t.lease_owner = $3 AND t.status = 'in_progress'";
-
-const IN_REVIEW: &str = "SELECT {text:t.id} AS id, p.name AS project, \
-    COALESCE(t.name, '') AS name, t.title, CAST(t.attempt AS bigint) AS attempt, \
-    t.assigned_to AS agent, {text:t.result} AS result \
-    FROM tasks t JOIN projects p ON p.id = t.project_id \
-    WHERE t.status = 'review' ORDER BY p.name, t.name, t.id";
-
-const SET_RESULT: &str =
-    "UPDATE tasks SET result = {json:2} WHERE id = {id:1} AND status = 'review'";
-
-const REVIEW_ROW: &str = "SELECT {text:t.id} AS id, p.name AS project, COALESCE(t.name, '') AS name, \
-    CAST(t.attempt AS bigint) AS attempt, CAST(t.retries AS bigint) AS retries, \
-    CAST(t.run_lease AS bigint) AS run_lease, t.assigned_to AS agent, {text:t.result} AS result \
-    FROM tasks t JOIN projects p ON p.id = t.project_id \
-    WHERE t.id = {id:1} AND t.status = 'review' {lock}";
-
-const MERGED: &str = "UPDATE tasks SET status = 'completed', completed_at = {now}, status_message = NULL \
-    WHERE id = {id:1} AND status = 'review'";
-
-/// $2 retry?, $3/$6 the backoff base/cap (ms), $4 the error, $5 the review's comments (NULL
-/// if none).
-const CLOSED: &str = "UPDATE tasks SET \
-    status = CASE WHEN $2 THEN 'pending' ELSE 'failed' END, \
-    attempt = CASE WHEN $2 THEN attempt + 1 ELSE attempt END, \
-    not_before = CASE WHEN $2 THEN {backoff:attempt,3,6} ELSE not_before END, \
-    completed_at = CASE WHEN $2 THEN completed_at ELSE {now} END, \
-    assigned_to = CASE WHEN $2 THEN assignee ELSE assigned_to END, \
-    error = $4, status_message = $4, review_comments = $5 \
-    WHERE id = {id:1} AND status = 'review'";
-
-const UPDATE: &str = "INSERT INTO task_updates (task_id, agent_name, update_type, message) \
-    VALUES ({id:1}, $2, $3, $4)";
-
-const EVENT: &str = "INSERT INTO events (event_type, source_agent, payload) \
-    VALUES ($1, $2, {json:3})";
-
 statements! {
     /// Every statement of [`Writeback`].
     Statements {
-        status_revision = STATUS_REVISION,
-        status_projects = STATUS_PROJECTS,
-        status_tasks = STATUS_TASKS,
-        status_artifacts = STATUS_ARTIFACTS,
-        record_event = RECORD_EVENT,
-        result_task = RESULT_TASK,
-        in_review = IN_REVIEW,
-        set_result = SET_RESULT,
-        review_row = REVIEW_ROW,
-        merged = MERGED,
-        closed = CLOSED,
-        update = UPDATE,
-        event = EVENT,
+        status_revision = "SELECT revision FROM sync_sources WHERE name = $1",
+        status_projects = "SELECT name, status, status_message FROM projects \
+            WHERE source = $1 AND pruned_at IS NULL AND name IS NOT NULL ORDER BY name",
+        status_tasks = "SELECT {text:t.id} AS id, p.name AS project, t.name, t.title, \
+            t.status, COALESCE(t.lease_owner, t.assigned_to) AS agent, CAST(t.attempt AS bigint) AS attempt, \
+            {ts:t.started_at} AS started_at, {ts:t.completed_at} AS completed_at, \
+            t.status_message, t.error, {text:t.result} AS result \
+            FROM tasks t JOIN projects p ON p.id = t.project_id \
+            WHERE p.source = $1 AND p.pruned_at IS NULL AND t.pruned_at IS NULL AND t.name IS NOT NULL \
+            ORDER BY p.name, t.name",
+        status_artifacts = "SELECT {text:a.task_id} AS task_id, a.name, a.artifact_type, \
+            a.s3_key AS key FROM artifacts a JOIN tasks t ON t.id = a.task_id \
+            JOIN projects p ON p.id = t.project_id \
+            WHERE p.source = $1 AND p.pruned_at IS NULL AND t.pruned_at IS NULL \
+            ORDER BY a.task_id, a.created_at, a.name",
+        record_event = "INSERT INTO events (event_type, source_agent, payload) \
+            VALUES ($1, 'controller', {json:2})",
+        result_task = "SELECT p.name AS project, t.name, CAST(t.attempt AS bigint) AS attempt, \
+            {text:t.output} AS output, t.dispatch_revision \
+            FROM tasks t JOIN projects p ON p.id = t.project_id \
+            WHERE t.id = {id:1} AND t.run_lease = $2 AND t.lease_owner = $3 AND t.status = 'in_progress'",
+        in_review = "SELECT {text:t.id} AS id, p.name AS project, \
+            COALESCE(t.name, '') AS name, t.title, CAST(t.attempt AS bigint) AS attempt, \
+            t.assigned_to AS agent, {text:t.result} AS result \
+            FROM tasks t JOIN projects p ON p.id = t.project_id \
+            WHERE t.status = 'review' ORDER BY p.name, t.name, t.id",
+        set_result = "UPDATE tasks SET result = {json:2} WHERE id = {id:1} AND status = 'review'",
+        review_row = "SELECT {text:t.id} AS id, p.name AS project, COALESCE(t.name, '') AS name, \
+            CAST(t.attempt AS bigint) AS attempt, CAST(t.retries AS bigint) AS retries, \
+            CAST(t.run_lease AS bigint) AS run_lease, t.assigned_to AS agent, {text:t.result} AS result \
+            FROM tasks t JOIN projects p ON p.id = t.project_id \
+            WHERE t.id = {id:1} AND t.status = 'review' {lock}",
+        merged = "UPDATE tasks SET status = 'completed', completed_at = {now}, status_message = NULL \
+            WHERE id = {id:1} AND status = 'review'",
+        /// $2 retry?, $3/$6 the backoff base/cap (ms), $4 the error, $5 the review's comments (NULL
+        /// if none).
+        closed = "UPDATE tasks SET \
+            status = CASE WHEN $2 THEN 'pending' ELSE 'failed' END, \
+            attempt = CASE WHEN $2 THEN attempt + 1 ELSE attempt END, \
+            not_before = CASE WHEN $2 THEN {backoff:attempt,3,6} ELSE not_before END, \
+            completed_at = CASE WHEN $2 THEN completed_at ELSE {now} END, \
+            assigned_to = CASE WHEN $2 THEN assignee ELSE assigned_to END, \
+            error = $4, status_message = $4, review_comments = $5 \
+            WHERE id = {id:1} AND status = 'review'",
+        update = "INSERT INTO task_updates (task_id, agent_name, update_type, message) \
+            VALUES ({id:1}, $2, $3, $4)",
+        event = "INSERT INTO events (event_type, source_agent, payload) \
+            VALUES ($1, $2, {json:3})",
     }
 }
 
