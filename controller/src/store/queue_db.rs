@@ -159,11 +159,11 @@ statements! {
         cancelled = "SELECT {text:t.id} FROM tasks t WHERE t.status = 'cancelled' \
             AND t.id IN (SELECT r.id FROM {rows:id uuid})",
         /// The task $1 as its events show it.
-        task = concat!("SELECT {text:tasks.id} AS id, tasks.run_lease AS run_lease, \
+        task = "SELECT {text:tasks.id} AS id, tasks.run_lease AS run_lease, \
             CAST(tasks.attempt AS bigint) AS attempt, tasks.status AS status, tasks.name AS name, \
             {time:tasks.not_before} AS not_before, \
             (SELECT p.name FROM projects p WHERE p.id = tasks.project_id) AS project \
-            FROM tasks WHERE tasks.id = {id:1}"),
+            FROM tasks WHERE tasks.id = {id:1}",
         exists = "SELECT count(*) FROM tasks WHERE id = {id:1}",
         /// $4 the message: the `progress` task update of a task still held.
         progress = concat!("INSERT INTO task_updates (task_id, agent_name, update_type, message) \
