@@ -211,6 +211,7 @@ impl StoreError {
             StoreError::UnsupportedUrl(_) => "store_url",
             StoreError::Batch(_) => "store_batch",
             StoreError::Objects(_) => "store_objects",
+            StoreError::Statement(_) => "store_statement",
         }
     }
 }

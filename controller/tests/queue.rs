@@ -21,6 +21,7 @@ both_backends!(
     claim_respects_assignee_role_and_capabilities,
     claim_follows_priority_then_age,
     one_batch_serves_many_claimers,
+    a_few_tasks_are_dealt_one_per_claimer,
     stale_run_lease_is_refused,
     complete_batch_answers_each_item,
     fail_retries_with_backoff_then_fails,
@@ -466,10 +467,8 @@ async fn one_batch_serves_many_claimers<S: TestStore + Queue>() {
 
 /// Fewer ready tasks than claimers: the batch deals them one per claimer in the claimers'
 /// order, highest priority first, rather than all to the first claimer that has room.
-/// Postgres only: SQLite, with one writer in one process, serves claimers one after another.
-#[tokio::test]
-async fn a_few_tasks_are_dealt_one_per_claimer() {
-    let t = Q::<agentops::store::PgStore>::new(
+async fn a_few_tasks_are_dealt_one_per_claimer<S: TestStore + Queue>() {
+    let t = Q::<S>::new(
         &[("web", false)],
         &[
             ("web", "low", &["priority: low"]),

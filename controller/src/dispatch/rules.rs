@@ -10,6 +10,7 @@
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
@@ -149,9 +150,21 @@ pub fn fail_outcome(retryable: bool, attempt: i32, retries: i32) -> FailOutcome 
     }
 }
 
+/// The wait before the retry that follows attempt `attempt` (0-based): the base, doubled for
+/// each attempt after the first, up to the cap. The store's statements compute the same in
+/// SQL (`{backoff}` in `store/sql.rs`); `tests/queue_rules.rs` holds the two to each other on
+/// both engines.
+pub fn backoff(policy: &LeasePolicy, attempt: i32) -> Duration {
+    let factor = 1u32 << attempt.clamp(0, 20);
+    policy
+        .backoff_base
+        .saturating_mul(factor)
+        .min(policy.backoff_max)
+}
+
 /// When the retry that follows attempt `attempt` becomes ready.
 pub fn retry_at(now: DateTime<Utc>, policy: &LeasePolicy, attempt: i32) -> DateTime<Utc> {
-    now + chrono::Duration::from_std(policy.backoff(attempt)).unwrap_or(chrono::Duration::MAX)
+    now + chrono::Duration::from_std(backoff(policy, attempt)).unwrap_or(chrono::Duration::MAX)
 }
 
 /// Why a pending task is blocked: its first dependency, in the order written, that failed or
@@ -208,8 +221,6 @@ pub fn completion_answers(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use proptest::prelude::*;
     use uuid::Uuid;
 
@@ -413,13 +424,13 @@ mod tests {
                 backoff_base: Duration::from_millis(base_ms),
                 backoff_max: Duration::from_millis(cap_ms),
             };
-            let wait = policy.backoff(attempt);
+            let wait = backoff(&policy, attempt);
             prop_assert!(wait <= policy.backoff_max);
-            prop_assert!(wait <= policy.backoff(attempt + 1));
+            prop_assert!(wait <= backoff(&policy, attempt + 1));
             if attempt <= 0 {
                 prop_assert_eq!(wait, policy.backoff_base.min(policy.backoff_max));
             } else if attempt < 20 && wait < policy.backoff_max {
-                prop_assert_eq!(wait, policy.backoff(attempt - 1) * 2);
+                prop_assert_eq!(wait, backoff(&policy, attempt - 1) * 2);
             }
         }
 

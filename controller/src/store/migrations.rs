@@ -8,6 +8,7 @@
 
 use sqlx::migrate::Migrator;
 
+use super::db::{Backend, args, rows_on, run_on};
 use super::{StoreError, query_error};
 
 /// One migration's checksum as released before its comments were reworded.
@@ -42,54 +43,33 @@ pub(crate) fn checksum_updates(
         .collect()
 }
 
-pub(crate) async fn repair_postgres(
-    pool: &sqlx::PgPool,
+pub(crate) async fn repair<B: Backend>(
+    pool: &sqlx::Pool<B>,
     migrator: &Migrator,
+    reworded: &[Reworded],
 ) -> Result<(), StoreError> {
-    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(pool)
+    let sql = &B::sql()
+        .as_ref()
+        .map_err(|e| StoreError::Statement(e.clone()))?
+        .core;
+    let mut conn = pool
+        .acquire()
         .await
-        .map_err(query_error("looking for applied migrations"))?;
-    if !recorded {
-        return Ok(());
-    }
-    for (version, released, current) in checksum_updates(migrator, POSTGRES_REWORDED) {
-        sqlx::query(
-            "UPDATE _sqlx_migrations SET checksum = $1 WHERE version = $2 AND checksum = $3",
-        )
-        .bind(current)
-        .bind(version)
-        .bind(released)
-        .execute(pool)
-        .await
-        .map_err(query_error("recording a reworded migration's checksum"))?;
-    }
-    Ok(())
-}
-
-pub(crate) async fn repair_sqlite(
-    pool: &sqlx::SqlitePool,
-    migrator: &Migrator,
-) -> Result<(), StoreError> {
-    let recorded: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
+        .map_err(query_error("connecting to the database"))?;
+    let recorded: Vec<(bool,)> = rows_on::<B, _>(
+        &mut conn,
+        &sql.has_migrations,
+        args![],
+        "looking for applied migrations",
     )
-    .fetch_one(pool)
-    .await
-    .map_err(query_error("looking for applied migrations"))?;
-    if !recorded {
+    .await?;
+    if !recorded.first().is_some_and(|(b,)| *b) {
         return Ok(());
     }
-    for (version, released, current) in checksum_updates(migrator, SQLITE_REWORDED) {
-        sqlx::query(
-            "UPDATE _sqlx_migrations SET checksum = ?1 WHERE version = ?2 AND checksum = ?3",
-        )
-        .bind(current)
-        .bind(version)
-        .bind(released)
-        .execute(pool)
-        .await
-        .map_err(query_error("recording a reworded migration's checksum"))?;
+    for (version, released, current) in checksum_updates(migrator, reworded) {
+        let args = args![&current[..], version, &released[..]];
+        let doing = "recording a reworded migration's checksum";
+        run_on::<B>(&mut conn, &sql.reword_migration, args, doing).await?;
     }
     Ok(())
 }

@@ -4,14 +4,14 @@
 //! turn back into rows in SQL (`jsonb_to_recordset`, `json_each`). One statement per batch,
 //! whatever its size, and one row shape (`rows.rs`) shared by both.
 
+mod db;
 mod migrations;
-mod postgres;
 pub mod queue;
+mod queue_db;
 mod queue_postgres;
 mod queue_sqlite;
 mod rows;
 mod sql;
-mod sqlite;
 pub mod tools;
 pub mod usage;
 pub mod writeback;
@@ -25,9 +25,8 @@ use agentops_specs::{Diagnostic, Kind, Object};
 use futures::future::BoxFuture;
 use serde::Serialize;
 
-pub use postgres::PgStore;
+pub use db::{PgStore, SqliteStore};
 pub use rows::columns;
-pub use sqlite::SqliteStore;
 
 use crate::reconcile::plan::{Current, Plan, Write};
 
@@ -54,6 +53,8 @@ pub enum StoreError {
     /// A batch this request was written in failed; the batch's writer logged the cause.
     #[error("writing a batch of requests failed: {0}")]
     Batch(String),
+    #[error("cannot render the store's statements")]
+    Statement(#[source] sql::Unspellable),
     #[error("cannot read the objects to write")]
     Objects(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -187,23 +188,6 @@ fn columns_from(
     }
     Ok(())
 }
-
-pub(crate) const OPEN_TASKS_POSTGRES: &str = "SELECT count(*) FROM tasks t \
-    WHERE t.pruned_at IS NULL AND (t.status = 'in_progress' OR (t.status = 'pending' \
-    AND NOT COALESCE((SELECT sp.suspend FROM projects sp WHERE sp.id = t.project_id), false) \
-    AND NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(t.depends_on) AS d(dep) \
-        WHERE NOT EXISTS (SELECT 1 FROM tasks dt JOIN projects dp ON dp.id = dt.project_id \
-            WHERE dp.name = split_part(d.dep, '/', 1) \
-            AND dt.name = split_part(d.dep, '/', 2) AND dt.status = 'completed'))))";
-
-pub(crate) const OPEN_TASKS_SQLITE: &str = "SELECT count(*) FROM tasks t \
-    WHERE t.pruned_at IS NULL AND (t.status = 'in_progress' OR (t.status = 'pending' \
-    AND NOT EXISTS (SELECT 1 FROM projects sp WHERE sp.id = t.project_id AND sp.suspend = 1) \
-    AND NOT EXISTS (SELECT 1 FROM json_each(t.depends_on) d \
-        WHERE NOT EXISTS (SELECT 1 FROM tasks dt JOIN projects dp ON dp.id = dt.project_id \
-            WHERE dp.name = substr(d.value, 1, instr(d.value, '/') - 1) \
-            AND dt.name = substr(d.value, instr(d.value, '/') + 1) \
-            AND dt.status = 'completed'))))";
 
 /// Either backend, chosen by the URL's scheme.
 pub enum AnyStore {

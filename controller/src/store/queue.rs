@@ -167,16 +167,6 @@ impl Default for LeasePolicy {
     }
 }
 
-impl LeasePolicy {
-    /// The wait before the retry that follows attempt `attempt` (0-based).
-    pub fn backoff(&self, attempt: i32) -> Duration {
-        let factor = 1u32 << attempt.clamp(0, 20);
-        self.backoff_base
-            .saturating_mul(factor)
-            .min(self.backoff_max)
-    }
-}
-
 pub trait Queue: Send + Sync + 'static {
     /// Record the agent (upsert by name) and a session token for it; earlier tokens of the
     /// same name stop working. Stores only a hash of the token.
@@ -394,8 +384,8 @@ pub(super) fn millis(duration: Duration) -> i64 {
     duration.as_millis().min(1 << 40) as i64
 }
 
-/// The backoff base and cap in milliseconds, as the SQL twin of [`LeasePolicy::backoff`]
-/// takes them: `min(base << min(max(attempt, 0), 20), cap)`.
+/// The backoff base and cap in milliseconds, as the `{backoff}` token of the statements takes
+/// them: `min(base << min(max(attempt, 0), 20), cap)`.
 pub(super) fn backoff_params(policy: &LeasePolicy) -> (i64, i64) {
     (millis(policy.backoff_base), millis(policy.backoff_max))
 }
@@ -433,23 +423,22 @@ pub(super) struct ArtifactRow<'a> {
 pub(super) fn completion_rows<'a>(
     completions: &[AgentCompletion<'a>],
 ) -> (Vec<CompletionRow<'a>>, Vec<Option<usize>>) {
-    let mut seen = std::collections::HashMap::with_capacity(completions.len());
+    let repeats = crate::dispatch::rules::repeats(completions.iter().map(|c| c.completion.lease));
     let mut rows = Vec::with_capacity(completions.len());
-    let mut repeats = Vec::with_capacity(completions.len());
     for (
         i,
-        &AgentCompletion {
-            agent,
-            completion: c,
-        },
-    ) in completions.iter().enumerate()
+        (
+            &AgentCompletion {
+                agent,
+                completion: c,
+            },
+            repeat,
+        ),
+    ) in completions.iter().zip(&repeats).enumerate()
     {
-        if let Some(&first) = seen.get(&c.lease) {
-            repeats.push(Some(first));
+        if repeat.is_some() {
             continue;
         }
-        seen.insert(c.lease, i);
-        repeats.push(None);
         rows.push(CompletionRow {
             i,
             agent,
@@ -472,42 +461,6 @@ pub(super) fn completion_rows<'a>(
         });
     }
     (rows, repeats)
-}
-
-/// The claimers' positions grouped by pool, each group in the claimers' order, the groups in
-/// the order of their first claimer.
-pub(super) fn pools(claimers: &[Claimer]) -> Vec<Vec<usize>> {
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut index: std::collections::HashMap<(&str, &[String]), usize> =
-        std::collections::HashMap::new();
-    for (i, claimer) in claimers.iter().enumerate() {
-        let group = *index.entry(claimer.pool()).or_insert_with(|| {
-            groups.push(Vec::new());
-            groups.len() - 1
-        });
-        groups[group].push(i);
-    }
-    groups
-}
-
-/// One answer per completion: `sent[i]` for those sent, and for a repeat, refused when its
-/// first completed the task or refused like its first.
-pub(super) fn completion_answers(
-    sent: Vec<Option<Result<(), Refusal>>>,
-    repeats: &[Option<usize>],
-) -> Vec<Result<(), Refusal>> {
-    let mut answers: Vec<Result<(), Refusal>> = Vec::with_capacity(repeats.len());
-    for (i, repeat) in repeats.iter().enumerate() {
-        let answer = match repeat {
-            Some(first) => match answers[*first] {
-                Ok(()) => Err(Refusal::NotHeld),
-                refused => refused,
-            },
-            None => sent[i].unwrap_or(Err(Refusal::NotHeld)),
-        };
-        answers.push(answer);
-    }
-    answers
 }
 
 /// The `completion` task update's message: the result's `summary` when it has one.

@@ -16,23 +16,21 @@ pub enum Ty {
 }
 
 pub struct Dialect {
-    pub now: &'static str,
-    /// Seconds since the timestamp `{0}`, as a bigint.
-    pub age: &'static str,
     pub postgres: bool,
 }
 
-pub const POSTGRES: Dialect = Dialect {
-    now: "now()",
-    age: "CAST(EXTRACT(EPOCH FROM (now() - {0})) AS bigint)",
-    postgres: true,
-};
+pub const POSTGRES: Dialect = Dialect { postgres: true };
 
-pub const SQLITE: Dialect = Dialect {
-    now: "strftime('%Y-%m-%dT%H:%M:%fZ','now')",
-    age: "CAST((julianday('now') - julianday({0})) * 86400 AS INTEGER)",
-    postgres: false,
-};
+pub const SQLITE: Dialect = Dialect { postgres: false };
+
+/// A statement template with a token no dialect spells: a mistake in this crate's SQL, found
+/// when the statements are rendered at connect (and by the test that renders them all).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("a statement template has the unknown token `{0}`")]
+pub struct Unspellable(pub String);
+
+/// SQLite's one timestamp format, as the schema keeps times.
+const SQLITE_NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
 impl Dialect {
     /// The JSON array parameter as a relation `r` with the given columns.
@@ -69,25 +67,188 @@ impl Dialect {
         }
     }
 
-    fn render(&self, template: &str, columns: &[(&str, Ty)]) -> String {
-        self.sql(&template.replace("{rows}", &self.rows(columns)))
+    pub fn render(&self, template: &str, columns: &[(&str, Ty)]) -> Result<String, Unspellable> {
+        self.spell(&template.replace("{rows}", &self.rows(columns)))
     }
 
-    /// Spell `{now}` and the `$N` parameters of a statement the way this backend wants.
-    pub fn sql(&self, statement: &str) -> String {
-        let statement = statement.replace("{now}", self.now);
+    /// Spell a template's tokens and its `$N` parameters the way this backend wants:
+    ///
+    /// `{now}`; `{lock}` (a row lock where there is one); `{id:N}` (text parameter N as an
+    /// id); `{json:N}` (text parameter N as JSON); `{after:N}` (now plus parameter N
+    /// milliseconds); `{backoff:COL,B,M}` (now plus the wait before the retry that follows
+    /// attempt COL: `min(B << min(max(COL, 0), 20), M)` milliseconds, B and M parameters);
+    /// `{ts:COL}` (a timestamp as RFC 3339 text, whole seconds); `{text:COL}` (a uuid or
+    /// JSON column as text); `{age:COL}` (seconds since a timestamp, as a bigint);
+    /// `{each:EXPR}` (a JSON array of strings as the relation `d(value)`); `{head:EXPR}` and
+    /// `{tail:EXPR}` (the parts of `project/task` before and after the slash);
+    /// `{has_table:NAME}` (whether the table exists); `{time:COL}` (a timestamp as RFC 3339
+    /// text to the millisecond, as SQLite keeps them); `{ago:N}` (now less parameter N
+    /// milliseconds); `{age_ms:COL}` (milliseconds since a timestamp); `{values:N}` (the JSON
+    /// array parameter N as the relation `v(value)`); `{each_n:EXPR}` (like `each`, with the
+    /// elements' positions as `d.key`); `{skip_locked}` (lock the rows, passing over those
+    /// another transaction holds, where rows can be locked); `{rows:COL TYPE,…}` (the JSON
+    /// array parameter 1 as the relation `r` of these columns).
+    pub fn spell(&self, template: &str) -> Result<String, Unspellable> {
+        let mut out = String::with_capacity(template.len() + 64);
+        let mut rest = template;
+        while let Some(start) = rest.find('{') {
+            out.push_str(&rest[..start]);
+            let Some(len) = rest[start..].find('}') else {
+                return Err(Unspellable(rest[start..].to_owned()));
+            };
+            let token = &rest[start + 1..start + len];
+            let spelled = self
+                .token(token)
+                .ok_or_else(|| Unspellable(token.to_owned()))?;
+            out.push_str(&spelled);
+            rest = &rest[start + len + 1..];
+        }
+        out.push_str(rest);
         if self.postgres {
-            return statement;
+            return Ok(out);
         }
-        let mut out = String::with_capacity(statement.len());
-        let mut chars = statement.chars().peekable();
+        let mut numbered = String::with_capacity(out.len());
+        let mut chars = out.chars().peekable();
         while let Some(c) = chars.next() {
-            let numbered = chars.peek().is_some_and(char::is_ascii_digit);
-            out.push(if c == '$' && numbered { '?' } else { c });
+            let param = chars.peek().is_some_and(char::is_ascii_digit);
+            numbered.push(if c == '$' && param { '?' } else { c });
         }
-        out
+        Ok(numbered)
+    }
+
+    fn token(&self, token: &str) -> Option<String> {
+        let pg = self.postgres;
+        let (name, arg) = token.split_once(':').unwrap_or((token, ""));
+        let number = || arg.parse::<u32>().ok();
+        Some(match name {
+            "now" if pg => "now()".to_owned(),
+            "now" => SQLITE_NOW.to_owned(),
+            "lock" => if pg { "FOR UPDATE" } else { "" }.to_owned(),
+            "id" if pg => format!("CAST(CAST(${} AS text) AS uuid)", number()?),
+            "json" if pg => format!("CAST(${} AS text)::jsonb", number()?),
+            "id" | "json" => format!("${}", number()?),
+            "after" => self.later(&format!("${}", number()?)),
+            "backoff" => {
+                let [column, base, max] = arg.split(',').collect::<Vec<_>>()[..] else {
+                    return None;
+                };
+                let (base, max) = (base.parse::<u32>().ok()?, max.parse::<u32>().ok()?);
+                let (least, greatest) = if pg {
+                    ("LEAST", "GREATEST")
+                } else {
+                    ("min", "max")
+                };
+                self.later(&format!(
+                    "{least}(${base} << {least}({greatest}({column}, 0), 20), ${max})"
+                ))
+            }
+            "ts" if pg => {
+                format!("to_char({arg} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')")
+            }
+            "ts" => format!("strftime('%Y-%m-%dT%H:%M:%SZ', {arg})"),
+            "text" if pg => format!("CAST({arg} AS text)"),
+            "text" => arg.to_owned(),
+            "age" if pg => format!("CAST(EXTRACT(EPOCH FROM (now() - {arg})) AS bigint)"),
+            "age" => format!("CAST((julianday('now') - julianday({arg})) * 86400 AS INTEGER)"),
+            "each" if pg => format!("jsonb_array_elements_text({arg}) AS d(value)"),
+            "each" => format!("json_each({arg}) AS d"),
+            "head" if pg => format!("split_part({arg}, '/', 1)"),
+            "head" => format!("substr({arg}, 1, instr({arg}, '/') - 1)"),
+            "tail" if pg => format!("split_part({arg}, '/', 2)"),
+            "tail" => format!("substr({arg}, instr({arg}, '/') + 1)"),
+            "has_table" if pg => format!("to_regclass('{arg}') IS NOT NULL"),
+            "has_table" => format!(
+                "EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{arg}')"
+            ),
+            "time" if pg => {
+                format!("to_char({arg} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
+            }
+            "time" => arg.to_owned(),
+            "ago" if pg => format!("now() - ${} * interval '1 millisecond'", number()?),
+            "ago" => format!(
+                "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%.3f seconds', ${} / 1000.0))",
+                number()?
+            ),
+            "age_ms" if pg => {
+                format!("CAST(EXTRACT(EPOCH FROM (now() - {arg})) * 1000 AS bigint)")
+            }
+            "age_ms" => {
+                format!("CAST((julianday('now') - julianday({arg})) * 86400000 AS INTEGER)")
+            }
+            "values" if pg => format!(
+                "jsonb_array_elements_text(CAST(${} AS text)::jsonb) AS v(value)",
+                number()?
+            ),
+            "values" => format!("json_each(${}) AS v", number()?),
+            "each_n" if pg => {
+                format!("jsonb_array_elements_text({arg}) WITH ORDINALITY AS d(value, key)")
+            }
+            "each_n" => format!("json_each({arg}) AS d"),
+            "skip_locked" => if pg { "FOR UPDATE SKIP LOCKED" } else { "" }.to_owned(),
+            "rows" => {
+                let columns = arg
+                    .split(',')
+                    .map(|column| {
+                        let (name, ty) = column.trim().split_once(' ')?;
+                        let ty = match ty.trim() {
+                            "uuid" => Ty::Uuid,
+                            "text" => Ty::Text,
+                            "integer" => Ty::Int,
+                            "bigint" => Ty::BigInt,
+                            "boolean" => Ty::Bool,
+                            "json" => Ty::Json,
+                            _ => return None,
+                        };
+                        Some((name, ty))
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                self.rows(&columns)
+            }
+            _ => return None,
+        })
+    }
+
+    /// This backend's own template of a statement whose plan differs between the engines.
+    pub fn pick(&self, postgres: &'static str, sqlite: &'static str) -> &'static str {
+        if self.postgres { postgres } else { sqlite }
+    }
+
+    /// Now plus `ms` milliseconds (an SQL expression).
+    fn later(&self, ms: &str) -> String {
+        if self.postgres {
+            format!("now() + {ms} * interval '1 millisecond'")
+        } else {
+            format!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('+%.3f seconds', {ms} / 1000.0))")
+        }
     }
 }
+
+/// Declares a set of statement templates as a struct of the statements spelled for one
+/// dialect, and lists them all (for the test that prepares every statement on both backends).
+macro_rules! statements {
+    ($(#[$meta:meta])* $name:ident { $($(#[$doc:meta])* $field:ident = $template:expr,)* }) => {
+        $crate::store::sql::statements! {
+            $(#[$meta])* $name(_d) { $($(#[$doc])* $field = $template,)* }
+        }
+    };
+    ($(#[$meta:meta])* $name:ident($d:ident) { $($(#[$doc:meta])* $field:ident = $template:expr,)* }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $(pub $field: String,)*
+        }
+
+        impl $name {
+            pub fn new($d: &$crate::store::sql::Dialect) -> Result<Self, $crate::store::sql::Unspellable> {
+                Ok($name { $($field: $d.spell($template)?,)* })
+            }
+
+            pub fn all(&self) -> Vec<(&'static str, &str)> {
+                vec![$((stringify!($field), self.$field.as_str()),)*]
+            }
+        }
+    };
+}
+pub(crate) use statements;
 
 const OBJECT: [(&str, Ty); 9] = [
     ("id", Ty::Uuid),
@@ -158,7 +319,7 @@ const TOOL_COLUMNS: [(&str, Ty); 4] = [
 
 /// The spec's columns and `metadata` of the rows whose ids the JSON array names, each row as
 /// one JSON object (`id`, `fields`) shaped like the rows a sync writes.
-fn fields(d: &Dialect, table: &str, columns: &[(&str, Ty)]) -> String {
+fn fields(d: &Dialect, table: &str, columns: &[(&str, Ty)]) -> Result<String, Unspellable> {
     let columns = columns
         .iter()
         .filter(|(name, _)| *name != "project_id")
@@ -192,16 +353,18 @@ fn fields(d: &Dialect, table: &str, columns: &[(&str, Ty)]) -> String {
     )
 }
 
-fn project(d: &Dialect) -> Statements {
+fn project(d: &Dialect) -> Result<Statements, Unspellable> {
     let cols = with(&PROJECT_COLUMNS);
-    Statements {
+    let prune = "status = CASE WHEN projects.status = 'completed' THEN projects.status \
+        ELSE 'cancelled' END";
+    keyed(d, "projects", ("id", Ty::Uuid), prune, Statements {
         insert: d.render(
             "INSERT INTO projects (id, name, title, description, priority, owner, labels, suspend, \
              source, path, revision, generation, spec_hash, metadata) \
              SELECT r.id, r.name, r.title, r.description, r.priority, r.owner, r.labels, r.suspend, \
              r.source, r.path, r.revision, r.generation, r.spec_hash, r.metadata FROM {rows}",
             &cols,
-        ),
+        )?,
         update: d.render(
             &format!(
                 "UPDATE projects SET title = r.title, description = r.description, \
@@ -213,21 +376,13 @@ fn project(d: &Dialect) -> Statements {
                  FROM {{rows}} WHERE projects.id = r.id"
             ),
             &cols,
-        ),
-        prune: d.render(
-            "UPDATE projects SET pruned_at = {now}, \
-             status = CASE WHEN projects.status = 'completed' THEN projects.status ELSE 'cancelled' END \
-             FROM {rows} WHERE projects.id = r.id",
-            &[("id", Ty::Uuid)],
-        ),
-        flag: d.render(
-            "UPDATE projects SET status_message = r.message FROM {rows} WHERE projects.id = r.id",
-            &[("id", Ty::Uuid), ("message", Ty::Text)],
-        ),
-    }
+        )?,
+        prune: String::new(),
+        flag: String::new(),
+    })
 }
 
-fn task(d: &Dialect) -> Statements {
+fn task(d: &Dialect) -> Result<Statements, Unspellable> {
     let cols = with(&TASK_COLUMNS);
     // A task that comes back after being pruned starts a new life: no attempt, no lease.
     let revive = |column: &str, value: &str| {
@@ -246,7 +401,12 @@ fn task(d: &Dialect) -> Statements {
         revive("not_before", "NULL"),
     ]
     .join(", ");
-    Statements {
+    // Work that already ended keeps its outcome; anything still open is cancelled, and its
+    // lease is dropped so the holder's next heartbeat is refused.
+    let prune = "lease_owner = NULL, lease_expires_at = NULL, \
+        status = CASE WHEN tasks.status IN ('completed', 'failed', 'cancelled') \
+        THEN tasks.status ELSE 'cancelled' END";
+    keyed(d, "tasks", ("id", Ty::Uuid), prune, Statements {
         insert: d.render(
             "INSERT INTO tasks (id, project_id, name, title, description, assigned_to, assignee, \
              priority, capabilities, depends_on, action, output, acceptance_criteria, \
@@ -256,7 +416,7 @@ fn task(d: &Dialect) -> Statements {
              r.timeout_seconds, r.retries, r.source, r.path, r.revision, r.generation, \
              r.spec_hash, r.metadata FROM {rows}",
             &cols,
-        ),
+        )?,
         update: d.render(
             &format!(
                 "UPDATE tasks SET project_id = r.project_id, title = r.title, \
@@ -269,143 +429,188 @@ fn task(d: &Dialect) -> Statements {
                  FROM {{rows}} WHERE tasks.id = r.id"
             ),
             &cols,
+        )?,
+        prune: String::new(),
+        flag: String::new(),
+    })
+}
+
+// Agents and tools are unique by name and may already exist (the seeded `cos` and `seed`, or
+// one registered through the API), so declaring one adopts the row.
+fn agent(d: &Dialect) -> Result<Statements, Unspellable> {
+    let revive = "status = CASE WHEN agents.pruned_at IS NULL THEN agents.status \
+        ELSE 'offline' END, ";
+    let upsert = upsert(d, "agents", &AGENT_COLUMNS, revive)?;
+    let prune = "status = 'offline'";
+    keyed(
+        d,
+        "agents",
+        ("name", Ty::Text),
+        prune,
+        Statements::both(upsert),
+    )
+}
+
+fn tool(d: &Dialect) -> Result<Statements, Unspellable> {
+    let upsert = upsert(d, "tools", &TOOL_COLUMNS, "")?;
+    keyed(d, "tools", ("name", Ty::Text), "", Statements::both(upsert))
+}
+
+/// Insert or adopt by name, setting `revive` too.
+fn upsert(
+    d: &Dialect,
+    table: &str,
+    columns: &[(&'static str, Ty)],
+    revive: &str,
+) -> Result<String, Unspellable> {
+    let object = [
+        "source",
+        "path",
+        "revision",
+        "generation",
+        "spec_hash",
+        "metadata",
+    ];
+    let set: Vec<&str> = columns
+        .iter()
+        .map(|(name, _)| *name)
+        .chain(object)
+        .collect();
+    let all: Vec<&str> = ["id", "name"]
+        .into_iter()
+        .chain(set.iter().copied())
+        .collect();
+    let picked: Vec<String> = all.iter().map(|c| format!("r.{c}")).collect();
+    let excluded: Vec<String> = set.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+    d.render(
+        &format!(
+            "INSERT INTO {table} ({}) SELECT {} FROM {{rows}} WHERE true \
+             ON CONFLICT (name) DO UPDATE SET {}, status_message = NULL, {revive}pruned_at = NULL",
+            all.join(", "),
+            picked.join(", "),
+            excluded.join(", ")
         ),
-        // Work that already ended keeps its outcome; anything still open is cancelled, and
-        // its lease is dropped so the holder's next heartbeat is refused.
+        &with(columns),
+    )
+}
+
+/// A table's statements with the prune (which also sets `prune`) and the flag of the rows
+/// found by `key`.
+fn keyed(
+    d: &Dialect,
+    table: &str,
+    (key, ty): (&str, Ty),
+    prune: &str,
+    writes: Statements,
+) -> Result<Statements, Unspellable> {
+    let prune = if prune.is_empty() {
+        String::new()
+    } else {
+        format!(", {prune}")
+    };
+    let by_key = format!("FROM {{rows}} WHERE {table}.{key} = r.{key}");
+    Ok(Statements {
         prune: d.render(
-            "UPDATE tasks SET pruned_at = {now}, lease_owner = NULL, lease_expires_at = NULL, \
-             status = CASE WHEN tasks.status IN ('completed', 'failed', 'cancelled') \
-                 THEN tasks.status ELSE 'cancelled' END \
-             FROM {rows} WHERE tasks.id = r.id",
-            &[("id", Ty::Uuid)],
-        ),
+            &format!("UPDATE {table} SET pruned_at = {{now}}{prune} {by_key}"),
+            &[(key, ty)],
+        )?,
         flag: d.render(
-            "UPDATE tasks SET status_message = r.message FROM {rows} WHERE tasks.id = r.id",
-            &[("id", Ty::Uuid), ("message", Ty::Text)],
-        ),
+            &format!("UPDATE {table} SET status_message = r.message {by_key}"),
+            &[(key, ty), ("message", Ty::Text)],
+        )?,
+        ..writes
+    })
+}
+
+impl Statements {
+    /// An upsert serves as both insert and update.
+    fn both(upsert: String) -> Statements {
+        Statements {
+            insert: upsert.clone(),
+            update: upsert,
+            prune: String::new(),
+            flag: String::new(),
+        }
     }
 }
 
-fn agent(d: &Dialect) -> Statements {
-    let cols = with(&AGENT_COLUMNS);
-    // Agents are unique by name and may already exist (the seeded `cos` and `seed`, or one
-    // registered through the API), so declaring one adopts the row.
-    let upsert = d.render(
-        "INSERT INTO agents (id, name, type, capabilities, models, concurrency, instructions, \
-         source, path, revision, generation, spec_hash, metadata) \
-         SELECT r.id, r.name, r.type, r.capabilities, r.models, r.concurrency, r.instructions, \
-         r.source, r.path, r.revision, r.generation, r.spec_hash, r.metadata FROM {rows} WHERE true \
-         ON CONFLICT (name) DO UPDATE SET type = excluded.type, \
-         capabilities = excluded.capabilities, models = excluded.models, \
-         concurrency = excluded.concurrency, instructions = excluded.instructions, \
-         source = excluded.source, path = excluded.path, revision = excluded.revision, \
-         generation = excluded.generation, spec_hash = excluded.spec_hash, metadata = excluded.metadata, \
-         status_message = NULL, \
-         status = CASE WHEN agents.pruned_at IS NULL THEN agents.status ELSE 'offline' END, \
-         pruned_at = NULL",
-        &cols,
-    );
-    Statements {
-        insert: upsert.clone(),
-        update: upsert,
-        prune: d.render(
-            "UPDATE agents SET pruned_at = {now}, status = 'offline' \
-             FROM {rows} WHERE agents.name = r.name",
-            &[("name", Ty::Text)],
-        ),
-        flag: d.render(
-            "UPDATE agents SET status_message = r.message FROM {rows} WHERE agents.name = r.name",
-            &[("name", Ty::Text), ("message", Ty::Text)],
-        ),
-    }
-}
-
-fn tool(d: &Dialect) -> Statements {
-    let cols = with(&TOOL_COLUMNS);
-    let upsert = d.render(
-        "INSERT INTO tools (id, name, description, created_by, tool_type, implementation, \
-         source, path, revision, generation, spec_hash, metadata) \
-         SELECT r.id, r.name, r.description, r.created_by, r.tool_type, r.implementation, \
-         r.source, r.path, r.revision, r.generation, r.spec_hash, r.metadata FROM {rows} WHERE true \
-         ON CONFLICT (name) DO UPDATE SET description = excluded.description, \
-         created_by = excluded.created_by, tool_type = excluded.tool_type, \
-         implementation = excluded.implementation, source = excluded.source, \
-         path = excluded.path, revision = excluded.revision, generation = excluded.generation, \
-         spec_hash = excluded.spec_hash, metadata = excluded.metadata, status_message = NULL, \
-         pruned_at = NULL",
-        &cols,
-    );
-    Statements {
-        insert: upsert.clone(),
-        update: upsert,
-        prune: d.render(
-            "UPDATE tools SET pruned_at = {now} FROM {rows} WHERE tools.name = r.name",
-            &[("name", Ty::Text)],
-        ),
-        flag: d.render(
-            "UPDATE tools SET status_message = r.message FROM {rows} WHERE tools.name = r.name",
-            &[("name", Ty::Text), ("message", Ty::Text)],
-        ),
-    }
-}
-
-/// Rendered once per process; `&'static` so sqlx accepts them as audited SQL (they are built
-/// from the constants in this file only).
-pub static POSTGRES_SQL: std::sync::LazyLock<Sql> =
+/// Rendered once per process, when the first store connects; `&'static` so sqlx accepts them
+/// as audited SQL (they are built from this crate's constants only).
+pub static POSTGRES_SQL: std::sync::LazyLock<Result<Sql, Unspellable>> =
     std::sync::LazyLock::new(|| Sql::new(&POSTGRES));
-pub static SQLITE_SQL: std::sync::LazyLock<Sql> = std::sync::LazyLock::new(|| Sql::new(&SQLITE));
+pub static SQLITE_SQL: std::sync::LazyLock<Result<Sql, Unspellable>> =
+    std::sync::LazyLock::new(|| Sql::new(&SQLITE));
 
-/// Every reconcile statement of one backend, rendered once.
+/// Every statement of the store for one backend, rendered once.
 pub struct Sql {
     pub projects: Statements,
     pub tasks: Statements,
     pub agents: Statements,
     pub tools: Statements,
     pub events: String,
-    pub load: String,
-    pub cursor: String,
-    pub load_cursor: String,
-    pub project_status: String,
-    pub task_status: String,
-    pub source_status: String,
+    /// Events from a JSON array of `{type, agent, payload}`.
+    pub add_events: String,
     /// Per table, in [`Sql::table`]'s names: what `fields` reads.
     pub fields: [(&'static str, String); 4],
+    pub core: Core,
+    pub writeback: super::writeback::Statements,
+    pub registry: super::tools::Statements,
+    pub usage: super::usage::Statements,
+    pub queue: super::queue_db::Statements,
+}
+
+statements! {
+    /// The statements of [`super::Store`] beside the plan's batches.
+    Core {
+        load = LOAD,
+        cursor = CURSOR,
+        load_cursor = "SELECT revision, tree_oid, errors FROM sync_sources WHERE name = $1",
+        project_status = "SELECT name, status, status_message FROM projects \
+            WHERE CAST($1 AS text) IS NULL OR name = $1 ORDER BY name",
+        task_status = "SELECT p.name AS project, COALESCE(t.name, t.title) AS name, t.status, \
+            COALESCE(t.lease_owner, t.assigned_to) AS agent, t.attempt, t.status_message, \
+            {age:t.created_at} AS age_seconds \
+            FROM tasks t JOIN projects p ON p.id = t.project_id \
+            WHERE CAST($1 AS text) IS NULL OR p.name = $1 \
+            ORDER BY p.name, t.priority DESC, t.created_at, t.name",
+        source_status = "SELECT name, url, revision, errors FROM sync_sources ORDER BY name",
+        open_tasks = OPEN_TASKS,
+        has_schema = "SELECT {has_table:sync_sources}",
+        has_migrations = "SELECT {has_table:_sqlx_migrations}",
+        reword_migration = "UPDATE _sqlx_migrations SET checksum = $1 \
+            WHERE version = $2 AND checksum = $3",
+    }
 }
 
 impl Sql {
-    pub fn new(d: &Dialect) -> Sql {
-        Sql {
-            projects: project(d),
-            tasks: task(d),
-            agents: agent(d),
-            tools: tool(d),
-            events: insert_events(d),
-            load: d.sql(LOAD),
-            cursor: d.sql(CURSOR),
-            load_cursor: d
-                .sql("SELECT revision, tree_oid, errors FROM sync_sources WHERE name = $1"),
-            project_status: d.sql(
-                "SELECT name, status, status_message FROM projects \
-                 WHERE CAST($1 AS text) IS NULL OR name = $1 ORDER BY name",
-            ),
-            task_status: d.sql(&format!(
-                "SELECT p.name AS project, COALESCE(t.name, t.title) AS name, t.status, \
-                 COALESCE(t.lease_owner, t.assigned_to) AS agent, t.attempt, t.status_message, \
-                 {} AS age_seconds \
-                 FROM tasks t JOIN projects p ON p.id = t.project_id \
-                 WHERE CAST($1 AS text) IS NULL OR p.name = $1 \
-                 ORDER BY p.name, t.priority DESC, t.created_at, t.name",
-                d.age.replace("{0}", "t.created_at")
-            )),
-            source_status: d
-                .sql("SELECT name, url, revision, errors FROM sync_sources ORDER BY name"),
+    pub fn new(d: &Dialect) -> Result<Sql, Unspellable> {
+        Ok(Sql {
+            projects: project(d)?,
+            tasks: task(d)?,
+            agents: agent(d)?,
+            tools: tool(d)?,
+            events: insert_events(d)?,
+            add_events: d.render(
+                "INSERT INTO events (event_type, source_agent, payload) \
+                 SELECT r.type, r.agent, r.payload FROM {rows}",
+                &[
+                    ("type", Ty::Text),
+                    ("agent", Ty::Text),
+                    ("payload", Ty::Json),
+                ],
+            )?,
             fields: [
-                ("projects", fields(d, "projects", &PROJECT_COLUMNS)),
-                ("tasks", fields(d, "tasks", &TASK_COLUMNS)),
-                ("agents", fields(d, "agents", &AGENT_COLUMNS)),
-                ("tools", fields(d, "tools", &TOOL_COLUMNS)),
+                ("projects", fields(d, "projects", &PROJECT_COLUMNS)?),
+                ("tasks", fields(d, "tasks", &TASK_COLUMNS)?),
+                ("agents", fields(d, "agents", &AGENT_COLUMNS)?),
+                ("tools", fields(d, "tools", &TOOL_COLUMNS)?),
             ],
-        }
+            core: Core::new(d)?,
+            writeback: super::writeback::Statements::new(d)?,
+            registry: super::tools::Statements::new(d)?,
+            usage: super::usage::Statements::new(d)?,
+            queue: super::queue_db::Statements::new(d)?,
+        })
     }
 
     pub fn table(&self, table: &str) -> &Statements {
@@ -416,16 +621,53 @@ impl Sql {
             _ => &self.tools,
         }
     }
+
+    /// Every statement, by name.
+    pub fn all(&self) -> Vec<(&'static str, &str)> {
+        let mut all = vec![
+            ("events", self.events.as_str()),
+            ("add_events", self.add_events.as_str()),
+        ];
+        for (table, statements) in [
+            ("projects", &self.projects),
+            ("tasks", &self.tasks),
+            ("agents", &self.agents),
+            ("tools", &self.tools),
+        ] {
+            all.extend([
+                (table, statements.insert.as_str()),
+                (table, statements.update.as_str()),
+                (table, statements.prune.as_str()),
+                (table, statements.flag.as_str()),
+            ]);
+        }
+        all.extend(self.fields.iter().map(|(table, s)| (*table, s.as_str())));
+        all.extend(self.core.all());
+        all.extend(self.writeback.all());
+        all.extend(self.registry.all());
+        all.extend(self.usage.all());
+        all.extend(self.queue.all());
+        all
+    }
 }
+
+/// Pending or in-progress tasks that can move without a person (see `Store::open_tasks`).
+const OPEN_TASKS: &str = "SELECT count(*) FROM tasks t \
+    WHERE t.pruned_at IS NULL AND (t.status = 'in_progress' OR (t.status = 'pending' \
+    AND NOT EXISTS (SELECT 1 FROM projects sp WHERE sp.id = t.project_id AND sp.suspend) \
+    AND NOT EXISTS (SELECT 1 FROM {each:t.depends_on} \
+        WHERE NOT EXISTS (SELECT 1 FROM tasks dt JOIN projects dp ON dp.id = dt.project_id \
+            WHERE dp.name = {head:d.value} AND dt.name = {tail:d.value} \
+            AND dt.status = 'completed'))))";
 
 const CURSOR: &str = "\
     INSERT INTO sync_sources (name, url, branch, path, revision, tree_oid, synced_at, errors) \
-    VALUES ($1, $2, $3, $4, $5, $6, {now}, $7) \
+    VALUES ($1, $2, $3, $4, $5, $6, {now}, {json:7}) \
     ON CONFLICT (name) DO UPDATE SET url = excluded.url, branch = excluded.branch, \
     path = excluded.path, revision = excluded.revision, tree_oid = excluded.tree_oid, \
     synced_at = excluded.synced_at, errors = excluded.errors";
 
-fn insert_events(d: &Dialect) -> String {
+fn insert_events(d: &Dialect) -> Result<String, Unspellable> {
     d.render(
         "INSERT INTO events (id, event_type, source_agent, payload) \
          SELECT r.id, r.event_type, 'controller', r.payload FROM {rows}",
@@ -454,3 +696,66 @@ pub const LOAD: &str = "\
     SELECT 'tool', CAST(x.id AS text), x.name, NULL, x.path, x.spec_hash, x.generation, \
         x.status_message, x.pruned_at IS NOT NULL \
     FROM tools x WHERE x.source = $1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_statement_renders_for_both_dialects() {
+        for (dialect, sql) in [(&POSTGRES, &*POSTGRES_SQL), (&SQLITE, &*SQLITE_SQL)] {
+            let sql = sql.as_ref().expect("every template spells");
+            let all = sql.all();
+            assert!(all.len() > 40, "{} statements", all.len());
+            for (name, statement) in all {
+                assert!(!statement.contains('{'), "{name}: {statement}");
+                let numbered = statement
+                    .match_indices('$')
+                    .any(|(i, _)| statement[i + 1..].starts_with(|c: char| c.is_ascii_digit()));
+                assert_eq!(
+                    numbered,
+                    dialect.postgres && numbered,
+                    "{name}: {statement}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn spells_tokens_per_backend() {
+        assert_eq!(
+            POSTGRES
+                .spell("WHERE id = {id:1} AND x = $2 AND t < {now}")
+                .unwrap(),
+            "WHERE id = CAST(CAST($1 AS text) AS uuid) AND x = $2 AND t < now()"
+        );
+        assert_eq!(
+            SQLITE
+                .spell("WHERE id = {id:1} AND x = $2 AND t < {now}")
+                .unwrap(),
+            "WHERE id = ?1 AND x = ?2 AND t < strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+        );
+        assert_eq!(
+            SQLITE.spell("SELECT {text:t.id} {lock}").unwrap(),
+            "SELECT t.id "
+        );
+        assert_eq!(
+            POSTGRES.spell("SELECT {text:t.id} {lock}").unwrap(),
+            "SELECT CAST(t.id AS text) FOR UPDATE"
+        );
+        assert_eq!(
+            POSTGRES.spell("{backoff:t.attempt,6,7}").unwrap(),
+            "now() + LEAST($6 << LEAST(GREATEST(t.attempt, 0), 20), $7) * interval '1 millisecond'"
+        );
+    }
+
+    #[test]
+    fn unknown_or_unclosed_tokens_are_errors_not_panics() {
+        for dialect in [&POSTGRES, &SQLITE] {
+            assert_eq!(dialect.spell("SELECT {nope}").unwrap_err().0, "nope");
+            assert!(dialect.spell("SELECT {now").is_err());
+            assert!(dialect.spell("SELECT {id:x}").is_err());
+            assert!(dialect.spell("SELECT {backoff:a,1}").is_err());
+        }
+    }
+}

@@ -3,7 +3,9 @@
 
 use std::future::Future;
 
-use super::{PgStore, SqliteStore, StoreError, query_error};
+use super::StoreError;
+use super::db::{Backend, Db, args, commit, rows_on, run_on};
+use super::sql::statements;
 
 /// A pending task that names capabilities, as the search for missing specialists sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,45 +43,22 @@ pub trait ToolRegistry: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Vec<String>>, StoreError>> + Send;
 }
 
-const USE_POSTGRES: &str = "\
-    UPDATE tools SET usage_count = COALESCE(usage_count, 0) + 1, last_used_at = now() \
-    WHERE name = $1 AND pruned_at IS NULL RETURNING implementation";
-
-const USE_SQLITE: &str = "\
-    UPDATE tools SET usage_count = COALESCE(usage_count, 0) + 1, \
-    last_used_at = strftime('%Y-%m-%dT%H:%M:%fZ','now') \
-    WHERE name = ?1 AND pruned_at IS NULL RETURNING implementation";
+const USE: &str = "\
+    UPDATE tools SET usage_count = COALESCE(usage_count, 0) + 1, last_used_at = {now} \
+    WHERE name = $1 AND pruned_at IS NULL RETURNING {text:implementation}";
 
 /// The Seed's question for a missing tool starts "The tool `" (`embedded::Worker::propose_tool`).
 /// A sync that re-validates the task (it referred to a tool that did not exist) clears the
 /// message, hence also a blocked tool task without one. Should that be a task blocked by a
 /// failed dependency, it is not ready (its dependency is not completed) and the sweeper blocks
 /// it again.
-const UNBLOCK_POSTGRES: &str = "\
-    WITH freed AS (UPDATE tasks t SET status = 'pending', status_message = NULL \
-        WHERE t.status = 'blocked' AND t.pruned_at IS NULL \
-        AND (t.status_message IS NULL OR t.status_message LIKE 'question: The tool `%') \
-        AND EXISTS (SELECT 1 FROM tools tl WHERE tl.pruned_at IS NULL \
-            AND tl.name = t.action -> 'tool' ->> 'name') \
-        RETURNING t.id, t.project_id, t.name), \
-    events AS (INSERT INTO events (event_type, source_agent, payload) \
-        SELECT 'task.unblocked', 'controller', jsonb_build_object('id', f.id, \
-            'project', (SELECT p.name FROM projects p WHERE p.id = f.project_id), \
-            'name', f.name, 'reason', 'its tool exists now') FROM freed f) \
-    SELECT count(*) FROM freed";
-
-const UNBLOCK_SQLITE: &str = "\
+const UNBLOCK: &str = "\
     UPDATE tasks SET status = 'pending', status_message = NULL \
     WHERE status = 'blocked' AND pruned_at IS NULL \
     AND (status_message IS NULL OR status_message LIKE 'question: The tool `%') \
     AND EXISTS (SELECT 1 FROM tools tl WHERE tl.pruned_at IS NULL \
-        AND tl.name = json_extract(tasks.action, '$.tool.name')) \
-    RETURNING id, (SELECT p.name FROM projects p WHERE p.id = tasks.project_id), name";
-
-const UNBLOCKED_EVENT_SQLITE: &str = "\
-    INSERT INTO events (event_type, source_agent, payload) \
-    VALUES ('task.unblocked', 'controller', json_object('id', ?1, 'project', ?2, 'name', ?3, \
-        'reason', 'its tool exists now'))";
+        AND tl.name = tasks.action -> 'tool' ->> 'name') \
+    RETURNING {text:id} AS id, (SELECT p.name FROM projects p WHERE p.id = tasks.project_id), name";
 
 const NEEDING_TASKS: &str = "\
     SELECT assignee, title, COALESCE(description, '') AS description, \
@@ -132,81 +111,54 @@ fn command_of(implementation: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-impl ToolRegistry for PgStore {
-    async fn unblock_tool_waiters(&self) -> Result<u64, StoreError> {
-        let freed: i64 = sqlx::query_scalar(UNBLOCK_POSTGRES)
-            .fetch_one(self.pool())
-            .await
-            .map_err(query_error("unblocking tasks whose tool exists"))?;
-        Ok(u64::try_from(freed).unwrap_or(0))
-    }
-
-    async fn capability_needs(&self) -> Result<(Vec<NeedingTask>, Vec<Registered>), StoreError> {
-        let tasks = sqlx::query_as(NEEDING_TASKS)
-            .fetch_all(self.pool())
-            .await
-            .map_err(query_error("reading tasks that need capabilities"))?;
-        let agents = sqlx::query_as(REGISTERED)
-            .fetch_all(self.pool())
-            .await
-            .map_err(query_error("reading agents"))?;
-        Ok(needs_from(tasks, agents))
-    }
-
-    async fn use_tool(&self, name: &str) -> Result<Option<Vec<String>>, StoreError> {
-        let row: Option<(sqlx::types::Json<serde_json::Value>,)> = sqlx::query_as(USE_POSTGRES)
-            .bind(name)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(query_error("using a tool"))?;
-        Ok(row.map(|(implementation,)| command_of(&implementation.0)))
+statements! {
+    /// Every statement of [`ToolRegistry`].
+    Statements {
+        use_tool = USE,
+        unblock = UNBLOCK,
+        needing_tasks = NEEDING_TASKS,
+        registered = REGISTERED,
     }
 }
 
-impl ToolRegistry for SqliteStore {
+impl<B: Backend> ToolRegistry for Db<B> {
     async fn unblock_tool_waiters(&self) -> Result<u64, StoreError> {
-        let mut tx = self
-            .pool()
-            .begin()
-            .await
-            .map_err(query_error("starting a transaction"))?;
-        let freed: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(UNBLOCK_SQLITE)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(query_error("unblocking tasks whose tool exists"))?;
-        for (id, project, name) in &freed {
-            sqlx::query(UNBLOCKED_EVENT_SQLITE)
-                .bind(id)
-                .bind(project)
-                .bind(name)
-                .execute(&mut *tx)
-                .await
-                .map_err(query_error("recording an unblocked task"))?;
+        let mut tx = self.begin().await?;
+        let doing = "unblocking tasks whose tool exists";
+        let freed: Vec<(String, Option<String>, Option<String>)> =
+            rows_on::<B, _>(&mut tx, &self.sql.registry.unblock, args![], doing).await?;
+        if freed.is_empty() {
+            return Ok(0);
         }
-        tx.commit()
-            .await
-            .map_err(query_error("committing unblocked tasks"))?;
+        let events: Vec<serde_json::Value> = freed
+            .iter()
+            .map(|(id, project, name)| {
+                let payload = serde_json::json!({"id": id, "project": project, "name": name,
+                    "reason": "its tool exists now"});
+                serde_json::json!({"type": "task.unblocked", "agent": "controller", "payload": payload})
+            })
+            .collect();
+        let events = serde_json::Value::from(events).to_string();
+        let doing = "recording unblocked tasks";
+        run_on::<B>(&mut tx, &self.sql.add_events, args![&events], doing).await?;
+        commit(tx, "committing unblocked tasks").await?;
         Ok(freed.len() as u64)
     }
 
     async fn capability_needs(&self) -> Result<(Vec<NeedingTask>, Vec<Registered>), StoreError> {
-        let tasks = sqlx::query_as(NEEDING_TASKS)
-            .fetch_all(self.pool())
-            .await
-            .map_err(query_error("reading tasks that need capabilities"))?;
-        let agents = sqlx::query_as(REGISTERED)
-            .fetch_all(self.pool())
-            .await
-            .map_err(query_error("reading agents"))?;
+        let sql = &self.sql.registry;
+        let doing = "reading tasks that need capabilities";
+        let tasks = self.rows(&sql.needing_tasks, args![], doing).await?;
+        let agents = self
+            .rows(&sql.registered, args![], "reading agents")
+            .await?;
         Ok(needs_from(tasks, agents))
     }
 
     async fn use_tool(&self, name: &str) -> Result<Option<Vec<String>>, StoreError> {
-        let row: Option<(String,)> = sqlx::query_as(USE_SQLITE)
-            .bind(name)
-            .fetch_optional(self.pool())
-            .await
-            .map_err(query_error("using a tool"))?;
+        let row: Option<(String,)> = self
+            .row(&self.sql.registry.use_tool, args![name], "using a tool")
+            .await?;
         Ok(row.map(|(implementation,)| {
             command_of(&serde_json::from_str(&implementation).unwrap_or_default())
         }))

@@ -11,7 +11,9 @@ use agentops_agents::llm::{UsageError, UsageRecord, UsageSink};
 use futures::future::BoxFuture;
 use uuid::Uuid;
 
-use super::{PgStore, SqliteStore, StoreError, query_error};
+use super::StoreError;
+use super::db::{Backend, Db, args};
+use super::sql::statements;
 
 /// The largest cost `numeric(10, 6)` holds.
 pub const MAX_COST_USD: f64 = 9_999.999_999;
@@ -89,52 +91,34 @@ pub trait UsageLog: Send + Sync + 'static {
     fn record_usage(&self, row: &UsageRow) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-const INSERT_POSTGRES: &str = "\
-    INSERT INTO model_usage (agent_name, model_name, provider, task_id, prompt_tokens, \
-        completion_tokens, total_tokens, estimated_cost_usd, metadata) \
-    VALUES ($1, $2, $3, (SELECT id FROM tasks WHERE id = $4), $5, $6, $7, \
-        CAST(CAST($8 AS double precision) AS numeric(10, 6)), $9)";
-
-const INSERT_SQLITE: &str = "\
-    INSERT INTO model_usage (agent_name, model_name, provider, task_id, prompt_tokens, \
-        completion_tokens, total_tokens, estimated_cost_usd, metadata) \
-    VALUES (?1, ?2, ?3, (SELECT id FROM tasks WHERE id = ?4), ?5, ?6, ?7, \
-        round(?8, 6), ?9)";
-
-impl UsageLog for PgStore {
-    async fn record_usage(&self, row: &UsageRow) -> Result<(), StoreError> {
-        sqlx::query(INSERT_POSTGRES)
-            .bind(&row.agent)
-            .bind(&row.model)
-            .bind(&row.provider)
-            .bind(row.task_id)
-            .bind(row.prompt_tokens)
-            .bind(row.completion_tokens)
-            .bind(row.total_tokens)
-            .bind(row.estimated_cost_usd)
-            .bind(sqlx::types::Json(&row.metadata))
-            .execute(self.pool())
-            .await
-            .map_err(query_error("recording model usage"))?;
-        Ok(())
+statements! {
+    /// Every statement of [`UsageLog`].
+    Statements {
+        /// The cost rounded to the six places of `numeric(10, 6)`.
+        insert = "INSERT INTO model_usage (agent_name, model_name, provider, task_id, \
+            prompt_tokens, completion_tokens, total_tokens, estimated_cost_usd, metadata) \
+            VALUES ($1, $2, $3, (SELECT id FROM tasks WHERE id = {id:4}), $5, $6, $7, \
+            round(CAST($8 AS numeric), 6), {json:9})",
     }
 }
 
-impl UsageLog for SqliteStore {
+impl<B: Backend> UsageLog for Db<B> {
     async fn record_usage(&self, row: &UsageRow) -> Result<(), StoreError> {
-        sqlx::query(INSERT_SQLITE)
-            .bind(&row.agent)
-            .bind(&row.model)
-            .bind(&row.provider)
-            .bind(row.task_id.map(|id| id.hyphenated().to_string()))
-            .bind(row.prompt_tokens)
-            .bind(row.completion_tokens)
-            .bind(row.total_tokens)
-            .bind(row.estimated_cost_usd)
-            .bind(row.metadata.to_string())
-            .execute(self.pool())
-            .await
-            .map_err(query_error("recording model usage"))?;
+        let task_id = row.task_id.map(|id| id.hyphenated().to_string());
+        let metadata = row.metadata.to_string();
+        let args = args![
+            &row.agent,
+            &row.model,
+            &row.provider,
+            &task_id,
+            row.prompt_tokens,
+            row.completion_tokens,
+            row.total_tokens,
+            row.estimated_cost_usd,
+            &metadata
+        ];
+        let doing = "recording model usage";
+        self.run(&self.sql.usage.insert, args, doing).await?;
         Ok(())
     }
 }

@@ -3,14 +3,17 @@
 //! them when it is merged or closed).
 //!
 //! Written once for both backends: each statement is a template whose few dialect-specific
-//! spellings (`{now}`, `{id1}`, …) [`spell`] fills in, and ids cross as text on both.
+//! spellings (`{now}`, `{id:1}`, …) the store's [`Dialect`](super::sql::Dialect) fills in, and
+//! ids cross as text on both.
 
 use std::future::Future;
 
 use serde_json::{Value, json};
 
+use super::StoreError;
+use super::db::{Backend, Db, args, commit, rows_on, run_on};
 use super::queue::{FailOutcome, LeasePolicy, millis};
-use super::{PgStore, SqliteStore, StoreError, query_error};
+use super::sql::statements;
 
 /// A project as its status file shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, sqlx::FromRow)]
@@ -156,172 +159,59 @@ pub trait Writeback: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Rejected>, StoreError>> + Send;
 }
 
-/// Fill in a template's dialect-specific spellings:
-/// `{now}`, `{idN}` (text parameter N as a task id), `{jsonN}` (text parameter N as JSON),
-/// `{afterN}` (now plus parameter N milliseconds), `{ts:COL}` (a timestamp as RFC 3339 text),
-/// `{text:COL}` (a uuid or JSON column as text) and `{lock}` (row lock on Postgres), and
-/// `$N` as `?N` on SQLite.
-fn spell(pg: bool, template: &str) -> String {
-    let mut out = String::with_capacity(template.len() + 64);
-    let mut rest = template;
-    while let Some(start) = rest.find('{') {
-        out.push_str(&rest[..start]);
-        let end = start + rest[start..].find('}').expect("a closed token");
-        let token = &rest[start + 1..end];
-        let param = |prefix: &str| token.strip_prefix(prefix).map(str::to_owned);
-        let spelled = if token == "now" {
-            if pg {
-                "now()".to_owned()
-            } else {
-                "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')".to_owned()
-            }
-        } else if token == "lock" {
-            if pg { "FOR UPDATE" } else { "" }.to_owned()
-        } else if let Some(col) = param("ts:") {
-            if pg {
-                format!("to_char({col} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')")
-            } else {
-                format!("strftime('%Y-%m-%dT%H:%M:%SZ', {col})")
-            }
-        } else if let Some(col) = param("text:") {
-            if pg {
-                format!("CAST({col} AS text)")
-            } else {
-                col
-            }
-        } else if let Some(n) = param("id") {
-            if pg {
-                format!("CAST(CAST(${n} AS text) AS uuid)")
-            } else {
-                format!("?{n}")
-            }
-        } else if let Some(n) = param("json") {
-            if pg {
-                format!("CAST(${n} AS text)::jsonb")
-            } else {
-                format!("?{n}")
-            }
-        } else if let Some(n) = param("after") {
-            if pg {
-                format!("now() + CAST(${n} AS bigint) * interval '1 millisecond'")
-            } else {
-                format!(
-                    "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('+%.3f seconds', ?{n} / 1000.0))"
-                )
-            }
-        } else {
-            panic!("unknown template token {{{token}}}");
-        };
-        out.push_str(&spelled);
-        rest = &rest[end + 1..];
-    }
-    out.push_str(rest);
-    if pg {
-        out
-    } else {
-        super::sql::SQLITE.sql(&out)
+statements! {
+    /// Every statement of [`Writeback`].
+    Statements {
+        status_revision = "SELECT revision FROM sync_sources WHERE name = $1",
+        status_projects = "SELECT name, status, status_message FROM projects \
+            WHERE source = $1 AND pruned_at IS NULL AND name IS NOT NULL ORDER BY name",
+        status_tasks = "SELECT {text:t.id} AS id, p.name AS project, t.name, t.title, \
+            t.status, COALESCE(t.lease_owner, t.assigned_to) AS agent, CAST(t.attempt AS bigint) AS attempt, \
+            {ts:t.started_at} AS started_at, {ts:t.completed_at} AS completed_at, \
+            t.status_message, t.error, {text:t.result} AS result \
+            FROM tasks t JOIN projects p ON p.id = t.project_id \
+            WHERE p.source = $1 AND p.pruned_at IS NULL AND t.pruned_at IS NULL AND t.name IS NOT NULL \
+            ORDER BY p.name, t.name",
+        status_artifacts = "SELECT {text:a.task_id} AS task_id, a.name, a.artifact_type, \
+            a.s3_key AS key FROM artifacts a JOIN tasks t ON t.id = a.task_id \
+            JOIN projects p ON p.id = t.project_id \
+            WHERE p.source = $1 AND p.pruned_at IS NULL AND t.pruned_at IS NULL \
+            ORDER BY a.task_id, a.created_at, a.name",
+        record_event = "INSERT INTO events (event_type, source_agent, payload) \
+            VALUES ($1, 'controller', {json:2})",
+        result_task = "SELECT p.name AS project, t.name, CAST(t.attempt AS bigint) AS attempt, \
+            {text:t.output} AS output, t.dispatch_revision \
+            FROM tasks t JOIN projects p ON p.id = t.project_id \
+            WHERE t.id = {id:1} AND t.run_lease = $2 AND t.lease_owner = $3 AND t.status = 'in_progress'",
+        in_review = "SELECT {text:t.id} AS id, p.name AS project, \
+            COALESCE(t.name, '') AS name, t.title, CAST(t.attempt AS bigint) AS attempt, \
+            t.assigned_to AS agent, {text:t.result} AS result \
+            FROM tasks t JOIN projects p ON p.id = t.project_id \
+            WHERE t.status = 'review' ORDER BY p.name, t.name, t.id",
+        set_result = "UPDATE tasks SET result = {json:2} WHERE id = {id:1} AND status = 'review'",
+        review_row = "SELECT {text:t.id} AS id, p.name AS project, COALESCE(t.name, '') AS name, \
+            CAST(t.attempt AS bigint) AS attempt, CAST(t.retries AS bigint) AS retries, \
+            CAST(t.run_lease AS bigint) AS run_lease, t.assigned_to AS agent, {text:t.result} AS result \
+            FROM tasks t JOIN projects p ON p.id = t.project_id \
+            WHERE t.id = {id:1} AND t.status = 'review' {lock}",
+        merged = "UPDATE tasks SET status = 'completed', completed_at = {now}, status_message = NULL \
+            WHERE id = {id:1} AND status = 'review'",
+        /// $2 retry?, $3/$6 the backoff base/cap (ms), $4 the error, $5 the review's comments (NULL
+        /// if none).
+        closed = "UPDATE tasks SET \
+            status = CASE WHEN $2 THEN 'pending' ELSE 'failed' END, \
+            attempt = CASE WHEN $2 THEN attempt + 1 ELSE attempt END, \
+            not_before = CASE WHEN $2 THEN {backoff:attempt,3,6} ELSE not_before END, \
+            completed_at = CASE WHEN $2 THEN completed_at ELSE {now} END, \
+            assigned_to = CASE WHEN $2 THEN assignee ELSE assigned_to END, \
+            error = $4, status_message = $4, review_comments = $5 \
+            WHERE id = {id:1} AND status = 'review'",
+        update = "INSERT INTO task_updates (task_id, agent_name, update_type, message) \
+            VALUES ({id:1}, $2, $3, $4)",
+        event = "INSERT INTO events (event_type, source_agent, payload) \
+            VALUES ($1, $2, {json:3})",
     }
 }
-
-const STATUS_REVISION: &str = "SELECT revision FROM sync_sources WHERE name = $1";
-
-const STATUS_PROJECTS: &str = "SELECT name, status, status_message FROM projects \
-    WHERE source = $1 AND pruned_at IS NULL AND name IS NOT NULL ORDER BY name";
-
-const STATUS_TASKS: &str = "SELECT {text:t.id} AS id, p.name AS project, t.name, t.title, \
-    t.status, COALESCE(t.lease_owner, t.assigned_to) AS agent, CAST(t.attempt AS bigint) AS attempt, \
-    {ts:t.started_at} AS started_at, {ts:t.completed_at} AS completed_at, \
-    t.status_message, t.error, {text:t.result} AS result \
-    FROM tasks t JOIN projects p ON p.id = t.project_id \
-    WHERE p.source = $1 AND p.pruned_at IS NULL AND t.pruned_at IS NULL AND t.name IS NOT NULL \
-    ORDER BY p.name, t.name";
-
-const STATUS_ARTIFACTS: &str = "SELECT {text:a.task_id} AS task_id, a.name, a.artifact_type, \
-    a.s3_key AS key FROM artifacts a JOIN tasks t ON t.id = a.task_id \
-    JOIN projects p ON p.id = t.project_id \
-    WHERE p.source = $1 AND p.pruned_at IS NULL AND t.pruned_at IS NULL \
-    ORDER BY a.task_id, a.created_at, a.name";
-
-const RECORD_EVENT: &str = "INSERT INTO events (event_type, source_agent, payload) \
-    VALUES ($1, 'controller', {json2})";
-
-const RESULT_TASK: &str = "SELECT p.name AS project, t.name, CAST(t.attempt AS bigint) AS attempt, \
-    {text:t.output} AS output, t.dispatch_revision \
-    FROM tasks t JOIN projects p ON p.id = t.project_id \
-    WHERE t.id = {id1} AND t.run_lease = $2 AND t.lease_owner = $3 AND t.status = 'in_progress'";
-
-const IN_REVIEW: &str = "SELECT {text:t.id} AS id, p.name AS project, \
-    COALESCE(t.name, '') AS name, t.title, CAST(t.attempt AS bigint) AS attempt, \
-    t.assigned_to AS agent, {text:t.result} AS result \
-    FROM tasks t JOIN projects p ON p.id = t.project_id \
-    WHERE t.status = 'review' ORDER BY p.name, t.name, t.id";
-
-const SET_RESULT: &str = "UPDATE tasks SET result = {json2} WHERE id = {id1} AND status = 'review'";
-
-const REVIEW_ROW: &str = "SELECT {text:t.id} AS id, p.name AS project, COALESCE(t.name, '') AS name, \
-    CAST(t.attempt AS bigint) AS attempt, CAST(t.retries AS bigint) AS retries, \
-    CAST(t.run_lease AS bigint) AS run_lease, t.assigned_to AS agent, {text:t.result} AS result \
-    FROM tasks t JOIN projects p ON p.id = t.project_id \
-    WHERE t.id = {id1} AND t.status = 'review' {lock}";
-
-const MERGED: &str = "UPDATE tasks SET status = 'completed', completed_at = {now}, status_message = NULL \
-    WHERE id = {id1} AND status = 'review'";
-
-/// $2 retry?, $3 the backoff (ms), $4 the error, $5 the review's comments (NULL if none).
-const CLOSED: &str = "UPDATE tasks SET \
-    status = CASE WHEN $2 THEN 'pending' ELSE 'failed' END, \
-    attempt = CASE WHEN $2 THEN attempt + 1 ELSE attempt END, \
-    not_before = CASE WHEN $2 THEN {after3} ELSE not_before END, \
-    completed_at = CASE WHEN $2 THEN completed_at ELSE {now} END, \
-    assigned_to = CASE WHEN $2 THEN assignee ELSE assigned_to END, \
-    error = $4, status_message = $4, review_comments = $5 \
-    WHERE id = {id1} AND status = 'review'";
-
-const UPDATE: &str = "INSERT INTO task_updates (task_id, agent_name, update_type, message) \
-    VALUES ({id1}, $2, $3, $4)";
-
-const EVENT: &str = "INSERT INTO events (event_type, source_agent, payload) \
-    VALUES ($1, $2, {json3})";
-
-/// Every statement, spelled for one backend.
-struct Statements {
-    status_revision: String,
-    status_projects: String,
-    status_tasks: String,
-    status_artifacts: String,
-    record_event: String,
-    result_task: String,
-    in_review: String,
-    set_result: String,
-    review_row: String,
-    merged: String,
-    closed: String,
-    update: String,
-    event: String,
-}
-
-impl Statements {
-    fn new(pg: bool) -> Statements {
-        Statements {
-            status_revision: spell(pg, STATUS_REVISION),
-            status_projects: spell(pg, STATUS_PROJECTS),
-            status_tasks: spell(pg, STATUS_TASKS),
-            status_artifacts: spell(pg, STATUS_ARTIFACTS),
-            record_event: spell(pg, RECORD_EVENT),
-            result_task: spell(pg, RESULT_TASK),
-            in_review: spell(pg, IN_REVIEW),
-            set_result: spell(pg, SET_RESULT),
-            review_row: spell(pg, REVIEW_ROW),
-            merged: spell(pg, MERGED),
-            closed: spell(pg, CLOSED),
-            update: spell(pg, UPDATE),
-            event: spell(pg, EVENT),
-        }
-    }
-}
-
-static PG: std::sync::LazyLock<Statements> = std::sync::LazyLock::new(|| Statements::new(true));
-static LITE: std::sync::LazyLock<Statements> = std::sync::LazyLock::new(|| Statements::new(false));
 
 #[derive(sqlx::FromRow)]
 struct ResultTaskRow {
@@ -427,286 +317,210 @@ fn rejection_message(comments: &str) -> String {
     }
 }
 
-/// One implementation for both backends: the pool type, its transaction opener and its
-/// statements differ, the code does not.
-macro_rules! writeback_impl {
-    ($store:ty, $sql:expr, $begin:literal) => {
-        impl Writeback for $store {
-            async fn status_snapshot(&self, source: &str) -> Result<StatusSnapshot, StoreError> {
-                let sql = &*$sql;
-                let revision: Option<Option<String>> =
-                    sqlx::query_scalar(sql.status_revision.as_str())
-                        .bind(source)
-                        .fetch_optional(self.pool())
-                        .await
-                        .map_err(query_error("reading the synced revision"))?;
-                let projects = sqlx::query_as(sql.status_projects.as_str())
-                    .bind(source)
-                    .fetch_all(self.pool())
-                    .await
-                    .map_err(query_error("reading projects for status"))?;
-                let tasks = sqlx::query_as(sql.status_tasks.as_str())
-                    .bind(source)
-                    .fetch_all(self.pool())
-                    .await
-                    .map_err(query_error("reading tasks for status"))?;
-                let artifacts = sqlx::query_as(sql.status_artifacts.as_str())
-                    .bind(source)
-                    .fetch_all(self.pool())
-                    .await
-                    .map_err(query_error("reading artifacts for status"))?;
-                Ok(StatusSnapshot {
-                    revision: revision.flatten(),
-                    projects,
-                    tasks,
-                    artifacts,
-                })
-            }
+impl<B: Backend> Writeback for Db<B> {
+    async fn status_snapshot(&self, source: &str) -> Result<StatusSnapshot, StoreError> {
+        let sql = &self.sql.writeback;
+        let revision: Option<(Option<String>,)> = self
+            .row(
+                &sql.status_revision,
+                args![source],
+                "reading the synced revision",
+            )
+            .await?;
+        Ok(StatusSnapshot {
+            revision: revision.and_then(|(r,)| r),
+            projects: (self.rows(
+                &sql.status_projects,
+                args![source],
+                "reading projects for status",
+            ))
+            .await?,
+            tasks: (self.rows(&sql.status_tasks, args![source], "reading tasks for status"))
+                .await?,
+            artifacts: (self.rows(
+                &sql.status_artifacts,
+                args![source],
+                "reading artifacts for status",
+            ))
+            .await?,
+        })
+    }
 
-            async fn record_event(
-                &self,
-                event_type: &str,
-                payload: &Value,
-            ) -> Result<(), StoreError> {
-                sqlx::query($sql.record_event.as_str())
-                    .bind(event_type)
-                    .bind(json_text(payload))
-                    .execute(self.pool())
-                    .await
-                    .map_err(query_error("recording an event"))?;
-                Ok(())
-            }
+    async fn record_event(&self, event_type: &str, payload: &Value) -> Result<(), StoreError> {
+        let payload = json_text(payload);
+        let args = args![event_type, &payload];
+        self.run(&self.sql.writeback.record_event, args, "recording an event")
+            .await?;
+        Ok(())
+    }
 
-            async fn result_task(
-                &self,
-                id: uuid::Uuid,
-                run_lease: i64,
-                agent: &str,
-            ) -> Result<Option<ResultTask>, StoreError> {
-                let row: Option<ResultTaskRow> = sqlx::query_as($sql.result_task.as_str())
-                    .bind(id.hyphenated().to_string())
-                    .bind(run_lease)
-                    .bind(agent)
-                    .fetch_optional(self.pool())
-                    .await
-                    .map_err(query_error("reading the task of a result"))?;
-                Ok(row.map(|r| ResultTask {
-                    project: r.project,
-                    name: r.name.unwrap_or_default(),
-                    attempt: r.attempt,
-                    output: parse_json(r.output.as_deref()),
-                    dispatch_revision: r.dispatch_revision,
-                }))
-            }
+    async fn result_task(
+        &self,
+        id: uuid::Uuid,
+        run_lease: i64,
+        agent: &str,
+    ) -> Result<Option<ResultTask>, StoreError> {
+        let id = id.hyphenated().to_string();
+        let args = args![&id, run_lease, agent];
+        let row: Option<ResultTaskRow> = self
+            .row(
+                &self.sql.writeback.result_task,
+                args,
+                "reading the task of a result",
+            )
+            .await?;
+        Ok(row.map(|r| ResultTask {
+            project: r.project,
+            name: r.name.unwrap_or_default(),
+            attempt: r.attempt,
+            output: parse_json(r.output.as_deref()),
+            dispatch_revision: r.dispatch_revision,
+        }))
+    }
 
-            async fn tasks_in_review(&self) -> Result<Vec<ReviewTask>, StoreError> {
-                let rows: Vec<InReviewRow> = sqlx::query_as($sql.in_review.as_str())
-                    .fetch_all(self.pool())
-                    .await
-                    .map_err(query_error("listing tasks in review"))?;
-                rows.into_iter().map(review_task).collect()
-            }
+    async fn tasks_in_review(&self) -> Result<Vec<ReviewTask>, StoreError> {
+        let rows: Vec<InReviewRow> = self
+            .rows(
+                &self.sql.writeback.in_review,
+                args![],
+                "listing tasks in review",
+            )
+            .await?;
+        rows.into_iter().map(review_task).collect()
+    }
 
-            async fn set_pull_request(
-                &self,
-                id: uuid::Uuid,
-                pull_request: &Value,
-            ) -> Result<bool, StoreError> {
-                let sql = &*$sql;
-                let id_text = id.hyphenated().to_string();
-                let mut tx = self
-                    .pool()
-                    .begin_with($begin)
-                    .await
-                    .map_err(query_error("starting a transaction"))?;
-                let row: Option<ReviewRow> = sqlx::query_as(sql.review_row.as_str())
-                    .bind(&id_text)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(query_error("reading a task in review"))?;
-                let Some(row) = row else {
-                    return Ok(false);
-                };
-                let mut result = parse_json(row.result.as_deref());
-                if !result.is_object() {
-                    result = json!({});
-                }
-                let output = result
-                    .as_object_mut()
-                    .expect("an object")
-                    .entry("output")
-                    .or_insert_with(|| json!({}));
-                if !output.is_object() {
-                    *output = json!({});
-                }
-                output["pull_request"] = pull_request.clone();
-                sqlx::query(sql.set_result.as_str())
-                    .bind(&id_text)
-                    .bind(json_text(&result))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_error("recording a pull request"))?;
-                let mut payload = row.payload();
-                payload["pull_request"] = pull_request.clone();
-                sqlx::query(sql.event.as_str())
-                    .bind("task.pull_request")
-                    .bind("controller")
-                    .bind(json_text(&payload))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_error("recording an event"))?;
-                tx.commit()
-                    .await
-                    .map_err(query_error("committing a pull request"))?;
-                Ok(true)
-            }
-
-            async fn review_merged(&self, id: uuid::Uuid, how: &str) -> Result<bool, StoreError> {
-                let sql = &*$sql;
-                let id_text = id.hyphenated().to_string();
-                let mut tx = self
-                    .pool()
-                    .begin_with($begin)
-                    .await
-                    .map_err(query_error("starting a transaction"))?;
-                let row: Option<ReviewRow> = sqlx::query_as(sql.review_row.as_str())
-                    .bind(&id_text)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(query_error("reading a task in review"))?;
-                let Some(row) = row else {
-                    return Ok(false);
-                };
-                sqlx::query(sql.merged.as_str())
-                    .bind(&id_text)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_error("completing a merged task"))?;
-                let agent = row.agent.clone().unwrap_or_else(|| "controller".to_owned());
-                sqlx::query(sql.update.as_str())
-                    .bind(&id_text)
-                    .bind(&agent)
-                    .bind("completion")
-                    .bind(format!("output merged: {how}"))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_error("recording a task update"))?;
-                let mut payload = row.payload();
-                payload["merged"] = json!(how);
-                payload["output"] = row.output();
-                sqlx::query(sql.event.as_str())
-                    .bind("task.completed")
-                    .bind("controller")
-                    .bind(json_text(&payload))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_error("recording an event"))?;
-                tx.commit()
-                    .await
-                    .map_err(query_error("committing a merge"))?;
-                Ok(true)
-            }
-
-            async fn review_closed(
-                &self,
-                id: uuid::Uuid,
-                comments: &str,
-                policy: &LeasePolicy,
-            ) -> Result<Option<Rejected>, StoreError> {
-                let sql = &*$sql;
-                let id_text = id.hyphenated().to_string();
-                let mut tx = self
-                    .pool()
-                    .begin_with($begin)
-                    .await
-                    .map_err(query_error("starting a transaction"))?;
-                let row: Option<ReviewRow> = sqlx::query_as(sql.review_row.as_str())
-                    .bind(&id_text)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(query_error("reading a task in review"))?;
-                let Some(row) = row else {
-                    return Ok(None);
-                };
-                let retry = row.attempt < row.retries;
-                let backoff = policy.backoff(i32::try_from(row.attempt).unwrap_or(i32::MAX));
-                let error = if retry {
-                    "output rejected in review; retrying"
-                } else {
-                    "output rejected in review; retries spent"
-                };
-                sqlx::query(sql.closed.as_str())
-                    .bind(&id_text)
-                    .bind(retry)
-                    .bind(millis(backoff))
-                    .bind(error)
-                    .bind(Some(comments.trim()).filter(|c| !c.is_empty()))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_error("ending a rejected review"))?;
-                let agent = row.agent.clone().unwrap_or_else(|| "controller".to_owned());
-                sqlx::query(sql.update.as_str())
-                    .bind(&id_text)
-                    .bind(&agent)
-                    .bind("info")
-                    .bind(rejection_message(comments))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_error("recording the review comments"))?;
-                let mut payload = row.payload();
-                payload["output"] = row.output();
-                payload["comments"] = json!(comments);
-                let kind = if retry {
-                    "task.rejected"
-                } else {
-                    "task.failed"
-                };
-                if !retry {
-                    payload["error"] = json!(error);
-                }
-                sqlx::query(sql.event.as_str())
-                    .bind(kind)
-                    .bind("controller")
-                    .bind(json_text(&payload))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_error("recording an event"))?;
-                tx.commit()
-                    .await
-                    .map_err(query_error("committing a rejection"))?;
-                Ok(Some(if retry {
-                    Rejected::Retry
-                } else {
-                    Rejected::Failed
-                }))
-            }
+    async fn set_pull_request(
+        &self,
+        id: uuid::Uuid,
+        pull_request: &Value,
+    ) -> Result<bool, StoreError> {
+        let sql = &self.sql.writeback;
+        let id_text = id.hyphenated().to_string();
+        let mut tx = self.begin().await?;
+        let Some(row) = review_row::<B>(&mut tx, sql, &id_text).await? else {
+            return Ok(false);
+        };
+        let mut result = parse_json(row.result.as_deref());
+        if !result.is_object() {
+            result = json!({});
         }
-    };
+        if !result["output"].is_object() {
+            result["output"] = json!({});
+        }
+        result["output"]["pull_request"] = pull_request.clone();
+        let result = json_text(&result);
+        let doing = "recording a pull request";
+        run_on::<B>(&mut tx, &sql.set_result, args![&id_text, &result], doing).await?;
+        let mut payload = row.payload();
+        payload["pull_request"] = pull_request.clone();
+        event::<B>(&mut tx, sql, "task.pull_request", &payload).await?;
+        commit(tx, "committing a pull request").await?;
+        Ok(true)
+    }
+
+    async fn review_merged(&self, id: uuid::Uuid, how: &str) -> Result<bool, StoreError> {
+        let sql = &self.sql.writeback;
+        let id_text = id.hyphenated().to_string();
+        let mut tx = self.begin().await?;
+        let Some(row) = review_row::<B>(&mut tx, sql, &id_text).await? else {
+            return Ok(false);
+        };
+        let doing = "completing a merged task";
+        run_on::<B>(&mut tx, &sql.merged, args![&id_text], doing).await?;
+        let message = format!("output merged: {how}");
+        update::<B>(&mut tx, sql, &row, "completion", &message).await?;
+        let mut payload = row.payload();
+        payload["merged"] = json!(how);
+        payload["output"] = row.output();
+        event::<B>(&mut tx, sql, "task.completed", &payload).await?;
+        commit(tx, "committing a merge").await?;
+        Ok(true)
+    }
+
+    async fn review_closed(
+        &self,
+        id: uuid::Uuid,
+        comments: &str,
+        policy: &LeasePolicy,
+    ) -> Result<Option<Rejected>, StoreError> {
+        let sql = &self.sql.writeback;
+        let id_text = id.hyphenated().to_string();
+        let mut tx = self.begin().await?;
+        let Some(row) = review_row::<B>(&mut tx, sql, &id_text).await? else {
+            return Ok(None);
+        };
+        let retry = row.attempt < row.retries;
+        let error = if retry {
+            "output rejected in review; retrying"
+        } else {
+            "output rejected in review; retries spent"
+        };
+        let comments_kept = Some(comments.trim()).filter(|c| !c.is_empty());
+        let (base, max) = (millis(policy.backoff_base), millis(policy.backoff_max));
+        let args = args![&id_text, retry, base, error, comments_kept, max];
+        run_on::<B>(&mut tx, &sql.closed, args, "ending a rejected review").await?;
+        update::<B>(&mut tx, sql, &row, "info", &rejection_message(comments)).await?;
+        let mut payload = row.payload();
+        payload["output"] = row.output();
+        payload["comments"] = json!(comments);
+        if !retry {
+            payload["error"] = json!(error);
+        }
+        let kind = if retry {
+            "task.rejected"
+        } else {
+            "task.failed"
+        };
+        event::<B>(&mut tx, sql, kind, &payload).await?;
+        commit(tx, "committing a rejection").await?;
+        Ok(Some(if retry {
+            Rejected::Retry
+        } else {
+            Rejected::Failed
+        }))
+    }
 }
 
-writeback_impl!(PgStore, PG, "BEGIN");
-writeback_impl!(SqliteStore, LITE, "BEGIN IMMEDIATE");
+/// The task `id` if it is in review, locked where rows can be.
+async fn review_row<B: Backend>(
+    conn: &mut B::Connection,
+    sql: &'static Statements,
+    id: &str,
+) -> Result<Option<ReviewRow>, StoreError> {
+    let doing = "reading a task in review";
+    let rows: Vec<ReviewRow> = rows_on::<B, _>(conn, &sql.review_row, args![id], doing).await?;
+    Ok(rows.into_iter().next())
+}
+
+/// A task update for `row`, in the name of the agent that holds it (or the controller).
+async fn update<B: Backend>(
+    conn: &mut B::Connection,
+    sql: &'static Statements,
+    row: &ReviewRow,
+    kind: &str,
+    message: &str,
+) -> Result<(), StoreError> {
+    let agent = row.agent.as_deref().unwrap_or("controller");
+    let args = args![row.id.as_str(), agent, kind, message];
+    run_on::<B>(conn, &sql.update, args, "recording a task update").await?;
+    Ok(())
+}
+
+async fn event<B: Backend>(
+    conn: &mut B::Connection,
+    sql: &'static Statements,
+    kind: &str,
+    payload: &Value,
+) -> Result<(), StoreError> {
+    let payload = json_text(payload);
+    let args = args![kind, "controller", &payload];
+    run_on::<B>(conn, &sql.event, args, "recording an event").await?;
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spells_tokens_per_backend() {
-        assert_eq!(
-            spell(true, "WHERE id = {id1} AND x = $2 AND t < {now}"),
-            "WHERE id = CAST(CAST($1 AS text) AS uuid) AND x = $2 AND t < now()"
-        );
-        assert_eq!(
-            spell(false, "WHERE id = {id1} AND x = $2 AND t < {now}"),
-            "WHERE id = ?1 AND x = ?2 AND t < strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-        );
-        assert_eq!(spell(false, "SELECT {text:t.id} {lock}"), "SELECT t.id ");
-        assert_eq!(
-            spell(true, "SELECT {text:t.id} {lock}"),
-            "SELECT CAST(t.id AS text) FOR UPDATE"
-        );
-    }
 
     #[test]
     fn rejection_message_says_when_there_are_no_comments() {
