@@ -656,7 +656,10 @@ async fn review_loop_follows_pull_requests<S: TestStore + Queue + Writeback + Cl
             && comments.contains("Too long; keep it under 300 words."),
         "{comments:?}"
     );
-    let sent = serde_json::to_value(&retried[0]).unwrap();
+    let sent = serde_json::to_value(agentops_agents::protocol::Assignment::from(
+        retried[0].clone(),
+    ))
+    .unwrap();
     assert_eq!(sent["review_comments"], json!(comments));
 }
 
