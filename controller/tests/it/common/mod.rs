@@ -4,8 +4,6 @@
 //! binaries as child processes that die with the test ([`procs`]). Here: the macros that run a
 //! scenario on both backends, and a syncer wired to a repository and a database.
 
-#![allow(dead_code, unused_imports)]
-
 pub mod db;
 pub mod git;
 pub mod procs;

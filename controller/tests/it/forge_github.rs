@@ -3,7 +3,7 @@
 //! from a script. Covers opening and reusing pull requests, merged and closed-with-comments
 //! pull requests, 422, rate limits (403 and 429), 401, and the review loop on a real store.
 
-mod common;
+use crate::common;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,7 @@
 //! pushes, agent output committed on result branches (or the main branch), output paths that
 //! must be refused, and reviews followed to merged or closed without a forge.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -218,7 +218,6 @@ pub fn agent_run_bin() -> PathBuf {
 /// `agentops up` on a repository and a database, on a fixed loopback port so that it can be
 /// killed and restarted where its agents expect it.
 pub struct Controller {
-    pub addr: std::net::SocketAddr,
     /// `http://127.0.0.1:PORT`
     pub url: String,
     args: Vec<std::ffi::OsString>,
@@ -252,7 +251,6 @@ impl Controller {
             "--no-agents".into(),
         ];
         let mut controller = Controller {
-            addr,
             url: format!("http://{addr}"),
             args,
             data_dir,
@@ -304,7 +302,6 @@ impl Controller {
 
     /// Waits until the API answers at all: it serves agents from then on, while the first
     /// sync may still be running (`/readyz` 503). Restarts and failures as in [`Self::wait_ready`].
-    #[allow(dead_code)] // each test binary uses its own part of the fixtures
     pub async fn wait_serving(&mut self, timeout: std::time::Duration) {
         self.wait_for_readyz(timeout, |_| true).await;
     }

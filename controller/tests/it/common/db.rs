@@ -237,14 +237,6 @@ impl TestDb {
             .unwrap_or_else(|| panic!("no task `{project}/{name}` in {rows:#?}"))
     }
 
-    pub async fn task_names(&self) -> Vec<String> {
-        self.tasks()
-            .await
-            .into_iter()
-            .map(|t| format!("{}/{}", t.project, t.name))
-            .collect()
-    }
-
     /// Agents declared in Git (the seeded `cos` and `seed` rows have no source).
     pub async fn agents(&self) -> Vec<AgentRow> {
         self.rows(
@@ -458,7 +450,6 @@ pub struct DbSnapshot {
 }
 
 /// One agent's claim or reports, as the batch operations of [`Queue`] take them.
-#[allow(dead_code)] // each test binary uses its own part of the fixtures
 pub trait QueueExt: agentops::store::queue::Queue {
     async fn claim_for(
         &self,
