@@ -17,14 +17,4 @@ pub mod store;
 pub mod telemetry;
 pub mod writeback;
 
-/// An error and its causes on one line, for logs.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use agentops_agents::{error_chain, redact};

@@ -531,7 +531,9 @@ pub enum OutputMode {
     None,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// The role an agent has: a task assigned to a role may go to any agent of it. The same names
+/// in an Agent spec, in the agent protocol's registration and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AgentType {
     Cos,
@@ -541,6 +543,13 @@ pub enum AgentType {
 }
 
 impl AgentType {
+    pub const ALL: [AgentType; 4] = [
+        AgentType::Cos,
+        AgentType::Seed,
+        AgentType::Specialist,
+        AgentType::Meta,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             AgentType::Cos => "cos",
@@ -548,6 +557,27 @@ impl AgentType {
             AgentType::Specialist => "specialist",
             AgentType::Meta => "meta",
         }
+    }
+}
+
+impl fmt::Display for AgentType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown agent type `{0}`: expected cos, seed, specialist or meta")]
+pub struct UnknownAgentType(pub String);
+
+impl std::str::FromStr for AgentType {
+    type Err = UnknownAgentType;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AgentType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownAgentType(s.to_owned()))
     }
 }
 

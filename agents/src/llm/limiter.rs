@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 /// How many calls a window allows.
@@ -75,15 +75,6 @@ impl RateLimiter for MemoryRateLimiter {
     }
 }
 
-/// Count one more in the window and start the window's clock with its first count; the
-/// `PTTL` check mends a key left without a TTL. The same script as the controller's presence.
-const ACQUIRE: &str = "\
-    local n = redis.call('INCR', KEYS[1]) \
-    if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then \
-        redis.call('PEXPIRE', KEYS[1], ARGV[1]) \
-    end \
-    return n";
-
 /// Windows in Redis, shared by every process that uses the same server.
 pub struct RedisRateLimiter {
     url: String,
@@ -95,28 +86,16 @@ pub struct RedisRateLimiter {
 impl RedisRateLimiter {
     /// Checks the URL; connects on first use, and again after Redis comes back.
     pub fn connect(url: &str, timeout: Duration) -> Result<RedisRateLimiter, RateLimitError> {
-        let shown = redact(url);
-        let client = redis::Client::open(url).map_err(|source| RateLimitError::Url {
-            url: shown.clone(),
-            source,
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let manager =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
-                RateLimitError::Url {
-                    url: shown.clone(),
-                    source,
-                }
+        let crate::redis_client::Redis { shown, manager } =
+            crate::redis_client::connect(url, timeout).map_err(|e| RateLimitError::Url {
+                url: e.url,
+                source: e.source,
             })?;
         Ok(RedisRateLimiter {
             url: shown,
             manager,
             timeout,
-            script: redis::Script::new(ACQUIRE),
+            script: redis::Script::new(crate::redis_client::WINDOW_ACQUIRE),
         })
     }
 }
@@ -150,22 +129,6 @@ impl RateLimiter for RedisRateLimiter {
     }
 }
 
-/// A URL without its password, for messages.
-fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let user = rest[..at].split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme_end], &rest[at..])
-        }
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,14 +147,5 @@ mod tests {
         assert!(limiter.try_acquire("b", limit).await.unwrap());
         tokio::time::advance(Duration::from_millis(1001)).await;
         assert!(limiter.try_acquire("a", limit).await.unwrap());
-    }
-
-    #[test]
-    fn passwords_are_not_shown() {
-        assert_eq!(
-            redact("redis://user:pw@host:6379/0"),
-            "redis://user:***@host:6379/0"
-        );
-        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
     }
 }

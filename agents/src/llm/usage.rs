@@ -6,34 +6,10 @@
 use std::sync::Mutex;
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 
 use crate::runtime::TaskContext;
 
-/// One call to one model: a `model_usage` row. Latency, success and error go to the row's
-/// `metadata`, which the original schema keeps for such extras.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UsageRecord {
-    /// Who called; the controller's endpoint takes it from the token instead.
-    #[serde(default)]
-    pub agent: String,
-    pub model: String,
-    pub provider: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub task_id: Option<String>,
-    #[serde(default)]
-    pub prompt_tokens: Option<u32>,
-    #[serde(default)]
-    pub completion_tokens: Option<u32>,
-    #[serde(default)]
-    pub total_tokens: Option<u32>,
-    #[serde(default)]
-    pub estimated_cost_usd: Option<f64>,
-    pub latency_ms: u64,
-    pub success: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
+pub use crate::protocol::UsageRecord;
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot record model usage")]

@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::protocol::{RegisterRequest, RegisterResponse};
+use crate::protocol::{ErrorBody, RegisterRequest, RegisterResponse};
 
 /// Every call but the long-poll claim: a controller that takes longer is treated as unreachable.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -218,11 +218,7 @@ impl Client {
 
 /// The `error` of a `{"error": …}` answer, else the start of whatever the body was.
 fn error_message(body: &str) -> String {
-    #[derive(serde::Deserialize)]
-    struct Refusal {
-        error: String,
-    }
-    match serde_json::from_str::<Refusal>(body) {
+    match serde_json::from_str::<ErrorBody>(body) {
         Ok(refusal) => refusal.error,
         Err(_) => body.trim().chars().take(300).collect(),
     }

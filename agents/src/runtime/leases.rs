@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::protocol::{LeaseRef, LeaseState};
+use crate::protocol::{LeaseRef, LeaseState};
 
 #[derive(Default)]
 pub(crate) struct Leases(Mutex<HashMap<String, Held>>);

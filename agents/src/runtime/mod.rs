@@ -25,7 +25,6 @@
 mod client;
 mod leases;
 mod nudges;
-mod protocol;
 mod reports;
 
 use std::future::Future;
@@ -39,20 +38,22 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use client::Error;
-pub use protocol::{
+pub use crate::protocol::{
     AgentType, Artifact, Assignment, BusNames, DEFAULT_BUS_PREFIX, InvalidBusPrefix, OutputFile,
     UnknownAgentType,
 };
+pub use client::Error;
 
 use crate::error_chain;
+use crate::protocol::{
+    ClaimRequest, ClaimResponse, Completion, FailRequest, HeartbeatRequest, HeartbeatResponse,
+    ProgressRequest, QuestionRequest, RegisterRequest,
+};
 use crate::shutdown::Stop;
 use client::{CALL_TIMEOUT, Client};
 use leases::{Leases, Verdict};
 use nudges::Nudges;
-use protocol::{ClaimRequest, ClaimResponse, Completion, HeartbeatRequest, HeartbeatResponse};
-use protocol::{RegisterRequest, Report};
-use reports::{Backoff, Pending};
+use reports::{Backoff, Pending, Report};
 
 /// How long a claim in flight when claiming stops may still be answered.
 const CLAIM_ANSWER_AT_STOP: Duration = Duration::from_secs(2);
@@ -198,7 +199,7 @@ impl TaskContext {
     /// Records a progress update on the task. Sent once, not retried: a lost update is
     /// cheaper than a handler stalled behind an unreachable controller.
     pub async fn progress(&self, message: impl Into<String>) -> Result<(), Error> {
-        let body = Report::Progress {
+        let body = ProgressRequest {
             run_lease: self.run_lease,
             message: message.into(),
         };
@@ -270,9 +271,9 @@ impl<H: Handler> Agent<H> {
             &self.config.api,
             RegisterRequest {
                 name: self.config.name.clone(),
-                kind: self.config.agent_type,
+                agent_type: self.config.agent_type,
                 capabilities: self.config.capabilities.clone(),
-                concurrency,
+                concurrency: u32::try_from(concurrency).unwrap_or(u32::MAX),
             },
         )?
         .with_enrollment_secret(self.config.secret.clone());
@@ -372,7 +373,7 @@ impl<H: Handler> Agent<H> {
             }
 
             let claim = ClaimRequest {
-                max: free.len(),
+                max: u32::try_from(free.len()).unwrap_or(u32::MAX),
                 wait_ms,
             };
             let sent_at = Instant::now();
@@ -519,18 +520,18 @@ async fn run_task<H: Handler>(
             }
             Some(Outcome::Fail { error, retryable }) => {
                 tracing::info!(%error, retryable, "failed");
-                let report = Report::Fail {
+                let report = Report::Fail(FailRequest {
                     run_lease,
                     error,
                     retryable,
-                };
+                });
                 shared.deliver(&id, run_lease, report).await
             }
             Some(Outcome::Question { text }) => {
-                let report = Report::Question {
+                let report = Report::Question(QuestionRequest {
                     run_lease,
                     question: text,
-                };
+                });
                 shared.deliver(&id, run_lease, report).await
             }
             // Still held: cancelled by our own shutdown, so hand it back.
@@ -556,9 +557,10 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     loop {
         let session = shared.client.session();
-        let tasks = shared.leases.snapshot();
+        let request = HeartbeatRequest {
+            tasks: shared.leases.snapshot(),
+        };
         let sent_at = Instant::now();
-        let request = HeartbeatRequest { tasks: &tasks };
         let call =
             shared
                 .client
@@ -566,9 +568,10 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         match stop.run_until_cancelled(call).await {
             None => return,
             Some(Ok(answer)) => {
-                let verdicts = shared
-                    .leases
-                    .apply(&tasks, &answer.tasks, sent_at, session.lease);
+                let verdicts =
+                    shared
+                        .leases
+                        .apply(&request.tasks, &answer.tasks, sent_at, session.lease);
                 for (task, verdict) in verdicts {
                     match verdict {
                         Verdict::Renewed => {}

@@ -21,9 +21,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::client::Error;
-use super::protocol::BusNames;
 use super::reports::Backoff;
 use crate::error_chain;
+use crate::protocol::BusNames;
 
 /// Fires when an announcement for one of our pools arrives; never, without NATS.
 pub(crate) struct Nudges {

@@ -16,13 +16,33 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::client::{CALL_TIMEOUT, Error};
-use super::protocol::{CompleteRequest, CompleteResponse, Completion, Report};
 use crate::error_chain;
+use crate::protocol::{
+    CompleteManyRequest, CompleteManyResponse, Completion, FailRequest, QuestionRequest,
+    ReleaseRequest,
+};
 
 /// A completion waits this long for others to share its request...
 const BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// ...unless this many are already waiting.
 const BATCH_MAX: usize = 64;
+
+/// A report about one task, sent to `/api/v1/tasks/{id}/{verb}`.
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+pub(crate) enum Report {
+    Fail(FailRequest),
+    Question(QuestionRequest),
+}
+
+impl Report {
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Report::Fail(_) => "fail",
+            Report::Question(_) => "question",
+        }
+    }
+}
 
 /// A completion, and who to tell once it is settled (by dropping the sender).
 pub(crate) type Pending = (Completion, oneshot::Sender<()>);
@@ -71,7 +91,7 @@ impl Shared {
     /// expires, only later and as a new attempt.
     pub(crate) async fn release(&self, id: &str, run_lease: i64) {
         let path = format!("/api/v1/tasks/{id}/release");
-        let body = Report::Release { run_lease };
+        let body = ReleaseRequest { run_lease };
         match self
             .client
             .post::<_, IgnoredAny>(&path, &body, CALL_TIMEOUT)
@@ -134,12 +154,12 @@ async fn next_batch<T>(
 async fn send_batch(shared: Arc<Shared>, mut batch: Vec<Pending>) {
     let mut backoff = Backoff::reports();
     loop {
-        let request = CompleteRequest {
+        let request = CompleteManyRequest {
             tasks: batch.iter().map(|(c, _)| c).collect(),
         };
         let answer = shared
             .client
-            .post::<_, CompleteResponse>("/api/v1/complete", &request, CALL_TIMEOUT)
+            .post::<_, CompleteManyResponse>("/api/v1/complete", &request, CALL_TIMEOUT)
             .await;
         match answer {
             Ok(answer) => {
@@ -234,6 +254,29 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::ZERO);
         let rest = next_batch(&mut rx, BATCH_WINDOW, BATCH_MAX).await.unwrap();
         assert_eq!(rest, (BATCH_MAX..BATCH_MAX + 6).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn reports_go_to_their_verb_with_their_protocol_bodies() {
+        let fail = Report::Fail(FailRequest {
+            run_lease: 3,
+            error: "boom".into(),
+            retryable: true,
+        });
+        assert_eq!(fail.verb(), "fail");
+        assert_eq!(
+            serde_json::to_value(&fail).unwrap(),
+            serde_json::json!({"run_lease": 3, "error": "boom", "retryable": true})
+        );
+        let question = Report::Question(QuestionRequest {
+            run_lease: 3,
+            question: "Which tone?".into(),
+        });
+        assert_eq!(question.verb(), "question");
+        assert_eq!(
+            serde_json::to_value(&question).unwrap(),
+            serde_json::json!({"run_lease": 3, "question": "Which tone?"})
+        );
     }
 
     #[test]

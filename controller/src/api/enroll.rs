@@ -192,10 +192,9 @@ fn parse_secrets(text: &str) -> Result<HashMap<String, NamedSecret>, String> {
             ));
         }
         for t in &entry.types {
-            if !super::AGENT_TYPES.contains(&t.as_str()) {
+            if t.parse::<agentops_specs::AgentType>().is_err() {
                 return Err(format!(
-                    "{at}.types `{t}`: expected one of {}",
-                    super::AGENT_TYPES.join(", ")
+                    "{at}.types `{t}`: expected one of cos, seed, specialist, meta"
                 ));
             }
         }

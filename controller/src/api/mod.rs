@@ -5,6 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use agentops_agents::protocol::{
+    Ack, ClaimRequest, ClaimResponse, CompleteAnswer, CompleteManyRequest, CompleteManyResponse,
+    CompleteRequest, ErrorBody, FailRequest, FailResponse, HeartbeatRequest, HeartbeatResponse,
+    OutputFile, ProgressRequest, QuestionRequest, RegisterRequest, RegisterResponse,
+    ReleaseRequest, UsageRecord,
+};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
@@ -12,18 +19,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::dispatch::Dispatcher;
 use crate::store::StoreError;
-use crate::store::queue::{AgentIdentity, Artifact, Completion, Lease, Queue, Refusal};
+use crate::store::queue::{AgentIdentity, Completion, Lease, Queue, Refusal};
 use crate::store::usage::{UsageLog, UsageRow};
-use crate::writeback::paths::OutputFile;
 use crate::writeback::{ResultError, Results};
 
 pub mod enroll;
 mod hooks;
+mod wire;
 
 pub use enroll::Enrollment;
 pub use hooks::Hooks;
@@ -244,7 +250,7 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, message),
             ApiError::Unavailable(message) => (StatusCode::SERVICE_UNAVAILABLE, message),
         };
-        (status, Json(serde_json::json!({ "error": message }))).into_response()
+        (status, Json(ErrorBody { error: message })).into_response()
     }
 }
 
@@ -283,55 +289,33 @@ async fn metrics<Q: Queue>(State(state): State<Arc<ApiState<Q>>>) -> Response {
     openmetrics(&state.registry)
 }
 
-#[derive(Deserialize)]
-pub struct RegisterRequest {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub agent_type: String,
-    #[serde(default)]
-    pub capabilities: Vec<String>,
-    #[serde(default = "one")]
-    pub concurrency: u32,
-}
-
-fn one() -> u32 {
-    1
-}
-
-#[derive(Serialize)]
-pub struct RegisterResponse {
-    pub agent: String,
-    pub token: String,
-    /// Seconds, with fractions: `--lease 2500ms` is 2.5, not 2, and `--heartbeat 500ms` is
-    /// 0.5, not 0 (which would have agents heartbeat as fast as they can).
-    pub lease_seconds: f64,
-    pub heartbeat_seconds: f64,
-}
-
-const AGENT_TYPES: [&str; 4] = ["cos", "seed", "specialist", "meta"];
-
 async fn register<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
     Peer(peer): Peer,
     headers: axum::http::HeaderMap,
-    Json(req): Json<RegisterRequest>,
+    body: Result<Json<RegisterRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    // An unknown agent type is the likely mistake here, and the decoder's message names it.
+    let req = match body {
+        Ok(Json(req)) => req,
+        Err(JsonRejection::JsonDataError(e)) => {
+            return Ok(bad_request(format!(
+                "invalid registration: {}",
+                e.body_text()
+            )));
+        }
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
     if let Err(why) = agentops_specs::names::check_dns_label(&req.name) {
         return Ok(bad_request(format!(
             "invalid agent name `{}`: {why}",
             req.name
         )));
     }
-    if !AGENT_TYPES.contains(&req.agent_type.as_str()) {
-        return Ok(bad_request(format!(
-            "invalid agent type `{}`: expected one of {}",
-            req.agent_type,
-            AGENT_TYPES.join(", ")
-        )));
-    }
-    if let Err(refused) = state
-        .enrollment
-        .check(peer, bearer(&headers), &req.name, &req.agent_type)
+    if let Err(refused) =
+        state
+            .enrollment
+            .check(peer, bearer(&headers), &req.name, req.agent_type.as_str())
     {
         use crate::telemetry::InternalEvent;
         crate::telemetry::RegistrationRefused {
@@ -354,7 +338,7 @@ async fn register<Q: Queue>(
     }
     let agent = AgentIdentity {
         name: req.name,
-        agent_type: req.agent_type,
+        agent_type: req.agent_type.as_str().to_owned(),
         capabilities: req.capabilities,
         concurrency: req.concurrency.max(1),
     };
@@ -371,19 +355,7 @@ async fn register<Q: Queue>(
 }
 
 fn bad_request(message: String) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(serde_json::json!({ "error": message })),
-    )
-        .into_response()
-}
-
-#[derive(Deserialize)]
-struct ClaimRequest {
-    #[serde(default = "one")]
-    max: u32,
-    #[serde(default)]
-    wait_ms: u64,
+    (StatusCode::BAD_REQUEST, Json(ErrorBody { error: message })).into_response()
 }
 
 async fn claim<Q: Queue>(
@@ -396,19 +368,8 @@ async fn claim<Q: Queue>(
         .dispatcher
         .claim(&agent, max, Duration::from_millis(req.wait_ms))
         .await?;
-    Ok(Json(serde_json::json!({ "tasks": tasks })).into_response())
-}
-
-#[derive(Deserialize)]
-struct HeartbeatRequest {
-    #[serde(default)]
-    tasks: Vec<LeaseBody>,
-}
-
-#[derive(Deserialize)]
-struct LeaseBody {
-    id: Uuid,
-    run_lease: i64,
+    let tasks = tasks.into_iter().map(Into::into).collect();
+    Ok(Json(ClaimResponse { tasks }).into_response())
 }
 
 async fn heartbeat<Q: Queue>(
@@ -416,93 +377,19 @@ async fn heartbeat<Q: Queue>(
     Authenticated(agent): Authenticated,
     Json(req): Json<HeartbeatRequest>,
 ) -> Result<Response, ApiError> {
-    let leases: Vec<Lease> = req
+    let leases = req
         .tasks
         .iter()
-        .map(|t| Lease {
-            id: t.id,
-            run_lease: t.run_lease,
+        .map(|t| {
+            Ok(Lease {
+                id: wire::task_id(&t.id)?,
+                run_lease: t.run_lease,
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, ApiError>>()?;
     let states = state.dispatcher.heartbeat(&agent, &leases).await?;
-    Ok(Json(serde_json::json!({ "tasks": states })).into_response())
-}
-
-#[derive(Deserialize)]
-struct RunLeaseBody {
-    run_lease: i64,
-}
-
-#[derive(Deserialize)]
-struct ProgressBody {
-    run_lease: i64,
-    message: String,
-}
-
-#[derive(Deserialize)]
-struct CompleteBody {
-    run_lease: i64,
-    #[serde(default)]
-    result: serde_json::Value,
-    #[serde(default)]
-    artifacts: Vec<Artifact>,
-    #[serde(default)]
-    files: Vec<FileBody>,
-}
-
-/// An output file: its content as text or as base64, and how Git should hold it.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileBody {
-    pub path: String,
-    #[serde(default)]
-    pub content: Option<String>,
-    #[serde(default)]
-    pub content_base64: Option<String>,
-    /// `file` (the default), `executable`, or `symlink` (always refused).
-    #[serde(default)]
-    pub mode: Option<String>,
-}
-
-impl FileBody {
-    fn into_output(self) -> Result<OutputFile, String> {
-        use base64::Engine as _;
-        let content = match (self.content, self.content_base64) {
-            (Some(text), None) => text.into_bytes(),
-            (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
-                .decode(encoded.trim())
-                .map_err(|e| {
-                    format!(
-                        "output file `{}`: content_base64 is not base64: {e}",
-                        self.path
-                    )
-                })?,
-            (None, None) => Vec::new(),
-            (Some(_), Some(_)) => {
-                return Err(format!(
-                    "output file `{}`: give content or content_base64, not both",
-                    self.path
-                ));
-            }
-        };
-        let (executable, symlink) = match self.mode.as_deref() {
-            None | Some("file") => (false, false),
-            Some("executable") => (true, false),
-            Some("symlink") => (false, true),
-            Some(other) => {
-                return Err(format!(
-                    "output file `{}`: mode `{other}` is not one of file, executable, symlink",
-                    self.path
-                ));
-            }
-        };
-        Ok(OutputFile {
-            path: self.path,
-            content,
-            executable,
-            symlink,
-        })
-    }
+    let tasks = states.into_iter().map(Into::into).collect();
+    Ok(Json(HeartbeatResponse { tasks }).into_response())
 }
 
 /// Commit a completion's files (if any) and fold where they went into its result.
@@ -510,14 +397,14 @@ async fn commit_files<Q: Queue>(
     state: &ApiState<Q>,
     agent: &AgentIdentity,
     completion: &mut Completion,
-    files: Vec<FileBody>,
+    files: Vec<OutputFile>,
 ) -> Result<(), ApiError> {
     if files.is_empty() {
         return Ok(());
     }
     let files = files
         .into_iter()
-        .map(FileBody::into_output)
+        .map(wire::output_file)
         .collect::<Result<Vec<_>, _>>()
         .map_err(ApiError::BadRequest)?;
     let Some(results) = &state.results else {
@@ -546,22 +433,8 @@ async fn commit_files<Q: Queue>(
     Ok(())
 }
 
-#[derive(Deserialize)]
-struct FailBody {
-    run_lease: i64,
-    error: String,
-    #[serde(default)]
-    retryable: bool,
-}
-
-#[derive(Deserialize)]
-struct QuestionBody {
-    run_lease: i64,
-    question: String,
-}
-
 fn ok() -> Response {
-    Json(serde_json::json!({ "ok": true })).into_response()
+    Json(Ack::OK).into_response()
 }
 
 fn answer(result: Result<(), Refusal>) -> Result<Response, ApiError> {
@@ -572,7 +445,7 @@ async fn progress<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
     Authenticated(agent): Authenticated,
     Path(id): Path<Uuid>,
-    Json(body): Json<ProgressBody>,
+    Json(body): Json<ProgressRequest>,
 ) -> Result<Response, ApiError> {
     let lease = Lease {
         id,
@@ -590,7 +463,7 @@ async fn complete_one<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
     Authenticated(agent): Authenticated,
     Path(id): Path<Uuid>,
-    Json(body): Json<CompleteBody>,
+    Json(body): Json<CompleteRequest>,
 ) -> Result<Response, ApiError> {
     let mut completion = Completion {
         lease: Lease {
@@ -598,7 +471,7 @@ async fn complete_one<Q: Queue>(
             run_lease: body.run_lease,
         },
         result: body.result,
-        artifacts: body.artifacts,
+        artifacts: body.artifacts.into_iter().map(Into::into).collect(),
         review: false,
     };
     commit_files(&state, &agent, &mut completion, body.files).await?;
@@ -606,49 +479,37 @@ async fn complete_one<Q: Queue>(
     answer(answers.pop().unwrap_or(Err(Refusal::NoTask)))
 }
 
-#[derive(Deserialize)]
-struct CompleteManyBody {
-    tasks: Vec<CompleteManyItem>,
-}
-
-#[derive(Deserialize)]
-struct CompleteManyItem {
-    id: Uuid,
-    run_lease: i64,
-    #[serde(default)]
-    result: serde_json::Value,
-    #[serde(default)]
-    artifacts: Vec<Artifact>,
-    #[serde(default)]
-    files: Vec<FileBody>,
-}
-
 async fn complete_many<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
     Authenticated(agent): Authenticated,
-    Json(body): Json<CompleteManyBody>,
+    Json(body): Json<CompleteManyRequest>,
 ) -> Result<Response, ApiError> {
     // Files are committed first, one completion at a time; a completion whose files cannot
     // be committed is answered on its own and left out of the batch.
     let mut answers: Vec<(Uuid, Option<Result<(), String>>)> = Vec::new();
     let mut completions: Vec<Completion> = Vec::new();
-    for t in body.tasks {
+    let ids = body
+        .tasks
+        .iter()
+        .map(|t| wire::task_id(&t.id))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (t, id) in body.tasks.into_iter().zip(ids) {
         let mut completion = Completion {
             lease: Lease {
-                id: t.id,
+                id,
                 run_lease: t.run_lease,
             },
             result: t.result,
-            artifacts: t.artifacts,
+            artifacts: t.artifacts.into_iter().map(Into::into).collect(),
             review: false,
         };
         match commit_files(&state, &agent, &mut completion, t.files).await {
             Ok(()) => {
-                answers.push((t.id, None));
+                answers.push((id, None));
                 completions.push(completion);
             }
             Err(ApiError::Store(e)) => return Err(ApiError::Store(e)),
-            Err(e) => answers.push((t.id, Some(Err(refusal_text(e))))),
+            Err(e) => answers.push((id, Some(Err(refusal_text(e))))),
         }
     }
     let mut batch = state
@@ -656,7 +517,7 @@ async fn complete_many<Q: Queue>(
         .complete(&agent, &completions)
         .await?
         .into_iter();
-    let tasks: Vec<serde_json::Value> = answers
+    let tasks = answers
         .into_iter()
         .map(|(id, answer)| {
             let answer = answer.unwrap_or_else(|| match batch.next() {
@@ -664,13 +525,14 @@ async fn complete_many<Q: Queue>(
                 Some(Err(r)) => Err(r.to_string()),
                 None => Err(Refusal::NoTask.to_string()),
             });
-            match answer {
-                Ok(()) => serde_json::json!({"id": id, "ok": true}),
-                Err(error) => serde_json::json!({"id": id, "ok": false, "error": error}),
+            CompleteAnswer {
+                id: id.to_string(),
+                ok: answer.is_ok(),
+                error: answer.err(),
             }
         })
         .collect();
-    Ok(Json(serde_json::json!({ "tasks": tasks })).into_response())
+    Ok(Json(CompleteManyResponse { tasks }).into_response())
 }
 
 fn refusal_text(e: ApiError) -> String {
@@ -686,7 +548,7 @@ async fn fail<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
     Authenticated(agent): Authenticated,
     Path(id): Path<Uuid>,
-    Json(body): Json<FailBody>,
+    Json(body): Json<FailRequest>,
 ) -> Result<Response, ApiError> {
     let lease = Lease {
         id,
@@ -697,14 +559,18 @@ async fn fail<Q: Queue>(
         .fail(&agent, lease, &body.error, body.retryable)
         .await?
         .map_err(ApiError::Refused)?;
-    Ok(Json(serde_json::json!({ "ok": true, "outcome": outcome })).into_response())
+    Ok(Json(FailResponse {
+        ok: true,
+        outcome: outcome.into(),
+    })
+    .into_response())
 }
 
 async fn question<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
     Authenticated(agent): Authenticated,
     Path(id): Path<Uuid>,
-    Json(body): Json<QuestionBody>,
+    Json(body): Json<QuestionRequest>,
 ) -> Result<Response, ApiError> {
     let lease = Lease {
         id,
@@ -722,7 +588,7 @@ async fn release<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
     Authenticated(agent): Authenticated,
     Path(id): Path<Uuid>,
-    Json(body): Json<RunLeaseBody>,
+    Json(body): Json<ReleaseRequest>,
 ) -> Result<Response, ApiError> {
     let lease = Lease {
         id,
@@ -735,7 +601,7 @@ async fn release<Q: Queue>(
 async fn model_usage<Q: Queue + UsageLog>(
     State(state): State<Arc<ApiState<Q>>>,
     Authenticated(agent): Authenticated,
-    Json(record): Json<agentops_agents::llm::UsageRecord>,
+    Json(record): Json<UsageRecord>,
 ) -> Result<Response, ApiError> {
     let row = match UsageRow::new(&agent.name, &record) {
         Ok(row) => row,

@@ -34,7 +34,7 @@ pub struct NatsBus {
 impl NatsBus {
     /// Checks the URL and starts connecting; returns at once.
     pub async fn connect(url: &str, names: BusNames) -> Result<NatsBus, BusError> {
-        let shown = crate::cli::redact(url);
+        let shown = crate::redact(url);
         let logged = shown.clone();
         let client = async_nats::ConnectOptions::new()
             .name("agentops-controller")

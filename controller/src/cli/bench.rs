@@ -231,7 +231,7 @@ pub(super) async fn admin(url: &str, statement: &str) -> anyhow::Result<()> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url)
         .await
-        .with_context(|| format!("connecting to {}", super::redact(url)))?;
+        .with_context(|| format!("connecting to {}", crate::redact(url)))?;
     sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
         .execute(&mut conn)
         .await

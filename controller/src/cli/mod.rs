@@ -239,26 +239,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let url = store.url(&global);
             let store = crate::store::AnyStore::connect(&url).await?;
             crate::with_store!(store, s => crate::store::Store::migrate(&s).await)?;
-            eprintln!("migrations applied to {}", redact(&url));
+            eprintln!("migrations applied to {}", crate::redact(&url));
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { bench } => bench::run(&global, bench).await,
         Command::Completions { shell } => completions(shell),
         Command::Crds(args) => crds::crds(&args),
         Command::Schema(args) => crds::schema(&args),
-    }
-}
-
-/// A database URL fit for a log line: the password replaced.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }

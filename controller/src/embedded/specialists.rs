@@ -6,7 +6,7 @@ use std::time::Duration;
 use agentops_agents::drafts::AgentNeed;
 use agentops_agents::llm::Caller;
 use agentops_agents::provider::Provider;
-use agentops_agents::runtime::{AgentConfig, AgentType};
+use agentops_agents::runtime::AgentConfig;
 use git2::{ObjectType, TreeWalkMode, TreeWalkResult};
 use tokio_util::sync::CancellationToken;
 
@@ -57,12 +57,8 @@ pub fn specialists(source: &GitSource) -> Result<Vec<Specialist>, AgentError> {
         .into_iter()
         .filter(|(name, _)| name != "seed" && name != "cos")
         .map(|(name, spec)| {
-            let agent_type = serde_json::to_value(spec.agent_type)
-                .ok()
-                .and_then(|v| v.as_str().and_then(|t| t.parse().ok()))
-                .unwrap_or(AgentType::Specialist);
             let config = AgentConfig {
-                agent_type,
+                agent_type: spec.agent_type,
                 capabilities: spec.capabilities.clone(),
                 concurrency: spec.concurrency.max(1) as usize,
                 ..AgentConfig::new("", name)

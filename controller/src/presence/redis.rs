@@ -7,19 +7,10 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use uuid::Uuid;
 
 use super::{BoxFuture, Presence, PresenceError, agent_key, progress_key, rate_key};
-
-/// Count one more in the window and start the window's clock with its first count. The `PTTL`
-/// check mends a key left without a TTL.
-const ACQUIRE: &str = "\
-    local n = redis.call('INCR', KEYS[1]) \
-    if n == 1 or redis.call('PTTL', KEYS[1]) < 0 then \
-        redis.call('PEXPIRE', KEYS[1], ARGV[1]) \
-    end \
-    return n";
 
 pub struct RedisPresence {
     url: String,
@@ -31,28 +22,18 @@ pub struct RedisPresence {
 impl RedisPresence {
     /// Checks the URL; connects on first use. `timeout` bounds every call.
     pub fn connect(url: &str, timeout: Duration) -> Result<RedisPresence, PresenceError> {
-        let shown = crate::cli::redact(url);
-        let client = redis::Client::open(url).map_err(|source| PresenceError::Url {
-            url: shown.clone(),
-            source,
-        })?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let manager =
-            ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
+        let agentops_agents::redis_client::Redis { shown, manager } =
+            agentops_agents::redis_client::connect(url, timeout).map_err(|e| {
                 PresenceError::Url {
-                    url: shown.clone(),
-                    source,
+                    url: e.url,
+                    source: e.source,
                 }
             })?;
         Ok(RedisPresence {
             url: shown,
             manager,
             timeout,
-            acquire: redis::Script::new(ACQUIRE),
+            acquire: redis::Script::new(agentops_agents::redis_client::WINDOW_ACQUIRE),
         })
     }
 

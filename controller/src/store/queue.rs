@@ -25,8 +25,9 @@ pub struct AgentIdentity {
     pub concurrency: u32,
 }
 
-/// A task leased to an agent, with everything the agent needs to run it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A task leased to an agent, with everything the agent needs to run it. The API answers a
+/// claim with `agentops_agents::protocol::Assignment`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Assignment {
     pub id: Uuid,
     pub run_lease: i64,
@@ -44,10 +45,8 @@ pub struct Assignment {
     pub lease_expires_at: chrono::DateTime<chrono::Utc>,
     /// The comments of the review that rejected the task's last output, when one did: what
     /// this attempt should do differently.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review_comments: Option<String>,
     /// When the task became ready, for the pick-up latency metric; the agent is not told.
-    #[serde(skip)]
     pub ready_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
@@ -73,14 +72,13 @@ pub struct Lease {
     pub run_lease: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
     pub lease: Lease,
     pub result: serde_json::Value,
     pub artifacts: Vec<Artifact>,
     /// The output awaits a person's review (a pull request or a result branch): the task goes
     /// to `review` instead of `completed`, and is completed when the output is merged.
-    #[serde(default)]
     pub review: bool,
 }
 
@@ -93,24 +91,17 @@ pub struct AgentCompletion<'a> {
 }
 
 /// An output an agent stored somewhere (`key` is its object-storage key or branch path).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Artifact {
     pub name: String,
-    #[serde(rename = "type", default = "default_artifact_type")]
     pub artifact_type: String,
     pub key: String,
-    #[serde(default)]
     pub size_bytes: Option<i64>,
-    #[serde(default)]
     pub mime_type: Option<String>,
 }
 
-fn default_artifact_type() -> String {
-    "other".to_owned()
-}
-
 /// The answer to a heartbeat, per task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseState {
     pub id: Uuid,
     /// The lease is still this agent's and was extended.
@@ -120,8 +111,7 @@ pub struct LeaseState {
 }
 
 /// What became of a failed task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailOutcome {
     /// Ready again after the backoff, with attempt + 1.
     Retry,

@@ -1,7 +1,7 @@
 //! The runtime against a fake controller: claims, batched completions, failures, timeouts,
 //! lost leases, refused and unreachable reports, shutdown and re-registration.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -3,7 +3,7 @@
 //! branch, a commit or a folder against it. Every scenario also checks that the diff wrote
 //! nothing: the store's rows, events and cursor, and the remote's refs, are unchanged.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

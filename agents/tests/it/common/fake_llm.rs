@@ -4,7 +4,6 @@
 //! status, a reply slower than the client's timeout, or a body that is not JSON.
 //!
 //! Shared by the agents' and the controller's tests (`#[path]`).
-#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

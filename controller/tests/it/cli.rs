@@ -1,6 +1,6 @@
 //! The `agentops` binary end to end: validate, reconcile --once, status, migrate.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

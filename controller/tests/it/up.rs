@@ -2,7 +2,7 @@
 //! `file://`: stopped by a signal the way Kubernetes and systemd stop it, and what its
 //! `/metrics` says about syncs and status pushes.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

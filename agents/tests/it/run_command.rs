@@ -1,7 +1,7 @@
 //! The `agentops-agent-run` binary against a fake controller: commands run in a clean
 //! temporary directory, failures are classified, and SIGTERM hands held tasks back.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::Duration;

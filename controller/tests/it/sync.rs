@@ -1,7 +1,7 @@
 //! Git → store sync, end to end: real repositories, real databases (Postgres and SQLite), the
 //! real `Syncer`. Every scenario runs on both backends (`<scenario>::postgres`, `::sqlite`).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

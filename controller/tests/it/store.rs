@@ -1,7 +1,7 @@
 //! The store's two engines against each other: the same schema after migrating, and every
 //! statement the store runs accepted by the engine it is spelled for.
 
-mod common;
+use crate::common;
 
 use agentops::store::{PgStore, SqliteStore, Store};
 use common::*;

@@ -2,7 +2,7 @@
 //! random sequence of claims and reports go to a real database and to the memory queue
 //! (`dispatch::memory`, built from `dispatch::rules`), and every answer must agree.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

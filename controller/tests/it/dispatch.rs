@@ -8,7 +8,7 @@
 //! assertion panics. Processes log to files in the test's temporary directory; failures show
 //! their last lines.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

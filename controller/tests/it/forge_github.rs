@@ -3,7 +3,7 @@
 //! from a script. Covers opening and reusing pull requests, merged and closed-with-comments
 //! pull requests, 422, rate limits (403 and 429), 401, and the review loop on a real store.
 
-mod common;
+use crate::common;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -656,7 +656,10 @@ async fn review_loop_follows_pull_requests<S: TestStore + Queue + Writeback + Cl
             && comments.contains("Too long; keep it under 300 words."),
         "{comments:?}"
     );
-    let sent = serde_json::to_value(&retried[0]).unwrap();
+    let sent = serde_json::to_value(agentops_agents::protocol::Assignment::from(
+        retried[0].clone(),
+    ))
+    .unwrap();
     assert_eq!(sent["review_comments"], json!(comments));
 }
 

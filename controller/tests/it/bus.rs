@@ -3,7 +3,7 @@
 //! kill and restart them without disturbing anything else; they are killed when the test ends,
 //! passing or not. Postgres is the shared test server (scratch databases, see `common`).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::TcpListener as StdListener;

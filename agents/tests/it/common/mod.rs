@@ -1,9 +1,6 @@
 //! A fake controller: the endpoints of `agents/PROTOCOL.md` over an in-memory queue, recording
 //! what agents send and every way in which they break the protocol.
 
-// Each test crate uses a different part of this module.
-#![allow(dead_code)]
-
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -83,10 +80,6 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    pub fn holds(&self, id: &str) -> bool {
-        self.held.contains_key(id)
-    }
-
     pub fn held_count(&self) -> usize {
         self.held.len()
     }

@@ -2,7 +2,7 @@
 //! pushes, agent output committed on result branches (or the main branch), output paths that
 //! must be refused, and reviews followed to merged or closed without a forge.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1218,6 +1218,56 @@ async fn bad_output_paths_are_refused() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert!(env.remote.tip(branch).is_some());
+}
+
+/// Bodies the protocol's types do not accept are refused with a 400 naming the field and the
+/// value, and the agent's lease is untouched.
+#[tokio::test]
+async fn malformed_protocol_bodies_are_refused_naming_the_value() {
+    let env = ResultsEnv::<agentops::store::SqliteStore>::new_with(|_| {}).await;
+    let claimed = env.claim_all().await;
+    let (status, body) = env
+        .api
+        .post(
+            None,
+            "/api/v1/agents/register",
+            json!({"name": "someone", "type": "boss"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("type") && error.contains("`boss`"),
+        "{error}"
+    );
+
+    for (path, request) in [
+        (
+            "/api/v1/heartbeat",
+            json!({"tasks": [{"id": "id-1", "run_lease": 1}]}),
+        ),
+        (
+            "/api/v1/complete",
+            json!({"tasks": [{"id": "id-1", "run_lease": 1, "result": {}}]}),
+        ),
+    ] {
+        let (status, body) = env.api.post(Some(&env.token), path, request).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("invalid task id `id-1`"), "{path}: {error}");
+    }
+    let draft = &claimed["draft"];
+    let (status, body) = env
+        .api
+        .post(
+            Some(&env.token),
+            "/api/v1/heartbeat",
+            json!({"tasks": [{"id": draft["id"], "run_lease": draft["run_lease"]}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tasks"][0]["held"], true, "{body}");
+    assert_eq!(env.status("draft").await, "in_progress");
 }
 
 /// Without a forge, deleting a result branch unmerged rejects the output: the task is retried

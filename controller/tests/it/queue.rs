@@ -2,7 +2,7 @@
 //! Git repository and `Syncer::sync`, agents claim and report through the `Queue` trait, and
 //! the rows are checked with SQL. Every scenario runs on both backends.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -3,9 +3,11 @@
 //! runtime), against an OpenAI-compatible fake server; and proposals rendered by the agents'
 //! building blocks checked by the real `agentops validate`.
 
-mod common;
+use crate::common;
 
-#[path = "../../agents/tests/common/fake_llm.rs"]
+// The agents' fake model API; the agents' tests use all of it, these only the completions.
+#[path = "../../../agents/tests/it/common/fake_llm.rs"]
+#[allow(dead_code)]
 mod fake_llm;
 
 use std::path::Path;
