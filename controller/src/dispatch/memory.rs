@@ -200,14 +200,19 @@ impl State {
                     && self.ready(task, now)
             })
             .collect();
-        found.sort_by(|&a, &b| {
+        self.sort_in_claim_order(&mut found);
+        found.truncate(limit);
+        found
+    }
+
+    /// Task positions in the order they are handed out; creation order breaks ties.
+    fn sort_in_claim_order(&self, tasks: &mut [usize]) {
+        tasks.sort_by(|&a, &b| {
             rules::claim_order(
                 (self.tasks[a].spec.priority, a),
                 (self.tasks[b].spec.priority, b),
             )
         });
-        found.truncate(limit);
-        found
     }
 
     fn lease(&mut self, index: usize, agent: &str, policy: &LeasePolicy, now: DateTime<Utc>) {
@@ -340,12 +345,7 @@ impl Queue for MemoryQueue {
         Ok(answers
             .into_iter()
             .map(|mut tasks| {
-                tasks.sort_by(|&a, &b| {
-                    rules::claim_order(
-                        (state.tasks[a].spec.priority, a),
-                        (state.tasks[b].spec.priority, b),
-                    )
-                });
+                state.sort_in_claim_order(&mut tasks);
                 tasks.into_iter().map(|t| state.assignment(t)).collect()
             })
             .collect())
