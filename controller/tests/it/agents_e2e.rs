@@ -28,8 +28,11 @@ fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The Git examples: `examples/` but for `kubernetes/`, which declares the same objects as
+/// custom resources.
 fn copy_dir(from: &Path, to: &Path) {
-    for entry in walkdir::WalkDir::new(from).min_depth(1) {
+    let walk = walkdir::WalkDir::new(from).min_depth(1).into_iter();
+    for entry in walk.filter_entry(|e| e.depth() != 1 || e.file_name() != "kubernetes") {
         let entry = entry.unwrap();
         let target = to.join(entry.path().strip_prefix(from).unwrap());
         if entry.file_type().is_dir() {

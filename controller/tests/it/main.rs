@@ -7,11 +7,13 @@ mod common;
 
 mod agents_e2e;
 mod bus;
+mod chart;
 mod cli;
 mod crds;
 mod diff;
 mod dispatch;
 mod forge_github;
+mod kube_examples;
 mod llm;
 mod queue;
 mod queue_rules;
