@@ -162,7 +162,10 @@ mod tests {
     #[test]
     fn names_are_made_from_the_client_and_a_suffix() {
         assert_eq!(default_name("claude-code", "laptop"), "claude-code-laptop");
-        assert_eq!(default_name("Cursor IDE", "Dev.Box_01"), "cursor-ide-dev-box-01");
+        assert_eq!(
+            default_name("Cursor IDE", "Dev.Box_01"),
+            "cursor-ide-dev-box-01"
+        );
         assert_eq!(default_name("  ***  ", "a1b2c3"), "mcp-a1b2c3");
         assert_eq!(default_name("rmcp", ""), "rmcp");
         let long = default_name(&"x".repeat(100), "host");
@@ -220,10 +223,7 @@ mod tests {
 
     #[test]
     fn bad_query_values_are_named() {
-        for (query, expected) in [
-            ("type=boss", "type=\"boss\""),
-            ("colour=red", "`colour`"),
-        ] {
+        for (query, expected) in [("type=boss", "type=\"boss\""), ("colour=red", "`colour`")] {
             let http = HttpRequest {
                 query: Some(query.into()),
                 bearer: None,

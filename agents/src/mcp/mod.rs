@@ -83,9 +83,10 @@ impl McpAgent {
     /// The session's agent, once `initialize` registered it; over HTTP only for the bearer
     /// that opened the session.
     fn session(&self, context: &RequestContext<RoleServer>) -> Result<&Arc<Session>, ErrorData> {
-        let session = self.session.get().ok_or_else(|| {
-            ErrorData::invalid_request("the session is not initialized", None)
-        })?;
+        let session = self
+            .session
+            .get()
+            .ok_or_else(|| ErrorData::invalid_request("the session is not initialized", None))?;
         if self.http && self.bearer.get() != Some(&http_request(context).bearer) {
             return Err(ErrorData::invalid_request(
                 "this request's bearer token is not the one that opened the session",
@@ -213,7 +214,10 @@ fn output_files(files: Vec<FileArg>) -> Result<Vec<OutputFile>, String> {
                     ));
                 }
                 (None, None) => {
-                    return Err(format!("file {}: content or content_base64 is missing", file.path));
+                    return Err(format!(
+                        "file {}: content or content_base64 is missing",
+                        file.path
+                    ));
                 }
             };
             if file.executable {
@@ -251,7 +255,8 @@ fn refused(error: &TaskError) -> CallToolResult {
 }
 
 fn done(task: &Assignment, fields: serde_json::Value) -> CallToolResult {
-    let mut answer = serde_json::json!({"task": task.id, "project": task.project, "name": task.name});
+    let mut answer =
+        serde_json::json!({"task": task.id, "project": task.project, "name": task.name});
     if let (Some(answer), serde_json::Value::Object(fields)) = (answer.as_object_mut(), fields) {
         answer.extend(fields);
     }
@@ -260,8 +265,10 @@ fn done(task: &Assignment, fields: serde_json::Value) -> CallToolResult {
 
 #[tool_router]
 impl McpAgent {
-    #[tool(description = "The tasks this session holds (claimed and not yet ended), with \
-        their action, description, output paths and acceptance criteria.")]
+    #[tool(
+        description = "The tasks this session holds (claimed and not yet ended), with \
+        their action, description, output paths and acceptance criteria."
+    )]
     async fn list_tasks(
         &self,
         context: RequestContext<RoleServer>,
@@ -290,7 +297,9 @@ impl McpAgent {
             Some(s) => Duration::try_from_secs_f64(s.clamp(0.0, 60.0)).unwrap_or_default(),
         };
         Ok(match session.claim(wait).await {
-            Ok(Some(task)) => CallToolResult::structured(serde_json::json!({"task": task_view(&task)})),
+            Ok(Some(task)) => {
+                CallToolResult::structured(serde_json::json!({"task": task_view(&task)}))
+            }
             Ok(None) => CallToolResult::structured(serde_json::json!({
                 "task": null,
                 "message": format!("no task was ready within {wait:?}; claim again later"),
@@ -312,10 +321,12 @@ impl McpAgent {
         })
     }
 
-    #[tool(description = "Complete a task you hold, with the files it produced. The \
+    #[tool(
+        description = "Complete a task you hold, with the files it produced. The \
         controller commits the files (on the task's result branch for review, or on the \
         followed branch when the task's output.mode is commit); their paths must lie within \
-        the task's output.paths.")]
+        the task's output.paths."
+    )]
     async fn complete_task(
         &self,
         Parameters(args): Parameters<CompleteArgs>,
@@ -329,34 +340,43 @@ impl McpAgent {
         let count = files.len();
         let result = completion_result(args.summary, args.result);
         Ok(match session.complete(&args.task, result, files).await {
-            Ok(task) => done(&task, serde_json::json!({"completed": true, "files": count})),
+            Ok(task) => done(
+                &task,
+                serde_json::json!({"completed": true, "files": count}),
+            ),
             Err(e) => refused(&e),
         })
     }
 
-    #[tool(description = "Fail a task you hold. With retryable, it is retried later (until \
-        its retries are spent); otherwise it fails for good.")]
+    #[tool(
+        description = "Fail a task you hold. With retryable, it is retried later (until \
+        its retries are spent); otherwise it fails for good."
+    )]
     async fn fail_task(
         &self,
         Parameters(args): Parameters<FailArgs>,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ErrorData> {
         let session = self.session(&context)?;
-        Ok(match session.fail(&args.task, args.error, args.retryable).await {
-            Ok((task, outcome)) => {
-                let outcome = match outcome {
-                    FailOutcome::Retry => "retry",
-                    FailOutcome::Failed => "failed",
-                };
-                done(&task, serde_json::json!({"outcome": outcome}))
-            }
-            Err(e) => refused(&e),
-        })
+        Ok(
+            match session.fail(&args.task, args.error, args.retryable).await {
+                Ok((task, outcome)) => {
+                    let outcome = match outcome {
+                        FailOutcome::Retry => "retry",
+                        FailOutcome::Failed => "failed",
+                    };
+                    done(&task, serde_json::json!({"outcome": outcome}))
+                }
+                Err(e) => refused(&e),
+            },
+        )
     }
 
-    #[tool(description = "Ask a person a question about a task you hold. The task waits \
+    #[tool(
+        description = "Ask a person a question about a task you hold. The task waits \
         (blocked) until they answer, and is then dispatched again; this session no longer \
-        holds it.")]
+        holds it."
+    )]
     async fn ask_question(
         &self,
         Parameters(args): Parameters<QuestionArgs>,
@@ -393,7 +413,10 @@ impl ServerHandler for McpAgent {
         context: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, ErrorData> {
         if self.session.get().is_some() {
-            return Err(ErrorData::invalid_request("the session is initialized already", None));
+            return Err(ErrorData::invalid_request(
+                "the session is initialized already",
+                None,
+            ));
         }
         let http = self.http.then(|| http_request(&context));
         let suffix = if self.http {
@@ -401,9 +424,13 @@ impl ServerHandler for McpAgent {
         } else {
             host_name()
         };
-        let joining: Joining =
-            join::joining(&self.config, &request.client_info.name, http.as_ref(), &suffix)
-                .map_err(|message| ErrorData::invalid_params(message, None))?;
+        let joining: Joining = join::joining(
+            &self.config,
+            &request.client_info.name,
+            http.as_ref(),
+            &suffix,
+        )
+        .map_err(|message| ErrorData::invalid_params(message, None))?;
         let name = joining.name.clone();
         let session = Session::join(&self.config.api, joining).await.map_err(|e| {
             tracing::warn!(agent = %name, error = %crate::error_chain(&e), "MCP session refused");
@@ -415,7 +442,10 @@ impl ServerHandler for McpAgent {
         tracing::info!(agent = %name, client = %request.client_info.name, "MCP session joined");
         let _ = self.bearer.set(http.and_then(|h| h.bearer));
         if self.session.set(session).is_err() {
-            return Err(ErrorData::invalid_request("the session is initialized already", None));
+            return Err(ErrorData::invalid_request(
+                "the session is initialized already",
+                None,
+            ));
         }
         context.peer.set_peer_info(request.clone());
         self.negotiate_initialize(&request)
@@ -523,9 +553,15 @@ mod tests {
             ])
         );
         let both = output_files(vec![file("site/c", Some("x"), Some("eA=="), false)]).unwrap_err();
-        assert!(both.contains("site/c") && both.contains("not both"), "{both}");
+        assert!(
+            both.contains("site/c") && both.contains("not both"),
+            "{both}"
+        );
         let neither = output_files(vec![file("site/d", None, None, false)]).unwrap_err();
-        assert!(neither.contains("site/d") && neither.contains("missing"), "{neither}");
+        assert!(
+            neither.contains("site/d") && neither.contains("missing"),
+            "{neither}"
+        );
     }
 
     #[test]

@@ -134,7 +134,10 @@ impl Session {
     fn forget(&self, task: &Assignment) {
         self.leases.remove(&task.id, task.run_lease);
         let mut tasks = self.tasks.lock().expect("tasks lock");
-        if tasks.get(&task.id).is_some_and(|t| t.run_lease == task.run_lease) {
+        if tasks
+            .get(&task.id)
+            .is_some_and(|t| t.run_lease == task.run_lease)
+        {
             tasks.remove(&task.id);
         }
     }
@@ -285,8 +288,14 @@ mod tests {
     #[test]
     fn a_task_is_found_by_id_or_project_and_name() {
         let tasks = [task("5b1e", "site", "copy"), task("5b1f", "site", "page")];
-        assert_eq!(find_held(&tasks, "5b1f").map(|t| &t.name), Some(&"page".into()));
-        assert_eq!(find_held(&tasks, " site/copy ").map(|t| &t.id), Some(&"5b1e".into()));
+        assert_eq!(
+            find_held(&tasks, "5b1f").map(|t| &t.name),
+            Some(&"page".into())
+        );
+        assert_eq!(
+            find_held(&tasks, " site/copy ").map(|t| &t.id),
+            Some(&"5b1e".into())
+        );
         assert!(find_held(&tasks, "site/none").is_none());
         assert!(find_held(&tasks, "copy").is_none());
     }
