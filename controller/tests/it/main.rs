@@ -13,6 +13,7 @@ mod diff;
 mod dispatch;
 mod forge_github;
 mod llm;
+mod mcp;
 mod queue;
 mod queue_rules;
 mod repository;
