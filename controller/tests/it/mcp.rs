@@ -320,11 +320,13 @@ async fn a_wrong_enrollment_secret_is_refused_and_registers_nothing() {
     let setup = Setup::new().await;
     let before = setup.refusals("wrong_secret").await;
 
-    let stdio = setup.stdio("intruder-stdio", "not-the-secret").await;
-    let error = stdio.err().expect("the stdio session is refused");
+    let Err(error) = setup.stdio("intruder-stdio", "not-the-secret").await else {
+        panic!("the stdio session was not refused");
+    };
     assert!(error.contains("enrollment secret"), "{error}");
-    let http = setup.http("intruder-http", "not-the-secret").await;
-    let error = http.err().expect("the HTTP session is refused");
+    let Err(error) = setup.http("intruder-http", "not-the-secret").await else {
+        panic!("the HTTP session was not refused");
+    };
     assert!(error.contains("enrollment secret"), "{error}");
 
     let registered = setup
