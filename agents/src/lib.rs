@@ -9,6 +9,7 @@
 pub mod command;
 pub mod drafts;
 pub mod llm;
+pub mod mcp;
 pub mod plan;
 pub mod prompt;
 pub mod protocol;

@@ -22,8 +22,8 @@
 //! # }
 //! ```
 
-mod client;
-mod leases;
+pub(crate) mod client;
+pub(crate) mod leases;
 mod nudges;
 mod reports;
 
@@ -555,23 +555,16 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 /// Heartbeats every held task (and none: it also says the agent is alive), and stops the
 /// handlers of tasks the controller says are no longer ours.
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
+    heartbeat_loop(&shared.client, &shared.leases, stop).await
+}
+
+/// Heartbeats every `heartbeat` the controller asked for, until `stop`.
+pub(crate) async fn heartbeat_loop(client: &Client, leases: &Leases, stop: CancellationToken) {
     loop {
-        let session = shared.client.session();
-        let request = HeartbeatRequest {
-            tasks: shared.leases.snapshot(),
-        };
-        let sent_at = Instant::now();
-        let call =
-            shared
-                .client
-                .post::<_, HeartbeatResponse>("/api/v1/heartbeat", &request, CALL_TIMEOUT);
-        match stop.run_until_cancelled(call).await {
+        let session = client.session();
+        match stop.run_until_cancelled(beat(client, leases)).await {
             None => return,
-            Some(Ok(answer)) => {
-                let verdicts =
-                    shared
-                        .leases
-                        .apply(&request.tasks, &answer.tasks, sent_at, session.lease);
+            Some(Ok(verdicts)) => {
                 for (task, verdict) in verdicts {
                     match verdict {
                         Verdict::Renewed => {}
@@ -587,4 +580,21 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             return;
         }
     }
+}
+
+/// One heartbeat: renews the held leases, and forgets (and cancels) those the controller says
+/// are lost or cancelled.
+pub(crate) async fn beat(
+    client: &Client,
+    leases: &Leases,
+) -> Result<Vec<(String, Verdict)>, Error> {
+    let session = client.session();
+    let request = HeartbeatRequest {
+        tasks: leases.snapshot(),
+    };
+    let sent_at = Instant::now();
+    let answer: HeartbeatResponse = client
+        .post("/api/v1/heartbeat", &request, CALL_TIMEOUT)
+        .await?;
+    Ok(leases.apply(&request.tasks, &answer.tasks, sent_at, session.lease))
 }

@@ -1,5 +1,5 @@
 //! The HTTP interface: health, metrics, the agent protocol under `/api/v1`
-//! (`agents/PROTOCOL.md` is its contract), and the GitHub webhook.
+//! (`agents/PROTOCOL.md` is its contract), MCP at `/mcp` ([`mcp`]), and the GitHub webhook.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +29,7 @@ use crate::writeback::{ResultError, Results};
 
 pub mod enroll;
 mod hooks;
+pub mod mcp;
 mod wire;
 
 pub use enroll::Enrollment;

@@ -7,6 +7,7 @@ mod bench_dispatch;
 mod bench_writeback;
 mod crds;
 mod diff;
+mod mcp;
 mod reconcile;
 mod status;
 mod validate;
@@ -147,6 +148,9 @@ pub enum Command {
         #[command(subcommand)]
         bench: bench::Bench,
     },
+    /// Serve MCP on stdin and stdout: an MCP client (Claude Code, Cursor, …) joins as an
+    /// agent of the controller at --api, under the same enrollment and leases (docs/mcp.md).
+    Mcp(mcp::McpArgs),
     /// Print the shell completion script: `source <(agentops completions bash)`, or save it
     /// where the shell loads completions from.
     Completions {
@@ -230,6 +234,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await
         }
         Command::Diff(args) => diff::run(&global, &args).await,
+        Command::Mcp(args) => mcp::run(args).await,
         Command::Status {
             store,
             project,

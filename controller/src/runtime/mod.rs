@@ -395,15 +395,13 @@ impl Parts {
         else {
             return Ok(Exit::Stopped);
         };
-        let api_url = format!(
-            "http://{}",
-            listener
-                .local_addr()
-                .map_err(|source| RuntimeError::Listen {
-                    addr: config.dispatch.listen,
-                    source,
-                })?
-        );
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| RuntimeError::Listen {
+                addr: config.dispatch.listen,
+                source,
+            })?;
+        let api_url = format!("http://{local_addr}");
         eprintln!("listening on {api_url}");
         let limiter: Arc<dyn agentops_agents::llm::RateLimiter> =
             Arc::new(crate::llm::PresenceRateLimiter(backends.presence.clone()));
@@ -477,7 +475,12 @@ impl Parts {
         ));
         let server_stop = CancellationToken::new();
         let closing = server_stop.clone();
-        let router = crate::api::router(api.clone());
+        let mcp_url = crate::api::mcp::loopback_url(local_addr);
+        let router = crate::api::router(api.clone()).merge(crate::api::mcp::router(
+            &mcp_url,
+            &api.enrollment,
+            closing.child_token(),
+        ));
         let server = tasks.spawn(async move {
             let serving = crate::api::serve(listener, router, closing.cancelled_owned()).await;
             if let Err(e) = serving {

@@ -15,6 +15,7 @@ mod dispatch;
 mod forge_github;
 mod kube_examples;
 mod llm;
+mod mcp;
 mod queue;
 mod queue_rules;
 mod repository;

@@ -152,7 +152,7 @@ pub fn free_port() -> u16 {
 }
 
 /// `command` without any `AGENTOPS_*` or `RUST_LOG` variable of the caller's environment.
-fn clean_env(command: &mut Command) {
+pub fn clean_env(command: &mut Command) {
     for (key, _) in std::env::vars_os() {
         let key_text = key.to_string_lossy();
         if key_text.starts_with("AGENTOPS_") || key_text == "RUST_LOG" {
@@ -232,6 +232,18 @@ impl Controller {
     /// Starts `agentops up` with a data directory and log under `dir`, and returns without
     /// waiting for it to be ready.
     pub fn start(database: &str, repo: &Path, dir: &Path, lease: &str, heartbeat: &str) -> Self {
+        Controller::start_with(database, repo, dir, lease, heartbeat, &[])
+    }
+
+    /// [`Controller::start`] with more flags (`--agent-secret …`).
+    pub fn start_with(
+        database: &str,
+        repo: &Path,
+        dir: &Path,
+        lease: &str,
+        heartbeat: &str,
+        more: &[&str],
+    ) -> Self {
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let data_dir = dir.join("data");
         std::fs::create_dir_all(&data_dir).unwrap();
@@ -250,6 +262,10 @@ impl Controller {
             // The tests run their own agents and count what each did.
             "--no-agents".into(),
         ];
+        let args = args
+            .into_iter()
+            .chain(more.iter().map(|a| std::ffi::OsString::from(*a)))
+            .collect();
         let mut controller = Controller {
             url: format!("http://{addr}"),
             args,
