@@ -16,8 +16,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    DispatchArgs, EmbeddedArgs, GlobalConfig, KubeArgs, LeaderArgs, LlmArgs, ShutdownArgs, SourceConfig,
-    StoreConfig, WritebackArgs,
+    DispatchArgs, EmbeddedArgs, GlobalConfig, KubeArgs, LeaderArgs, LlmArgs, ShutdownArgs,
+    SourceConfig, StoreConfig, WritebackArgs,
 };
 
 #[derive(Debug, Parser)]

@@ -64,7 +64,8 @@ pub enum Leadership {
     /// No other controller can share the store.
     Sole,
     AdvisoryLock(AdvisoryLock),
-    KubeLease(lease::KubeLease),
+    /// Boxed: the lease's client and last written Lease are large.
+    KubeLease(Box<lease::KubeLease>),
 }
 
 pub struct AdvisoryLock {
@@ -89,9 +90,9 @@ impl Leadership {
         client: Option<kube::Client>,
     ) -> Result<Leadership, LeaderError> {
         match client {
-            Some(client) => Ok(Leadership::KubeLease(lease::KubeLease::new(
+            Some(client) => Ok(Leadership::KubeLease(Box::new(lease::KubeLease::new(
                 client, leader, kube,
-            )?)),
+            )?))),
             None => Ok(Leadership::for_store(url, leader)),
         }
     }

@@ -20,8 +20,8 @@ use tokio_util::task::TaskTracker;
 use crate::api::ApiState;
 use crate::bus::{Bus, BusError, InProcessBus, NatsBus};
 use crate::config::{
-    DispatchArgs, EmbeddedArgs, GlobalConfig, KubeArgs, LeaderArgs, LlmArgs, PRESENCE_TIMEOUT, ShutdownArgs,
-    SourceConfig, StoreConfig, WritebackArgs,
+    DispatchArgs, EmbeddedArgs, GlobalConfig, KubeArgs, LeaderArgs, LlmArgs, PRESENCE_TIMEOUT,
+    ShutdownArgs, SourceConfig, StoreConfig, WritebackArgs,
 };
 use crate::dispatch::{Backends, Dispatcher};
 use crate::forge::{Forge, ForgeError};

@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use common::{BareRemote, Backend, GitRepo, Proc, TestDb, eventually, free_port};
+use common::{Backend, BareRemote, GitRepo, Proc, TestDb, eventually, free_port};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agentops");
@@ -103,7 +103,8 @@ impl Cluster {
         let lease: Lease = match serde_json::from_value(value) {
             Ok(lease) => lease,
             Err(e) => {
-                self.problems.push(format!("a Lease that does not parse: {e}"));
+                self.problems
+                    .push(format!("a Lease that does not parse: {e}"));
                 return None;
             }
         };
@@ -180,7 +181,13 @@ impl Cluster {
         }
     }
 
-    fn answer(&mut self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Response {
+    fn answer(
+        &mut self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Response {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
@@ -209,8 +216,7 @@ impl Cluster {
                 );
             }
             if lease.metadata.resource_version.is_some() {
-                self.problems
-                    .push("a create with a resourceVersion".into());
+                self.problems.push("a create with a resourceVersion".into());
             }
             let what = self.judge(None, &lease);
             self.version += 1;
@@ -225,11 +231,13 @@ impl Cluster {
                 return status(StatusCode::BAD_REQUEST, "BadRequest", "bad body".into());
             };
             let Some(before) = self.lease.clone() else {
-                self.problems.push("a replace of a lease that does not exist".into());
+                self.problems
+                    .push("a replace of a lease that does not exist".into());
                 return self.stored();
             };
             let Some(sent) = lease.metadata.resource_version.clone() else {
-                self.problems.push("a replace without a resourceVersion".into());
+                self.problems
+                    .push("a replace without a resourceVersion".into());
                 return status(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "Invalid",
@@ -256,7 +264,8 @@ impl Cluster {
             self.record(what, StatusCode::OK, Some(lease.clone()));
             return (StatusCode::OK, axum::Json(lease)).into_response();
         }
-        self.problems.push(format!("an unexpected request: {method} {uri}"));
+        self.problems
+            .push(format!("an unexpected request: {method} {uri}"));
         status(StatusCode::NOT_FOUND, "NotFound", format!("{method} {uri}"))
     }
 
@@ -338,10 +347,7 @@ impl Setup {
                     "projects/p/project.yaml",
                     Some(&common::project("p", "Leadership")),
                 ),
-                (
-                    "projects/p/tasks/t.yaml",
-                    Some(&common::task("t", "Wait")),
-                ),
+                ("projects/p/tasks/t.yaml", Some(&common::task("t", "Wait"))),
             ],
         );
         let remote = BareRemote::new();
@@ -423,14 +429,10 @@ impl Controller {
 
     async fn wait_log(&self, what: &str, within: Duration) {
         let log = self.proc.log.clone();
-        eventually(
-            &format!("{} logs {what:?}", self.identity),
-            within,
-            || {
-                let log = log.clone();
-                async move { common::log_tail(&log, 400).contains(what).then_some(()) }
-            },
-        )
+        eventually(&format!("{} logs {what:?}", self.identity), within, || {
+            let log = log.clone();
+            async move { common::log_tail(&log, 400).contains(what).then_some(()) }
+        })
         .await;
     }
 
@@ -475,7 +477,16 @@ fn sigterm(controller: &Controller) {
 #[tokio::test]
 async fn replicas_elect_one_leader_through_a_lease_and_take_over() {
     let setup = Setup::new().await;
-    let mut a = setup.start("a", &[], &["--namespace", NAMESPACE, "--leader-identity", "controller-a"]);
+    let mut a = setup.start(
+        "a",
+        &[],
+        &[
+            "--namespace",
+            NAMESPACE,
+            "--leader-identity",
+            "controller-a",
+        ],
+    );
     eventually("a leads and is ready", Duration::from_secs(60), || async {
         (a.ready().await == 200).then_some(())
     })
@@ -520,23 +531,37 @@ async fn replicas_elect_one_leader_through_a_lease_and_take_over() {
 
     // Someone else changes the lease: a's next renewal meets a conflict, reads the lease
     // again, still finds itself the holder and renews at the new version.
+    eventually("a renews its lease", Duration::from_secs(20), || async {
+        let renewed = setup.cluster().writes().iter().any(|(w, _)| *w == "renew");
+        renewed.then_some(())
+    })
+    .await;
     setup.cluster().touch();
     let renewed_after = setup.cluster().requests.len();
-    eventually("a renews through the conflict", Duration::from_secs(20), || async {
-        let cluster = setup.cluster();
-        let after: Vec<&str> = cluster.requests[renewed_after..]
-            .iter()
-            .filter(|r| r.lease.as_ref().and_then(holder).as_deref() == Some("controller-a"))
-            .map(|r| r.what)
-            .collect();
-        let conflict = after.iter().position(|w| *w == "conflict")?;
-        after[conflict..].contains(&"renew").then_some(())
-    })
+    eventually(
+        "a renews through the conflict",
+        Duration::from_secs(20),
+        || async {
+            let cluster = setup.cluster();
+            let after: Vec<&str> = cluster.requests[renewed_after..]
+                .iter()
+                .filter(|r| r.lease.as_ref().and_then(holder).as_deref() == Some("controller-a"))
+                .map(|r| r.what)
+                .collect();
+            let conflict = after.iter().position(|w| *w == "conflict")?;
+            after[conflict..].contains(&"renew").then_some(())
+        },
+    )
     .await;
     let touched = setup.cluster().lease.clone().unwrap();
     assert_eq!(holder(&touched).as_deref(), Some("controller-a"));
     assert_eq!(
-        touched.metadata.labels.unwrap_or_default().get("touched").map(String::as_str),
+        touched
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("touched")
+            .map(String::as_str),
         Some("by-the-test"),
         "the renewal keeps what the other writer changed"
     );
@@ -571,7 +596,8 @@ async fn replicas_elect_one_leader_through_a_lease_and_take_over() {
         assert_eq!(holder(lease), Some(leader.identity.clone()));
         assert_eq!(spec(lease).lease_transitions, Some(1));
         assert!(
-            renewed(lease).unwrap() >= last_renewal + k8s_openapi::jiff::SignedDuration::from_secs(15),
+            renewed(lease).unwrap()
+                >= last_renewal + k8s_openapi::jiff::SignedDuration::from_secs(15),
             "taken at {:?}, last renewed at {last_renewal}",
             renewed(lease)
         );
@@ -597,9 +623,11 @@ async fn replicas_elect_one_leader_through_a_lease_and_take_over() {
     sigterm(&leader);
     let status = wait_exit(&mut leader, Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(0), "{}", leader.proc.log_tail(40));
-    eventually("the last standby is ready", Duration::from_secs(30), || async {
-        (standby.ready().await == 200).then_some(())
-    })
+    eventually(
+        "the last standby is ready",
+        Duration::from_secs(30),
+        || async { (standby.ready().await == 200).then_some(()) },
+    )
     .await;
     {
         let cluster = setup.cluster();
@@ -658,5 +686,8 @@ async fn replicas_elect_one_leader_through_a_lease_and_take_over() {
             ("release", None),
         ]
     );
-    assert!(cluster.lease.as_ref().and_then(holder).is_none(), "released at the end");
+    assert!(
+        cluster.lease.as_ref().and_then(holder).is_none(),
+        "released at the end"
+    );
 }

@@ -41,7 +41,11 @@ pub struct Timing {
 }
 
 impl Timing {
-    pub fn new(duration: Duration, renew: Duration, retry: Duration) -> Result<Timing, LeaderError> {
+    pub fn new(
+        duration: Duration,
+        renew: Duration,
+        retry: Duration,
+    ) -> Result<Timing, LeaderError> {
         let setting = |flag, value: Duration, reason| LeaderError::Setting {
             flag,
             value: humantime::format_duration(value).to_string(),
@@ -144,7 +148,13 @@ pub fn plan(lease: Option<&Lease>, now: Timestamp, identity: &str, duration_seco
     let transitions = spec.lease_transitions.unwrap_or(0);
     match holder(&spec) {
         None => {
-            let next = taken(Some(&spec), now, identity, duration_seconds, transitions + 1);
+            let next = taken(
+                Some(&spec),
+                now,
+                identity,
+                duration_seconds,
+                transitions + 1,
+            );
             write(Take::Acquire, next)
         }
         Some(current) if current == identity => {
@@ -163,7 +173,13 @@ pub fn plan(lease: Option<&Lease>, now: Timestamp, identity: &str, duration_seco
             },
             _ => {
                 let from = current.to_owned();
-                let next = taken(Some(&spec), now, identity, duration_seconds, transitions + 1);
+                let next = taken(
+                    Some(&spec),
+                    now,
+                    identity,
+                    duration_seconds,
+                    transitions + 1,
+                );
                 write(Take::TakeOver { from }, next)
             }
         },
@@ -254,7 +270,10 @@ enum Attempt {
     Led,
     /// Another controller wrote the lease in between: read it again.
     Conflict,
-    StandBy { holder: String, until: Timestamp },
+    StandBy {
+        holder: String,
+        until: Timestamp,
+    },
 }
 
 /// What one renewal came to.
@@ -649,7 +668,12 @@ mod tests {
 
     #[test]
     fn its_own_lease_is_renewed_keeping_acquisition_and_transitions() {
-        let (take, next) = written(plan(Some(&lease(Some(ME), 10, Some(20), 2)), at(22), ME, 15));
+        let (take, next) = written(plan(
+            Some(&lease(Some(ME), 10, Some(20), 2)),
+            at(22),
+            ME,
+            15,
+        ));
         assert_eq!(take, Take::Renew);
         assert_eq!(next.metadata.resource_version.as_deref(), Some("7"));
         let spec = next.spec.unwrap();
@@ -779,7 +803,10 @@ mod tests {
 
     #[test]
     fn the_lease_namespace_is_the_flag_then_the_pod_then_the_watched_one() {
-        assert_eq!(lease_namespace(Some("ops"), Some("pod\n"), Some("w")), "ops");
+        assert_eq!(
+            lease_namespace(Some("ops"), Some("pod\n"), Some("w")),
+            "ops"
+        );
         assert_eq!(lease_namespace(None, Some("pod\n"), Some("w")), "pod");
         assert_eq!(lease_namespace(None, None, Some("w")), "w");
         assert_eq!(lease_namespace(Some(" "), Some(""), None), "default");
@@ -788,7 +815,10 @@ mod tests {
 
     #[test]
     fn the_default_identity_is_the_host_and_the_pid() {
-        assert_eq!(default_identity(Some("agentops-7d9f\n"), 1), "agentops-7d9f-1");
+        assert_eq!(
+            default_identity(Some("agentops-7d9f\n"), 1),
+            "agentops-7d9f-1"
+        );
         assert_eq!(default_identity(None, 42), "agentops-42");
         assert_eq!(default_identity(Some(""), 42), "agentops-42");
     }
@@ -814,8 +844,15 @@ mod tests {
         assert!(e.starts_with("--leader-retry 10s: must be"), "{e}");
         let e = refused(s(15), s(10), s(0));
         assert!(e.starts_with("--leader-retry 0s: must be"), "{e}");
-        let e = refused(Duration::from_millis(1500), s(1), Duration::from_millis(500));
-        assert!(e.starts_with("--leader-lease-duration 1s 500ms: must be whole seconds"), "{e}");
+        let e = refused(
+            Duration::from_millis(1500),
+            s(1),
+            Duration::from_millis(500),
+        );
+        assert!(
+            e.starts_with("--leader-lease-duration 1s 500ms: must be whole seconds"),
+            "{e}"
+        );
         let e = refused(s(0), s(0), s(0));
         assert!(e.starts_with("--leader-lease-duration 0s"), "{e}");
     }
