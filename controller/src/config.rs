@@ -256,19 +256,48 @@ pub struct ShutdownArgs {
 /// writes back; the others serve `/healthz` and `/metrics` and wait to take over.
 #[derive(Debug, Clone, Args)]
 pub struct LeaderArgs {
-    /// The name of the leadership several controllers compete for (on Postgres, a session
-    /// advisory lock derived from it). Controllers of one installation share it; give an
-    /// installation with its own sources on the same database its own.
+    /// The name of the leadership several controllers compete for: with `--kube` the name of
+    /// a Lease, on Postgres a session advisory lock derived from it. Controllers of one
+    /// installation share it; give an installation with its own sources its own.
     #[arg(
         long,
         env = "AGENTOPS_LEADER_LOCK",
         default_value = "agentops-controller"
     )]
     pub leader_lock: String,
-    /// How often a standby controller tries to take the lead, and the leader checks it still
-    /// holds it.
+    /// How often a standby controller tries to take the lead, and the leader checks (with
+    /// `--kube`: renews) that it still holds it.
     #[arg(long, env = "AGENTOPS_LEADER_RETRY", default_value = "2s", value_parser = parse_duration)]
     pub leader_retry: Duration,
+    /// With `--kube`: how long the Lease holds after its last renewal. A standby takes over a
+    /// lease not renewed for this long. Whole seconds.
+    #[arg(long, env = "AGENTOPS_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub leader_lease_duration: Duration,
+    /// With `--kube`: a leader that could not renew its Lease for this long stops leading
+    /// (and exits 1). Shorter than `--leader-lease-duration`: the difference is the margin
+    /// for the replicas' clocks.
+    #[arg(long, env = "AGENTOPS_LEADER_RENEW", default_value = "10s", value_parser = parse_duration)]
+    pub leader_renew: Duration,
+    /// With `--kube`: the namespace of the Lease. By default the pod's own namespace, else
+    /// `--namespace`, else `default`.
+    #[arg(long, env = "AGENTOPS_LEADER_NAMESPACE")]
+    pub leader_namespace: Option<String>,
+    /// With `--kube`: this controller's name in the Lease (`holderIdentity`), unique among
+    /// the replicas. By default the host name (a pod's name) and the process id.
+    #[arg(long, env = "AGENTOPS_LEADER_IDENTITY")]
+    pub leader_identity: Option<String>,
+}
+
+/// Running on Kubernetes.
+#[derive(Debug, Clone, Args)]
+pub struct KubeArgs {
+    /// Talk to the Kubernetes API (the in-cluster service account, else `KUBECONFIG` or
+    /// `~/.kube/config`): the replicas elect their leader through a Lease.
+    #[arg(long, env = "AGENTOPS_KUBE")]
+    pub kube: bool,
+    /// The Kubernetes namespace to work in.
+    #[arg(long, env = "AGENTOPS_NAMESPACE")]
+    pub namespace: Option<String>,
 }
 
 /// The agents `up` runs in its own process.

@@ -17,8 +17,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    DispatchArgs, EmbeddedArgs, GlobalConfig, LeaderArgs, LlmArgs, ShutdownArgs, SourceConfig,
-    StoreConfig, WritebackArgs,
+    DispatchArgs, EmbeddedArgs, GlobalConfig, KubeArgs, LeaderArgs, LlmArgs, ShutdownArgs,
+    SourceConfig, StoreConfig, WritebackArgs,
 };
 
 #[derive(Debug, Parser)]
@@ -99,6 +99,8 @@ pub enum Command {
         shutdown: ShutdownArgs,
         #[command(flatten)]
         leader: LeaderArgs,
+        #[command(flatten)]
+        kube: KubeArgs,
         /// Exit 0 once no task can move without a person: none in progress, none pending with
         /// its dependencies completed (work in review waits for a merge).
         #[arg(long)]
@@ -198,6 +200,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             llm,
             shutdown,
             leader,
+            kube,
             exit_when_idle,
         } => {
             let embedded = (!agents.no_agents).then_some((agents, llm));
@@ -211,6 +214,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 exit_when_idle,
                 shutdown,
                 leader,
+                kube,
             })
             .await
         }

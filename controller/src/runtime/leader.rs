@@ -1,12 +1,15 @@
 //! Leadership: of several controllers on one database, one leads (syncs, dispatches, writes
 //! back) and the others stand by.
 //!
-//! On Postgres the leader holds a session advisory lock on a connection of its own. The
-//! database releases it the moment that session ends, also when the process is killed (the
-//! kernel closes the socket), so a standby that retries every `--leader-retry` takes over
-//! within that interval. A leader whose lock connection breaks can no longer tell whether it
-//! still leads, so it stops leading at once. On SQLite the database is a file on one machine
-//! and the controller leads alone.
+//! With `--kube` the controllers elect their leader through a Kubernetes Lease ([`lease`]).
+//! Otherwise, on Postgres, the leader holds a session advisory lock on a connection of its
+//! own. The database releases it the moment that session ends, also when the process is
+//! killed (the kernel closes the socket), so a standby that retries every `--leader-retry`
+//! takes over within that interval. A leader whose lock connection breaks can no longer tell
+//! whether it still leads, so it stops leading at once. On SQLite the database is a file on
+//! one machine and the controller leads alone.
+
+pub mod lease;
 
 use std::time::Duration;
 
@@ -14,7 +17,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::LeaderArgs;
+use crate::config::{KubeArgs, LeaderArgs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
@@ -22,6 +25,25 @@ pub enum LeaderError {
     Connect(#[source] sqlx::Error),
     #[error("the connection that holds the leader lock failed: leadership is lost")]
     Lost(#[source] sqlx::Error),
+    #[error("{flag} {value}: {reason}")]
+    Setting {
+        flag: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("cannot read or write the leader lease {lease}")]
+    KubeApi {
+        lease: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the leader lease {lease} could not be renewed for {}: leadership is lost",
+        humantime::format_duration(*within)
+    )]
+    NotRenewed { lease: String, within: Duration },
+    #[error("the leader lease {lease} is held by {holder} now: leadership is lost")]
+    Replaced { lease: String, holder: String },
 }
 
 impl LeaderError {
@@ -29,6 +51,10 @@ impl LeaderError {
         match self {
             LeaderError::Connect(_) => "connect",
             LeaderError::Lost(_) => "lost",
+            LeaderError::Setting { .. } => "setting",
+            LeaderError::KubeApi { .. } => "kube_api",
+            LeaderError::NotRenewed { .. } => "not_renewed",
+            LeaderError::Replaced { .. } => "replaced",
         }
     }
 }
@@ -38,6 +64,8 @@ pub enum Leadership {
     /// No other controller can share the store.
     Sole,
     AdvisoryLock(AdvisoryLock),
+    /// Boxed: the lease's client and last written Lease are large.
+    KubeLease(Box<lease::KubeLease>),
 }
 
 pub struct AdvisoryLock {
@@ -54,6 +82,21 @@ pub fn lock_key(name: &str) -> i64 {
 }
 
 impl Leadership {
+    /// A Lease with a Kubernetes client (`--kube`), else what the store needs.
+    pub fn configure(
+        url: &str,
+        leader: &LeaderArgs,
+        kube: &KubeArgs,
+        client: Option<kube::Client>,
+    ) -> Result<Leadership, LeaderError> {
+        match client {
+            Some(client) => Ok(Leadership::KubeLease(Box::new(lease::KubeLease::new(
+                client, leader, kube,
+            )?))),
+            None => Ok(Leadership::for_store(url, leader)),
+        }
+    }
+
     pub fn for_store(url: &str, args: &LeaderArgs) -> Leadership {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Leadership::AdvisoryLock(AdvisoryLock {
@@ -74,9 +117,61 @@ impl Leadership {
         shutdown: &CancellationToken,
         standing_by: impl FnOnce(),
     ) -> Result<bool, LeaderError> {
-        let Leadership::AdvisoryLock(lock) = self else {
-            return Ok(true);
+        match self {
+            Leadership::Sole => Ok(true),
+            Leadership::AdvisoryLock(lock) => lock.acquire(shutdown, standing_by).await,
+            Leadership::KubeLease(lease) => lease.acquire(shutdown, standing_by).await,
+        }
+    }
+
+    /// Keep watching the lock (renewing the lease) from a task of its own, once this
+    /// controller leads: a check interrupted halfway by the controller's loop would leave the
+    /// connection unusable.
+    pub fn watch(self) -> Lead {
+        let (lost, receiver) = tokio::sync::oneshot::channel();
+        let mut release = None;
+        let watcher = match self {
+            Leadership::Sole => None,
+            Leadership::KubeLease(lease) => {
+                let token = CancellationToken::new();
+                release = Some(token.clone());
+                Some(tokio::spawn(lease.keep(lost, token)))
+            }
+            Leadership::AdvisoryLock(AdvisoryLock {
+                connection: Some(mut connection),
+                retry,
+                ..
+            }) => Some(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(retry).await;
+                    if let Err(e) = connection.ping().await {
+                        let _ = lost.send(LeaderError::Lost(e));
+                        return;
+                    }
+                }
+            })),
+            Leadership::AdvisoryLock(AdvisoryLock {
+                connection: None, ..
+            }) => {
+                let _ = lost.send(LeaderError::Lost(sqlx::Error::PoolClosed));
+                None
+            }
         };
+        Lead {
+            receiver: Some(receiver),
+            watcher,
+            release,
+        }
+    }
+}
+
+impl AdvisoryLock {
+    async fn acquire(
+        &mut self,
+        shutdown: &CancellationToken,
+        standing_by: impl FnOnce(),
+    ) -> Result<bool, LeaderError> {
+        let lock = self;
         let mut standing_by = Some(standing_by);
         loop {
             if lock.connection.is_none() {
@@ -113,48 +208,29 @@ impl Leadership {
             }
         }
     }
-
-    /// Keep watching the lock from a task of its own, once this controller leads: a check
-    /// interrupted halfway by the controller's loop would leave the connection unusable.
-    pub fn watch(self) -> Lead {
-        let (lost, receiver) = tokio::sync::oneshot::channel();
-        let watcher = match self {
-            Leadership::Sole => None,
-            Leadership::AdvisoryLock(AdvisoryLock {
-                connection: Some(mut connection),
-                retry,
-                ..
-            }) => Some(tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(retry).await;
-                    if let Err(e) = connection.ping().await {
-                        let _ = lost.send(LeaderError::Lost(e));
-                        return;
-                    }
-                }
-            })),
-            Leadership::AdvisoryLock(AdvisoryLock {
-                connection: None, ..
-            }) => {
-                let _ = lost.send(LeaderError::Lost(sqlx::Error::PoolClosed));
-                None
-            }
-        };
-        Lead {
-            receiver: Some(receiver),
-            watcher,
-        }
-    }
 }
 
 /// Leading, for as long as this lives: dropping it ends the lock's session, which lets a
-/// standby take over.
+/// standby take over; a lease is handed back by [`Lead::release`].
 pub struct Lead {
     receiver: Option<tokio::sync::oneshot::Receiver<LeaderError>>,
     watcher: Option<tokio::task::JoinHandle<()>>,
+    /// Asks the lease's watcher to hand the lease back and end.
+    release: Option<CancellationToken>,
 }
 
 impl Lead {
+    /// Stop leading on a clean stop, so that a standby takes over at its next try instead of
+    /// when the lease expires.
+    pub async fn release(mut self) {
+        if let (Some(release), Some(watcher)) = (self.release.take(), self.watcher.take()) {
+            release.cancel();
+            if let Err(e) = watcher.await {
+                tracing::error!("the leader lease's task failed: {e}");
+            }
+        }
+    }
+
     /// Resolves when leadership is lost; never, for a sole controller. Safe to cancel and
     /// call again.
     pub async fn lost(&mut self) -> LeaderError {
@@ -201,6 +277,10 @@ mod tests {
         let args = LeaderArgs {
             leader_lock: "x".into(),
             leader_retry: Duration::from_secs(2),
+            leader_lease_duration: Duration::from_secs(15),
+            leader_renew: Duration::from_secs(10),
+            leader_namespace: None,
+            leader_identity: None,
         };
         assert!(matches!(
             Leadership::for_store("sqlite:///tmp/a.db", &args),

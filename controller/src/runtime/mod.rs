@@ -20,8 +20,8 @@ use tokio_util::task::TaskTracker;
 use crate::api::ApiState;
 use crate::bus::{Bus, BusError, InProcessBus, NatsBus};
 use crate::config::{
-    DispatchArgs, EmbeddedArgs, GlobalConfig, LeaderArgs, LlmArgs, PRESENCE_TIMEOUT, ShutdownArgs,
-    SourceConfig, StoreConfig, WritebackArgs,
+    DispatchArgs, EmbeddedArgs, GlobalConfig, KubeArgs, LeaderArgs, LlmArgs, PRESENCE_TIMEOUT,
+    ShutdownArgs, SourceConfig, StoreConfig, WritebackArgs,
 };
 use crate::dispatch::{Backends, Dispatcher};
 use crate::forge::{Forge, ForgeError};
@@ -56,6 +56,7 @@ pub struct ControllerConfig {
     pub exit_when_idle: bool,
     pub shutdown: ShutdownArgs,
     pub leader: LeaderArgs,
+    pub kube: KubeArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +87,8 @@ pub enum RuntimeError {
     Llm(#[source] agentops_agents::llm::LlmError),
     #[error("leader election")]
     Leader(#[source] leader::LeaderError),
+    #[error("--kube: connecting to Kubernetes (in-cluster config or KUBECONFIG)")]
+    Kube(#[source] kube::Error),
     #[error("agent enrollment")]
     Enrollment(#[source] crate::api::enroll::EnrollmentError),
 }
@@ -121,6 +124,7 @@ pub struct Runtime {
     listener: tokio::net::TcpListener,
     backends: Backends,
     store: AnyStore,
+    leadership: leader::Leadership,
 }
 
 /// The Git source `--repo`, `--branch` and `--path` describe.
@@ -260,8 +264,24 @@ impl Runtime {
         let store = AnyStore::connect(&config.store.url(&config.global))
             .await
             .map_err(RuntimeError::Store)?;
+        let client = match config.kube.kube {
+            true => Some(
+                kube::Client::try_default()
+                    .await
+                    .map_err(RuntimeError::Kube)?,
+            ),
+            false => None,
+        };
+        let leadership = leader::Leadership::configure(
+            &config.store.url(&config.global),
+            &config.leader,
+            &config.kube,
+            client,
+        )
+        .map_err(RuntimeError::Leader)?;
         Ok(Runtime {
             config,
+            leadership,
             source,
             forge,
             triggers,
@@ -287,6 +307,7 @@ impl Runtime {
             listener,
             backends,
             store,
+            leadership,
         } = self;
         let parts = Parts {
             config,
@@ -295,6 +316,7 @@ impl Runtime {
             triggers,
             listener,
             backends,
+            leadership,
         };
         crate::with_store!(store, store => parts.run(store, shutdown).await)
     }
@@ -355,6 +377,7 @@ struct Parts {
     triggers: Triggers,
     listener: tokio::net::TcpListener,
     backends: Backends,
+    leadership: leader::Leadership,
 }
 
 /// The long-running tasks of a controller, each stopped in its own phase.
@@ -386,10 +409,9 @@ impl Parts {
             mut triggers,
             listener,
             backends,
+            leadership,
         } = self;
         store.migrate().await.map_err(RuntimeError::Store)?;
-        let leadership =
-            leader::Leadership::for_store(&config.store.url(&config.global), &config.leader);
         let Some((mut leadership, listener)) =
             lead(leadership, &config.leader.leader_lock, listener, &shutdown).await?
         else {
@@ -588,6 +610,10 @@ impl Parts {
         running
             .stop(Deadline::after(config.shutdown.shutdown_grace))
             .await;
+        if exit != Exit::LostLeadership {
+            // Only once everything has stopped: a standby may lead from the next moment.
+            leadership.release().await;
+        }
         Ok(exit)
     }
 }

@@ -14,6 +14,7 @@ mod diff;
 mod dispatch;
 mod forge_github;
 mod kube_examples;
+mod lease;
 mod llm;
 mod mcp;
 mod queue;
