@@ -828,17 +828,6 @@ fn help_names(help: &str, name: &str) -> bool {
     })
 }
 
-/// What the chart gives `agentops up` that the Kubernetes source and Lease leader election of
-/// issue #16 bring, which are being built beside the chart. Each must be missing from
-/// `agentops up --help` until then: once it is there this test fails, naming it, to be taken
-/// off this list, and from then on it is checked like every other name.
-const COMING_WITH_THE_KUBERNETES_SOURCE: &[&str] = &[
-    "--kube",
-    "AGENTOPS_NAMESPACE",
-    "AGENTOPS_LEADER_NAMESPACE",
-    "AGENTOPS_LEADER_IDENTITY",
-];
-
 /// The `--flag` names of a container's arguments and the names of its environment.
 fn names_given(c: &Container) -> Vec<String> {
     let mut names: Vec<String> = c
@@ -905,21 +894,11 @@ fn the_containers_get_only_flags_and_variables_the_binaries_take() {
                     Some(other) => panic!("a container runs {other:?}"),
                 };
                 for name in names_given(c) {
-                    let coming = bin == "agentops up"
-                        && COMING_WITH_THE_KUBERNETES_SOURCE.contains(&name.as_str());
-                    if coming {
-                        assert!(
-                            !help_names(help, &name),
-                            "`agentops up` takes {name} now: take it off \
-                             COMING_WITH_THE_KUBERNETES_SOURCE"
-                        );
-                    } else {
-                        assert!(
-                            help_names(help, &name),
-                            "{values:?}: `{bin} --help` names no {name}"
-                        );
-                        checked += 1;
-                    }
+                    assert!(
+                        help_names(help, &name),
+                        "{values:?}: `{bin} --help` names no {name}"
+                    );
+                    checked += 1;
                 }
             }
         }
