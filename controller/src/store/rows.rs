@@ -455,10 +455,7 @@ impl<'p, 'a, O: Objects> Batches<'p, 'a, O> {
                 });
                 (statement, rows)
             }
-            Step::Keys(statement, rows) => (
-                statement,
-                json_array(rows.iter(), |out, row| to_json(out, row)),
-            ),
+            Step::Keys(statement, rows) => (statement, json_array(rows.iter(), to_json)),
             Step::Events(events) => {
                 let rows = json_array(events.iter(), |out, e| {
                     to_json(
