@@ -1,4 +1,4 @@
-//! Internal events of sync, write-back, reviews and the forge.
+//! Internal events of sync, write-back, reviews, the forge, the bus and presence.
 //!
 //! Each event is a typed value whose [`InternalEvent::emit`] logs it with fields and counts it
 //! on `/metrics`; failures are counted by the `metric_label()` of their error, so a dashboard
@@ -18,7 +18,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::bus::BusError;
 use crate::forge::ForgeError;
+use crate::presence::PresenceError;
 use crate::reconcile::sync::{SyncError, SyncReport};
 use crate::source::SourceError;
 use crate::store::StoreError;
@@ -72,6 +74,9 @@ pub struct Telemetry {
     leader: Gauge,
     leadership_lost: Counter,
     registrations_refused: Family<ReasonLabel, Counter>,
+    bus_publish_errors: Family<ReasonLabel, Counter>,
+    bus_reconnects: Counter,
+    presence_errors: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Telemetry {
@@ -93,6 +98,9 @@ impl Default for Telemetry {
             leader: Gauge::default(),
             leadership_lost: Counter::default(),
             registrations_refused: Family::default(),
+            bus_publish_errors: Family::default(),
+            bus_reconnects: Counter::default(),
+            presence_errors: Family::default(),
         }
     }
 }
@@ -182,6 +190,21 @@ impl Telemetry {
             "Agent registrations refused, by reason",
             self.registrations_refused.clone(),
         );
+        r.register(
+            "agentops_bus_publish_errors",
+            "Publishes to the bus (NATS) that failed, by reason",
+            self.bus_publish_errors.clone(),
+        );
+        r.register(
+            "agentops_bus_reconnects",
+            "Times the bus client connected to NATS again after losing its connection",
+            self.bus_reconnects.clone(),
+        );
+        r.register(
+            "agentops_presence_errors",
+            "Presence (Redis) calls that failed or timed out, by reason",
+            self.presence_errors.clone(),
+        );
     }
 }
 
@@ -238,6 +261,35 @@ impl ForgeError {
             ForgeError::NoRepository(_) => "no_repository",
             ForgeError::BadUrl(_) => "bad_url",
             ForgeError::Branch(_) => "branch",
+        }
+    }
+}
+
+impl BusError {
+    pub fn metric_label(&self) -> &'static str {
+        use async_nats::jetstream::context::PublishErrorKind;
+        match self {
+            BusError::Connect { .. } => "connect",
+            BusError::Stream { .. } => "stream",
+            BusError::Publish { source, .. } => match source.kind() {
+                PublishErrorKind::StreamNotFound => "no_stream",
+                PublishErrorKind::TimedOut => "timeout",
+                PublishErrorKind::BrokenPipe => "broken_pipe",
+                PublishErrorKind::MaxPayloadExceeded => "too_large",
+                PublishErrorKind::MaxAckPending => "max_ack_pending",
+                _ => "publish",
+            },
+            BusError::Encode(_) => "encode",
+        }
+    }
+}
+
+impl PresenceError {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            PresenceError::Url { .. } => "url",
+            PresenceError::Redis { .. } => "redis",
+            PresenceError::Timeout { .. } => "timeout",
         }
     }
 }
@@ -521,5 +573,153 @@ impl InternalEvent for RegistrationRefused<'_> {
             reason,
             "agent registration refused"
         );
+    }
+}
+
+/// The NATS client's connection changed, or it reported something.
+pub enum BusConnection<'a> {
+    Connected {
+        url: &'a str,
+        again: bool,
+    },
+    Disconnected {
+        url: &'a str,
+    },
+    Other {
+        url: &'a str,
+        event: &'a async_nats::Event,
+    },
+}
+
+impl InternalEvent for BusConnection<'_> {
+    fn emit(self) {
+        match self {
+            BusConnection::Connected { url, again } => {
+                if again {
+                    telemetry().bus_reconnects.inc();
+                }
+                tracing::info!(%url, again, "NATS connected");
+            }
+            BusConnection::Disconnected { url } => {
+                tracing::warn!(%url, "NATS disconnected; reconnecting");
+            }
+            BusConnection::Other { url, event } => tracing::debug!(%url, %event, "NATS"),
+        }
+    }
+}
+
+/// A batch of messages did not all reach the bus. Its caller (the relay, the announcer) says
+/// so once per outage and tries later; this counts every failure.
+pub struct BusPublishFailed<'a> {
+    pub bus: &'a str,
+    pub messages: usize,
+    pub error: &'a BusError,
+}
+
+impl InternalEvent for BusPublishFailed<'_> {
+    fn emit(self) {
+        let reason = self.error.metric_label();
+        telemetry()
+            .bus_publish_errors
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        tracing::debug!(
+            bus = self.bus,
+            messages = self.messages,
+            reason,
+            error = %crate::error_chain(self.error),
+            "bus publish failed"
+        );
+    }
+}
+
+/// A presence call failed or timed out. Its caller carries on without the answer and says so
+/// once per outage; this counts every failure.
+pub struct PresenceFailed<'a> {
+    pub presence: &'a str,
+    pub error: &'a PresenceError,
+}
+
+impl InternalEvent for PresenceFailed<'_> {
+    fn emit(self) {
+        let reason = self.error.metric_label();
+        telemetry()
+            .presence_errors
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        tracing::debug!(
+            presence = self.presence,
+            reason,
+            error = %crate::error_chain(self.error),
+            "presence call failed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::Bus;
+    use crate::presence::{Presence, RedisPresence};
+    use crate::store::queue::ReadyTask;
+
+    /// The value of one series on `/metrics`, 0 when it is not there yet.
+    fn series(name: &str) -> f64 {
+        let mut registry = Registry::default();
+        telemetry().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    #[test]
+    fn bus_and_presence_errors_are_labelled_by_kind() {
+        let encode = serde_json::from_str::<u8>("x").unwrap_err();
+        assert_eq!(BusError::Encode(encode).metric_label(), "encode");
+        let timeout = PresenceError::Timeout {
+            doing: "reading presence",
+            timeout: Duration::from_millis(1),
+        };
+        assert_eq!(timeout.metric_label(), "timeout");
+    }
+
+    /// Nothing listens on port 1: each call fails, and is counted under its error's label.
+    #[tokio::test]
+    async fn a_failed_presence_call_is_counted_by_its_reason() {
+        let presence =
+            RedisPresence::connect("redis://127.0.0.1:1", Duration::from_millis(500)).unwrap();
+        let counted = |reason: &str| {
+            series(&format!(
+                "agentops_presence_errors_total{{reason=\"{reason}\"}}"
+            ))
+        };
+        let before = [counted("redis"), counted("timeout")];
+        let error = presence.alive(&["a".to_owned()]).await.unwrap_err();
+        let reason = error.metric_label();
+        let was = if reason == "redis" {
+            before[0]
+        } else {
+            before[1]
+        };
+        assert!(counted(reason) > was, "{reason} not counted: {error}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_publish_is_counted_by_its_reason() {
+        let bus = crate::bus::NatsBus::connect("nats://127.0.0.1:1", Default::default())
+            .await
+            .unwrap();
+        let counted = || series("agentops_bus_publish_errors_total{reason=\"stream\"}");
+        let before = counted();
+        let ready = ReadyTask {
+            pool: "p".to_owned(),
+            task: uuid::Uuid::nil(),
+            run_lease: 0,
+        };
+        let error = bus.announce(&[ready]).await.unwrap_err();
+        assert_eq!(error.metric_label(), "stream", "{error}");
+        assert_eq!(counted(), before + 1.0);
     }
 }

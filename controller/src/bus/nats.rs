@@ -12,6 +12,7 @@
 //! NATS down and carries on when it comes back. Every wait is bounded: a publish that gets no
 //! acknowledgement within [`ACK_TIMEOUT`] fails, and its caller counts it and tries later.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use async_nats::jetstream::{self, stream};
 
 use super::{BoxFuture, Bus, BusError, BusMessage, BusNames, DUPLICATE_WINDOW};
 use crate::store::queue::{ReadyTask, StoredEvent};
+use crate::telemetry::{BusConnection, BusPublishFailed, InternalEvent};
 
 /// How long a publish waits for JetStream to confirm it.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,20 +38,27 @@ impl NatsBus {
     pub async fn connect(url: &str, names: BusNames) -> Result<NatsBus, BusError> {
         let shown = crate::redact(url);
         let logged = shown.clone();
+        // Whether the connection was lost since it was last made: the next one is a reconnect.
+        let lost = Arc::new(AtomicBool::new(false));
         let client = async_nats::ConnectOptions::new()
             .name("agentops-controller")
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(2))
             .reconnect_delay_callback(reconnect_delay)
             .event_callback(move |event| {
-                let url = logged.clone();
+                let (url, lost) = (logged.clone(), lost.clone());
                 async move {
+                    let url = url.as_str();
                     match event {
-                        async_nats::Event::Connected => tracing::info!(%url, "NATS connected"),
-                        async_nats::Event::Disconnected => {
-                            tracing::warn!(%url, "NATS disconnected; reconnecting")
+                        async_nats::Event::Connected => {
+                            let again = lost.swap(false, Ordering::Relaxed);
+                            BusConnection::Connected { url, again }.emit();
                         }
-                        other => tracing::debug!(%url, "NATS: {other}"),
+                        async_nats::Event::Disconnected => {
+                            lost.store(true, Ordering::Relaxed);
+                            BusConnection::Disconnected { url }.emit();
+                        }
+                        other => BusConnection::Other { url, event: &other }.emit(),
                     }
                 }
             })
@@ -111,6 +120,21 @@ impl NatsBus {
     /// are awaited together. Awaited one after another, as before, a relay batch of 500 took
     /// up to 500 timeouts to fail.
     async fn publish_all(&self, messages: Vec<BusMessage>) -> Result<(), BusError> {
+        let count = messages.len();
+        let published = self.try_publish_all(messages).await;
+        if let Err(error) = &published {
+            let (bus, messages) = (self.url.as_str(), count);
+            BusPublishFailed {
+                bus,
+                messages,
+                error,
+            }
+            .emit();
+        }
+        published
+    }
+
+    async fn try_publish_all(&self, messages: Vec<BusMessage>) -> Result<(), BusError> {
         if messages.is_empty() {
             return Ok(());
         }

@@ -27,7 +27,7 @@ use super::Dispatcher;
 use super::metrics::{ANNOUNCEMENTS, EVENTS};
 use crate::bus::{Bus, DUPLICATE_WINDOW, InProcessBus};
 use crate::presence::{MemoryPresence, Presence};
-use crate::store::queue::{Liveness, Outbox, Queue, ReadyTask};
+use crate::store::queue::{Liveness, Mark, Outbox, Queue, ReadyTask};
 
 /// Events read and published at a time, about: a statement's events are published together,
 /// so a claim of 1,600 tasks makes a batch of 1,600.
@@ -474,7 +474,7 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
             .map(|a| a.name.clone())
             .collect();
         let mut changed = false;
-        match self.queue.mark_offline(&offline, ttl).await {
+        match self.queue.mark(Mark::Offline, &offline, ttl).await {
             Ok(names) if !names.is_empty() => {
                 tracing::info!(agents = ?names, "agents offline: no sign of life for {ttl:?}");
                 changed = true;
@@ -482,7 +482,7 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
             Ok(_) => {}
             Err(e) => tracing::warn!("marking agents offline: {}", crate::error_chain(&e)),
         }
-        match self.queue.mark_online(&online, ttl).await {
+        match self.queue.mark(Mark::Online, &online, ttl).await {
             Ok(names) if !names.is_empty() => {
                 tracing::info!(agents = ?names, "agents back online");
                 changed = true;

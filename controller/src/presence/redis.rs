@@ -11,6 +11,7 @@ use redis::aio::ConnectionManager;
 use uuid::Uuid;
 
 use super::{BoxFuture, Presence, PresenceError, agent_key, progress_key, rate_key};
+use crate::telemetry::{InternalEvent, PresenceFailed};
 
 pub struct RedisPresence {
     url: String,
@@ -46,14 +47,21 @@ impl RedisPresence {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(self.timeout, command(self.manager.clone())).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => Err(PresenceError::Redis { doing, source }),
-            Err(_) => Err(PresenceError::Timeout {
+        let error = match tokio::time::timeout(self.timeout, command(self.manager.clone())).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(source)) => PresenceError::Redis { doing, source },
+            Err(_) => PresenceError::Timeout {
                 doing,
                 timeout: self.timeout,
-            }),
+            },
+        };
+        let presence = self.url.as_str();
+        PresenceFailed {
+            presence,
+            error: &error,
         }
+        .emit();
+        Err(error)
     }
 }
 

@@ -7,13 +7,14 @@ use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::migrate::{Migrate, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, Pool, Postgres, Sqlite, Type};
 
-use super::sql::{Dialect, POSTGRES, POSTGRES_SQL, SQLITE, SQLITE_SQL, Sql, Unspellable};
+use super::sql::{Dialect, POSTGRES, SQLITE, Sql};
 use super::*;
 use crate::reconcile::plan::{Current, Plan};
 
@@ -69,14 +70,13 @@ impl<T> Decoded for T where
 }
 
 /// What differs between the engines beyond the SQL text.
-pub trait Backend: Database {
+pub trait Backend: Database<Connection: Migrate> {
     const DIALECT: &'static Dialect;
     /// The statement that opens a writing transaction.
     const BEGIN: &'static str;
-
-    fn sql() -> &'static Result<Sql, Unspellable>;
-
-    fn migrate(pool: &Pool<Self>) -> impl Future<Output = Result<(), StoreError>> + Send;
+    const MIGRATOR: Migrator;
+    /// The migrations reworded since they were released (see `migrations`).
+    const REWORDED: &'static [migrations::Reworded];
 
     fn fetch<R: Decoded>(
         conn: &mut Self::Connection,
@@ -139,16 +139,8 @@ macro_rules! engine_io {
 impl Backend for Postgres {
     const DIALECT: &'static Dialect = &POSTGRES;
     const BEGIN: &'static str = "BEGIN";
-
-    fn sql() -> &'static Result<Sql, Unspellable> {
-        &POSTGRES_SQL
-    }
-
-    async fn migrate(pool: &Pool<Self>) -> Result<(), StoreError> {
-        let migrator = sqlx::migrate!("../migrations/postgres");
-        migrations::repair::<Self>(pool, &migrator, migrations::POSTGRES_REWORDED).await?;
-        migrator.run(pool).await.map_err(StoreError::Migrate)
-    }
+    const MIGRATOR: Migrator = sqlx::migrate!("../migrations/postgres");
+    const REWORDED: &'static [migrations::Reworded] = migrations::POSTGRES_REWORDED;
 
     engine_io!();
 }
@@ -158,16 +150,8 @@ impl Backend for Sqlite {
     /// IMMEDIATE takes the write lock up front, so a concurrent writer waits on busy_timeout
     /// instead of failing when a read lock cannot be upgraded.
     const BEGIN: &'static str = "BEGIN IMMEDIATE";
-
-    fn sql() -> &'static Result<Sql, Unspellable> {
-        &SQLITE_SQL
-    }
-
-    async fn migrate(pool: &Pool<Self>) -> Result<(), StoreError> {
-        let migrator = sqlx::migrate!("../migrations/sqlite");
-        migrations::repair::<Self>(pool, &migrator, migrations::SQLITE_REWORDED).await?;
-        migrator.run(pool).await.map_err(StoreError::Migrate)
-    }
+    const MIGRATOR: Migrator = sqlx::migrate!("../migrations/sqlite");
+    const REWORDED: &'static [migrations::Reworded] = migrations::SQLITE_REWORDED;
 
     engine_io!();
 }
@@ -199,7 +183,7 @@ pub(crate) type Conn<B> = <B as Database>::Connection;
 
 impl<B: Backend> Db<B> {
     fn open(pool: Pool<B>) -> Result<Db<B>, StoreError> {
-        let sql = B::sql()
+        let sql = Sql::of(B::DIALECT)
             .as_ref()
             .map_err(|e| StoreError::Statement(e.clone()))?;
         Ok(Db { pool, sql })
@@ -378,7 +362,9 @@ impl SqliteStore {
 
 impl<B: Backend> Store for Db<B> {
     async fn migrate(&self) -> Result<(), StoreError> {
-        B::migrate(&self.pool).await
+        let migrator = B::MIGRATOR;
+        migrations::repair::<B>(&self.pool, &migrator, B::REWORDED).await?;
+        migrator.run(&self.pool).await.map_err(StoreError::Migrate)
     }
 
     async fn load(&self, source: &str) -> Result<Current, StoreError> {
@@ -443,7 +429,7 @@ impl<B: Backend> Store for Db<B> {
         project: Option<&str>,
     ) -> Result<Vec<ProjectStatus>, StoreError> {
         let core = &self.sql.core;
-        let projects: Vec<ProjectRow> = self
+        let projects: Vec<ProjectStatus> = self
             .rows(&core.project_status, args![project], "reading projects")
             .await?;
         let tasks: Vec<TaskRow> = self
@@ -453,10 +439,8 @@ impl<B: Backend> Store for Db<B> {
     }
 
     async fn source_status(&self) -> Result<Vec<SourceStatus>, StoreError> {
-        let rows: Vec<SourceRow> = self
-            .rows(&self.sql.core.source_status, args![], "reading sources")
-            .await?;
-        Ok(rows.into_iter().map(SourceRow::into_status).collect())
+        self.rows(&self.sql.core.source_status, args![], "reading sources")
+            .await
     }
 
     async fn open_tasks(&self) -> Result<i64, StoreError> {

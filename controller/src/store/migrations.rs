@@ -12,7 +12,7 @@ use super::db::{Backend, args, rows_on, run_on};
 use super::{StoreError, query_error};
 
 /// One migration's checksum as released before its comments were reworded.
-pub(crate) struct Reworded {
+pub struct Reworded {
     pub version: i64,
     pub released_sha384: &'static str,
 }
@@ -48,7 +48,7 @@ pub(crate) async fn repair<B: Backend>(
     migrator: &Migrator,
     reworded: &[Reworded],
 ) -> Result<(), StoreError> {
-    let sql = &B::sql()
+    let sql = &super::sql::Sql::of(B::DIALECT)
         .as_ref()
         .map_err(|e| StoreError::Statement(e.clone()))?
         .core;
@@ -81,8 +81,8 @@ mod tests {
     #[test]
     fn every_reworded_migration_exists_and_differs_from_its_released_text() {
         for (migrator, reworded) in [
-            (sqlx::migrate!("../migrations/postgres"), POSTGRES_REWORDED),
-            (sqlx::migrate!("../migrations/sqlite"), SQLITE_REWORDED),
+            (sqlx::Postgres::MIGRATOR, POSTGRES_REWORDED),
+            (sqlx::Sqlite::MIGRATOR, SQLITE_REWORDED),
         ] {
             assert_eq!(
                 checksum_updates(&migrator, reworded).len(),

@@ -73,33 +73,37 @@ pub struct SourceInfo {
 }
 
 /// One project with its tasks, for `agentops status`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow)]
 pub struct ProjectStatus {
     pub name: String,
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[sqlx(rename = "status_message")]
     pub message: Option<String>,
+    #[sqlx(skip)]
     pub tasks: Vec<TaskStatus>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow)]
 pub struct TaskStatus {
     pub name: String,
     pub status: String,
     pub agent: Option<String>,
     pub attempt: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[sqlx(rename = "status_message")]
     pub message: Option<String>,
     /// Seconds since the task was created.
     #[serde(skip)]
     pub age_seconds: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, sqlx::FromRow)]
 pub struct SourceStatus {
     pub name: String,
     pub url: String,
     pub revision: Option<String>,
+    #[sqlx(json)]
     pub errors: Vec<Diagnostic>,
 }
 
@@ -199,27 +203,32 @@ impl AnyStore {
     /// A connection that cannot write: Postgres sessions are read-only, an SQLite file is
     /// opened read-only. `None` for an SQLite file that does not exist, which is not created.
     pub async fn connect_read_only(url: &str) -> Result<Option<AnyStore>, StoreError> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Some(AnyStore::Postgres(
-                PgStore::connect_read_only(url).await?,
-            )))
-        } else if url.starts_with("sqlite:") {
-            Ok(SqliteStore::open_read_only(url)
-                .await?
-                .map(AnyStore::Sqlite))
+        Ok(if postgres(url)? {
+            Some(AnyStore::Postgres(PgStore::connect_read_only(url).await?))
         } else {
-            Err(StoreError::UnsupportedUrl(url.to_owned()))
-        }
+            SqliteStore::open_read_only(url)
+                .await?
+                .map(AnyStore::Sqlite)
+        })
     }
 
     pub async fn connect(url: &str) -> Result<AnyStore, StoreError> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(AnyStore::Postgres(PgStore::connect(url).await?))
-        } else if url.starts_with("sqlite:") {
-            Ok(AnyStore::Sqlite(SqliteStore::connect(url).await?))
+        Ok(if postgres(url)? {
+            AnyStore::Postgres(PgStore::connect(url).await?)
         } else {
-            Err(StoreError::UnsupportedUrl(url.to_owned()))
-        }
+            AnyStore::Sqlite(SqliteStore::connect(url).await?)
+        })
+    }
+}
+
+/// Whether `url` names a Postgres database (or else an SQLite file).
+fn postgres(url: &str) -> Result<bool, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(true)
+    } else if url.starts_with("sqlite:") {
+        Ok(false)
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_owned()))
     }
 }
 
@@ -256,30 +265,12 @@ struct CursorRow {
     errors: sqlx::types::Json<Vec<Diagnostic>>,
 }
 
-#[derive(sqlx::FromRow)]
-struct ProjectRow {
-    name: String,
-    status: String,
-    status_message: Option<String>,
-}
-
+/// A task of `agentops status` and the project it belongs to.
 #[derive(sqlx::FromRow)]
 struct TaskRow {
     project: String,
-    name: String,
-    status: String,
-    agent: Option<String>,
-    attempt: i32,
-    status_message: Option<String>,
-    age_seconds: i64,
-}
-
-#[derive(sqlx::FromRow)]
-struct SourceRow {
-    name: String,
-    url: String,
-    revision: Option<String>,
-    errors: sqlx::types::Json<Vec<Diagnostic>>,
+    #[sqlx(flatten)]
+    task: TaskStatus,
 }
 
 fn current_from(rows: Vec<LoadRow>, cursor: Option<CursorRow>) -> Result<Current, StoreError> {
@@ -324,16 +315,7 @@ fn current_from(rows: Vec<LoadRow>, cursor: Option<CursorRow>) -> Result<Current
     Ok(current)
 }
 
-fn status_from(projects: Vec<ProjectRow>, tasks: Vec<TaskRow>) -> Vec<ProjectStatus> {
-    let mut out: Vec<ProjectStatus> = projects
-        .into_iter()
-        .map(|p| ProjectStatus {
-            name: p.name,
-            status: p.status,
-            message: p.status_message,
-            tasks: Vec::new(),
-        })
-        .collect();
+fn status_from(mut out: Vec<ProjectStatus>, tasks: Vec<TaskRow>) -> Vec<ProjectStatus> {
     let index: std::collections::HashMap<String, usize> = out
         .iter()
         .enumerate()
@@ -341,26 +323,8 @@ fn status_from(projects: Vec<ProjectRow>, tasks: Vec<TaskRow>) -> Vec<ProjectSta
         .collect();
     for t in tasks {
         if let Some(&i) = index.get(&t.project) {
-            out[i].tasks.push(TaskStatus {
-                name: t.name,
-                status: t.status,
-                agent: t.agent,
-                attempt: t.attempt,
-                message: t.status_message,
-                age_seconds: t.age_seconds,
-            });
+            out[i].tasks.push(t.task);
         }
     }
     out
-}
-
-impl SourceRow {
-    fn into_status(self) -> SourceStatus {
-        SourceStatus {
-            name: self.name,
-            url: self.url,
-            revision: self.revision,
-            errors: self.errors.0,
-        }
-    }
 }

@@ -333,22 +333,23 @@ pub trait Liveness: Send + Sync + 'static {
     fn agent_liveness(&self)
     -> impl Future<Output = Result<Vec<AgentLiveness>, StoreError>> + Send;
 
-    /// Mark these agents `offline` (with an `agent.offline` event each), except those the
-    /// store saw within `stale_after` or never saw at all. Returns the names changed.
-    fn mark_offline(
+    /// Mark these agents as `to` says, with an `agent.offline` or `agent.online` event each;
+    /// returns the names changed. Offline: except those the store saw within `within` or
+    /// never saw at all. Online: those marked `offline` that are alive again (seen within
+    /// `within`, not pruned), `busy` or `idle` by what they hold.
+    fn mark(
         &self,
+        to: Mark,
         names: &[String],
-        stale_after: Duration,
+        within: Duration,
     ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+}
 
-    /// Agents marked `offline` that are alive again (seen within `fresh_within`, not pruned):
-    /// `busy` or `idle` by what they hold, with an `agent.online` event each. Returns the
-    /// names changed.
-    fn mark_online(
-        &self,
-        names: &[String],
-        fresh_within: Duration,
-    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+/// What [`Liveness::mark`] makes of agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    Offline,
+    Online,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -434,7 +434,13 @@ pub(super) async fn events<B: Backend>(
 ) -> Result<(), StoreError> {
     if !events.is_empty() {
         let events = json_text(&events)?;
-        run_on::<B>(conn, &db.sql.add_events, args![&events], "recording events").await?;
+        run_on::<B>(
+            conn,
+            &db.sql.core.add_events,
+            args![&events],
+            "recording events",
+        )
+        .await?;
     }
     Ok(())
 }
@@ -506,37 +512,6 @@ impl<B: Backend> Db<B> {
         commit(tx, doing).await?;
         Ok(Ok(row))
     }
-
-    /// Run an agent status change that returns the names it changed, and record
-    /// `event_type` for each, in one transaction.
-    async fn agent_status_change(
-        &self,
-        statement: &'static str,
-        names: &[String],
-        within: std::time::Duration,
-        event_type: &'static str,
-        doing: &'static str,
-    ) -> Result<Vec<String>, StoreError> {
-        if names.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut tx = self.begin().await?;
-        let names = json_text(&names)?;
-        let args = args![&names, millis(within)];
-        let changed: Vec<(String,)> = rows_on::<B, _>(&mut tx, statement, args, doing).await?;
-        let mut changed: Vec<String> = changed.into_iter().map(|(name,)| name).collect();
-        changed.sort();
-        let recorded: Vec<Value> = changed
-            .iter()
-            .map(|name| {
-                let payload = json!({"kind": "Agent", "name": name});
-                event(event_type, "controller", payload)
-            })
-            .collect();
-        events(self, &mut tx, &recorded).await?;
-        commit(tx, doing).await?;
-        Ok(changed)
-    }
 }
 
 impl<B: Dispatch> Queue for Db<B> {
@@ -594,11 +569,8 @@ impl<B: Dispatch> Queue for Db<B> {
         policy: &LeasePolicy,
     ) -> Result<Vec<LeaseState>, StoreError> {
         let sql = &self.sql.queue;
-        let input: Vec<Value> = leases
-            .iter()
-            .map(|l| json!({"id": l.id.hyphenated().to_string(), "run_lease": l.run_lease}))
-            .collect();
-        let input = json_text(&input)?;
+        // `[{id, run_lease}]`, as a lease serializes.
+        let input = json_text(&leases)?;
         let mut tx = self.begin().await?;
         let args = args![&input, agent, millis(policy.lease)];
         let held: Vec<(String, i64)> =
@@ -911,25 +883,38 @@ impl<B: Backend> Liveness for Db<B> {
             .collect())
     }
 
-    async fn mark_offline(
+    async fn mark(
         &self,
+        to: Mark,
         names: &[String],
-        stale_after: std::time::Duration,
+        within: std::time::Duration,
     ) -> Result<Vec<String>, StoreError> {
-        let statement = &self.sql.queue.mark_offline;
-        let doing = "marking agents offline";
-        self.agent_status_change(statement, names, stale_after, "agent.offline", doing)
-            .await
-    }
-
-    async fn mark_online(
-        &self,
-        names: &[String],
-        fresh_within: std::time::Duration,
-    ) -> Result<Vec<String>, StoreError> {
-        let statement = &self.sql.queue.mark_online;
-        let doing = "marking agents online";
-        self.agent_status_change(statement, names, fresh_within, "agent.online", doing)
-            .await
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = &self.sql.queue;
+        let (statement, event_type, doing) = match to {
+            Mark::Offline => (&sql.mark_offline, "agent.offline", "marking agents offline"),
+            Mark::Online => (&sql.mark_online, "agent.online", "marking agents online"),
+        };
+        let mut tx = self.begin().await?;
+        let names = json_text(&names)?;
+        let args = args![&names, millis(within)];
+        let changed: Vec<(String,)> = rows_on::<B, _>(&mut tx, statement, args, doing).await?;
+        let mut changed: Vec<String> = changed.into_iter().map(|(name,)| name).collect();
+        changed.sort();
+        let recorded: Vec<Value> = changed
+            .iter()
+            .map(|name| {
+                event(
+                    event_type,
+                    "controller",
+                    json!({"kind": "Agent", "name": name}),
+                )
+            })
+            .collect();
+        events(self, &mut tx, &recorded).await?;
+        commit(tx, doing).await?;
+        Ok(changed)
     }
 }

@@ -7,14 +7,14 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use agentops_specs::{Kind, Object, ObjectMeta, Spec};
+use agentops_specs::{Kind, Object, ObjectKey, ObjectMeta, Spec};
 use futures::future::BoxFuture;
 use serde::Serialize;
 use uuid::Uuid;
 
 use super::sql::Sql;
 use super::{Objects, StoreError};
-use crate::reconcile::plan::{Event, Flag, Plan, Prune, SpecHash, Write};
+use crate::reconcile::plan::{Event, Plan, SpecHash, Write};
 
 /// Rows per statement: large enough that a cold sync of 100,000 tasks is a few dozen
 /// statements, small enough that one statement's JSON stays a few megabytes.
@@ -121,74 +121,64 @@ fn write_row(out: &mut Vec<u8>, write: &Write<'_>, object: &Object, source: &str
         metadata: metadata(&object.metadata),
         revive: write.revive,
     };
-    // Serializing plain structs of strings and numbers into a Vec cannot fail.
-    let result = match &object.spec {
-        Spec::Project(p) => serde_json::to_writer(
-            &mut *out,
-            &Row {
-                common,
-                columns: ProjectColumns {
-                    title: &p.title,
-                    description: &p.description,
-                    priority: p.priority.value(),
-                    owner: p.owner.as_deref(),
-                    labels: &object.metadata.labels,
-                    suspend: p.suspend,
+    match &object.spec {
+        Spec::Project(p) => row(
+            out,
+            common,
+            ProjectColumns {
+                title: &p.title,
+                description: &p.description,
+                priority: p.priority.value(),
+                owner: p.owner.as_deref(),
+                labels: &object.metadata.labels,
+                suspend: p.suspend,
+            },
+        ),
+        Spec::Task(t) => row(
+            out,
+            common,
+            TaskColumns {
+                project_id: write.project_id,
+                title: &t.title,
+                description: &t.description,
+                assignee: &t.assignee,
+                priority: t.priority.value(),
+                capabilities: &t.capabilities,
+                depends_on: t
+                    .dependency_keys()
+                    .map(|(project, task)| format!("{project}/{task}"))
+                    .collect(),
+                action: &t.action,
+                output: &t.output,
+                acceptance_criteria: &t.acceptance_criteria,
+                timeout_seconds: t.timeout.map(|d| d.as_secs()),
+                retries: t.retries,
+            },
+        ),
+        Spec::Agent(a) => row(
+            out,
+            common,
+            AgentColumns {
+                agent_type: a.agent_type.as_str(),
+                capabilities: &a.capabilities,
+                models: &a.models,
+                concurrency: a.concurrency,
+                instructions: &a.instructions,
+            },
+        ),
+        Spec::Tool(t) => row(
+            out,
+            common,
+            ToolColumns {
+                description: &t.description,
+                tool_type: t.tool_type.as_str(),
+                created_by: &t.created_by,
+                implementation: Implementation {
+                    command: &t.command,
                 },
             },
         ),
-        Spec::Task(t) => serde_json::to_writer(
-            &mut *out,
-            &Row {
-                common,
-                columns: TaskColumns {
-                    project_id: write.project_id,
-                    title: &t.title,
-                    description: &t.description,
-                    assignee: &t.assignee,
-                    priority: t.priority.value(),
-                    capabilities: &t.capabilities,
-                    depends_on: t
-                        .dependency_keys()
-                        .map(|(project, task)| format!("{project}/{task}"))
-                        .collect(),
-                    action: &t.action,
-                    output: &t.output,
-                    acceptance_criteria: &t.acceptance_criteria,
-                    timeout_seconds: t.timeout.map(|d| d.as_secs()),
-                    retries: t.retries,
-                },
-            },
-        ),
-        Spec::Agent(a) => serde_json::to_writer(
-            &mut *out,
-            &Row {
-                common,
-                columns: AgentColumns {
-                    agent_type: a.agent_type.as_str(),
-                    capabilities: &a.capabilities,
-                    models: &a.models,
-                    concurrency: a.concurrency,
-                    instructions: &a.instructions,
-                },
-            },
-        ),
-        Spec::Tool(t) => serde_json::to_writer(
-            &mut *out,
-            &Row {
-                common,
-                columns: ToolColumns {
-                    description: &t.description,
-                    tool_type: t.tool_type.as_str(),
-                    created_by: &t.created_by,
-                    implementation: Implementation {
-                        command: &t.command,
-                    },
-                },
-            },
-        ),
-    };
-    result.expect("rows serialize");
+    }
 }
 
 /// The columns a sync writes from `object`, by name, as JSON: the spec's columns and
@@ -235,16 +225,12 @@ pub(super) fn table(kind: Kind) -> &'static str {
 /// Projects before tasks: a task row refers to its project's.
 const TABLES: [&str; 4] = ["projects", "agents", "tools", "tasks"];
 
-#[derive(Serialize)]
-struct PruneRow<'a> {
+/// The row of a prune, or of a flag with its message.
+#[derive(Serialize, Clone, Copy)]
+struct KeyRow<'a> {
     id: Uuid,
-    name: &'a str,
-}
-
-#[derive(Serialize)]
-struct FlagRow<'a> {
-    id: Uuid,
-    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
     name: &'a str,
 }
 
@@ -340,6 +326,10 @@ fn json_array<T>(
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
+fn row(out: &mut Vec<u8>, common: Common<'_>, columns: impl Serialize) {
+    to_json(out, &Row { common, columns });
+}
+
 /// Serializing plain structs of strings and numbers into a Vec cannot fail.
 fn to_json(out: &mut Vec<u8>, row: &impl Serialize) {
     serde_json::to_writer(out, row).expect("rows serialize");
@@ -348,8 +338,7 @@ fn to_json(out: &mut Vec<u8>, row: &impl Serialize) {
 /// One statement to run, with the rows it reads.
 enum Step<'p, 'a> {
     Writes(&'static str, Vec<&'p Write<'a>>),
-    Prunes(&'static str, Vec<&'p Prune>),
-    Flags(&'static str, Vec<&'p Flag>),
+    Keys(&'static str, Vec<KeyRow<'p>>),
     Events(&'p [Event<'a>]),
 }
 
@@ -393,36 +382,46 @@ impl<'p, 'a, O: Objects> Batches<'p, 'a, O> {
             steps.push_back(write);
             steps.extend(events.next());
         }
-        for table in TABLES {
-            let rows: Vec<&Prune> = plan
-                .prunes
-                .iter()
-                .filter(|p| self::table(p.key.kind()) == table)
-                .collect();
-            let statement = sql.table(table).prune.as_str();
-            steps.extend(
-                rows.chunks(BATCH)
-                    .map(|chunk| Step::Prunes(statement, chunk.to_vec())),
-            );
-        }
-        for table in TABLES {
-            let rows: Vec<&Flag> = plan
-                .flags
-                .iter()
-                .filter(|f| self::table(f.key.kind()) == table)
-                .collect();
-            let statement = sql.table(table).flag.as_str();
-            steps.extend(
-                rows.chunks(BATCH)
-                    .map(|chunk| Step::Flags(statement, chunk.to_vec())),
-            );
+        let key_row = |id, key: &'p ObjectKey, message| {
+            (
+                key.kind(),
+                KeyRow {
+                    id,
+                    message,
+                    name: key.name(),
+                },
+            )
+        };
+        let prunes = plan.prunes.iter().map(|p| key_row(p.id, &p.key, None));
+        let flags = plan
+            .flags
+            .iter()
+            .map(|f| key_row(f.id, &f.key, Some(f.message.as_str())));
+        for (rows, flag) in [(prunes.collect::<Vec<_>>(), false), (flags.collect(), true)] {
+            for table in TABLES {
+                let statements = sql.table(table);
+                let statement = if flag {
+                    &statements.flag
+                } else {
+                    &statements.prune
+                };
+                let rows: Vec<KeyRow<'p>> = rows
+                    .iter()
+                    .filter(|(kind, _)| self::table(*kind) == table)
+                    .map(|(_, row)| *row)
+                    .collect();
+                steps.extend(
+                    rows.chunks(BATCH)
+                        .map(|chunk| Step::Keys(statement.as_str(), chunk.to_vec())),
+                );
+            }
         }
         steps.extend(events);
         Batches {
             revision: &plan.revision,
             source,
             objects,
-            events: sql.events.as_str(),
+            events: sql.core.events.as_str(),
             steps,
             next_objects: None,
         }
@@ -456,31 +455,7 @@ impl<'p, 'a, O: Objects> Batches<'p, 'a, O> {
                 });
                 (statement, rows)
             }
-            Step::Prunes(statement, prunes) => {
-                let rows = json_array(prunes.iter(), |out, p| {
-                    to_json(
-                        out,
-                        &PruneRow {
-                            id: p.id,
-                            name: p.key.name(),
-                        },
-                    )
-                });
-                (statement, rows)
-            }
-            Step::Flags(statement, flags) => {
-                let rows = json_array(flags.iter(), |out, f| {
-                    to_json(
-                        out,
-                        &FlagRow {
-                            id: f.id,
-                            message: &f.message,
-                            name: f.key.name(),
-                        },
-                    )
-                });
-                (statement, rows)
-            }
+            Step::Keys(statement, rows) => (statement, json_array(rows.iter(), to_json)),
             Step::Events(events) => {
                 let rows = json_array(events.iter(), |out, e| {
                     to_json(

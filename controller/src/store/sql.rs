@@ -4,17 +4,6 @@
 //! Postgres and SQLite are how that array becomes a relation, how "now" is spelled and how a
 //! parameter is named; [`Dialect`] fills those in.
 
-/// Column types of the JSON rows, as Postgres declares them in `jsonb_to_recordset`.
-#[derive(Clone, Copy, PartialEq)]
-pub enum Ty {
-    Uuid,
-    Text,
-    Int,
-    BigInt,
-    Bool,
-    Json,
-}
-
 pub struct Dialect {
     pub postgres: bool,
 }
@@ -29,65 +18,76 @@ pub const SQLITE: Dialect = Dialect { postgres: false };
 #[error("a statement template has the unknown token `{0}`")]
 pub struct Unspellable(pub String);
 
-/// SQLite's one timestamp format, as the schema keeps times.
-const SQLITE_NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+/// Each token as (name, Postgres, SQLite). `@` stands for the token's argument, an SQL
+/// expression, except in `$@`, where it is a parameter's number.
+#[rustfmt::skip]
+const TOKENS: &[(&str, &str, &str)] = &[
+    ("now", "now()", "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"),
+    // A row lock where there is one.
+    ("lock", "FOR UPDATE", ""),
+    // Lock the rows, passing over those another transaction holds.
+    ("skip_locked", "FOR UPDATE SKIP LOCKED", ""),
+    // Text parameter N as an id, and as JSON.
+    ("id", "CAST(CAST($@ AS text) AS uuid)", "$@"),
+    ("json", "CAST($@ AS text)::jsonb", "$@"),
+    // The JSON array parameter N as the relation `v(value)`.
+    ("values", "jsonb_array_elements_text(CAST($@ AS text)::jsonb) AS v(value)",
+        "json_each($@) AS v"),
+    // Now plus, and less, parameter N milliseconds.
+    ("after", "now() + $@ * interval '1 millisecond'",
+        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('+%.3f seconds', $@ / 1000.0))"),
+    ("ago", "now() - $@ * interval '1 millisecond'",
+        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%.3f seconds', $@ / 1000.0))"),
+    // A timestamp as RFC 3339 text: whole seconds, and to the millisecond as SQLite keeps it.
+    ("ts", "to_char(@ AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+        "strftime('%Y-%m-%dT%H:%M:%SZ', @)"),
+    ("time", "to_char(@ AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')", "@"),
+    // A uuid or JSON column as text.
+    ("text", "CAST(@ AS text)", "@"),
+    // Seconds, and milliseconds, since a timestamp, as a bigint.
+    ("age", "CAST(EXTRACT(EPOCH FROM (now() - @)) AS bigint)",
+        "CAST((julianday('now') - julianday(@)) * 86400 AS INTEGER)"),
+    ("age_ms", "CAST(EXTRACT(EPOCH FROM (now() - @)) * 1000 AS bigint)",
+        "CAST((julianday('now') - julianday(@)) * 86400000 AS INTEGER)"),
+    // A JSON array of strings as the relation `d(value)`; `each_n` with the elements'
+    // positions as `d.key`.
+    ("each", "jsonb_array_elements_text(@) AS d(value)", "json_each(@) AS d"),
+    ("each_n", "jsonb_array_elements_text(@) WITH ORDINALITY AS d(value, key)", "json_each(@) AS d"),
+    // The parts of `project/task` before and after the slash.
+    ("head", "split_part(@, '/', 1)", "substr(@, 1, instr(@, '/') - 1)"),
+    ("tail", "split_part(@, '/', 2)", "substr(@, instr(@, '/') + 1)"),
+    ("has_table", "to_regclass('@') IS NOT NULL",
+        "EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '@')"),
+];
+
+/// The column types of `{rows:…}`, as Postgres declares them in `jsonb_to_recordset`.
+const TYPES: [(&str, &str); 6] = [
+    ("uuid", "uuid"),
+    ("text", "text"),
+    ("integer", "integer"),
+    ("bigint", "bigint"),
+    ("boolean", "boolean"),
+    ("json", "jsonb"),
+];
+
+/// `name type, …` as (name, type) pairs; `None` for a type not in [`TYPES`].
+fn columns(declared: &str) -> Option<Vec<(&str, &str)>> {
+    declared
+        .split(',')
+        .map(|column| {
+            let (name, ty) = column.trim().split_once(' ')?;
+            let ty = ty.trim();
+            TYPES.iter().any(|(t, _)| *t == ty).then_some((name, ty))
+        })
+        .collect()
+}
 
 impl Dialect {
-    /// The JSON array parameter as a relation `r` with the given columns.
-    pub fn rows(&self, columns: &[(&str, Ty)]) -> String {
-        if self.postgres {
-            let decl: Vec<String> = columns
-                .iter()
-                .map(|(name, ty)| {
-                    let ty = match ty {
-                        Ty::Uuid => "uuid",
-                        Ty::Text => "text",
-                        Ty::Int => "integer",
-                        Ty::BigInt => "bigint",
-                        Ty::Bool => "boolean",
-                        Ty::Json => "jsonb",
-                    };
-                    format!("{name} {ty}")
-                })
-                .collect();
-            format!(
-                "jsonb_to_recordset(CAST($1 AS text)::jsonb) AS r({})",
-                decl.join(", ")
-            )
-        } else {
-            let cols: Vec<String> = columns
-                .iter()
-                .map(|(name, ty)| match ty {
-                    // `->` keeps JSON text for JSON columns; `->>` gives the SQL value.
-                    Ty::Json => format!("value -> '$.{name}' AS {name}"),
-                    _ => format!("value ->> '$.{name}' AS {name}"),
-                })
-                .collect();
-            format!("(SELECT {} FROM json_each(?1)) AS r", cols.join(", "))
-        }
-    }
-
-    pub fn render(&self, template: &str, columns: &[(&str, Ty)]) -> Result<String, Unspellable> {
-        self.spell(&template.replace("{rows}", &self.rows(columns)))
-    }
-
-    /// Spell a template's tokens and its `$N` parameters the way this backend wants:
-    ///
-    /// `{now}`; `{lock}` (a row lock where there is one); `{id:N}` (text parameter N as an
-    /// id); `{json:N}` (text parameter N as JSON); `{after:N}` (now plus parameter N
-    /// milliseconds); `{backoff:COL,B,M}` (now plus the wait before the retry that follows
-    /// attempt COL: `min(B << min(max(COL, 0), 20), M)` milliseconds, B and M parameters);
-    /// `{ts:COL}` (a timestamp as RFC 3339 text, whole seconds); `{text:COL}` (a uuid or
-    /// JSON column as text); `{age:COL}` (seconds since a timestamp, as a bigint);
-    /// `{each:EXPR}` (a JSON array of strings as the relation `d(value)`); `{head:EXPR}` and
-    /// `{tail:EXPR}` (the parts of `project/task` before and after the slash);
-    /// `{has_table:NAME}` (whether the table exists); `{time:COL}` (a timestamp as RFC 3339
-    /// text to the millisecond, as SQLite keeps them); `{ago:N}` (now less parameter N
-    /// milliseconds); `{age_ms:COL}` (milliseconds since a timestamp); `{values:N}` (the JSON
-    /// array parameter N as the relation `v(value)`); `{each_n:EXPR}` (like `each`, with the
-    /// elements' positions as `d.key`); `{skip_locked}` (lock the rows, passing over those
-    /// another transaction holds, where rows can be locked); `{rows:COL TYPE,…}` (the JSON
-    /// array parameter 1 as the relation `r` of these columns).
+    /// Spell a template's tokens and its `$N` parameters the way this backend wants: the
+    /// tokens of [`TOKENS`], `{backoff:COL,B,M}` (now plus the wait before the retry that
+    /// follows attempt COL: `min(B << min(max(COL, 0), 20), M)` milliseconds, B and M
+    /// parameters) and `{rows:COL TYPE,…}` (the JSON array parameter 1 as the relation `r`
+    /// of these columns, of the types of [`TYPES`]).
     pub fn spell(&self, template: &str) -> Result<String, Unspellable> {
         let mut out = String::with_capacity(template.len() + 64);
         let mut rest = template;
@@ -117,112 +117,69 @@ impl Dialect {
     }
 
     fn token(&self, token: &str) -> Option<String> {
-        let pg = self.postgres;
         let (name, arg) = token.split_once(':').unwrap_or((token, ""));
-        let number = || arg.parse::<u32>().ok();
-        Some(match name {
-            "now" if pg => "now()".to_owned(),
-            "now" => SQLITE_NOW.to_owned(),
-            "lock" => if pg { "FOR UPDATE" } else { "" }.to_owned(),
-            "id" if pg => format!("CAST(CAST(${} AS text) AS uuid)", number()?),
-            "json" if pg => format!("CAST(${} AS text)::jsonb", number()?),
-            "id" | "json" => format!("${}", number()?),
-            "after" => self.later(&format!("${}", number()?)),
+        match name {
             "backoff" => {
                 let [column, base, max] = arg.split(',').collect::<Vec<_>>()[..] else {
                     return None;
                 };
                 let (base, max) = (base.parse::<u32>().ok()?, max.parse::<u32>().ok()?);
-                let (least, greatest) = if pg {
-                    ("LEAST", "GREATEST")
+                let (least, greatest) = self.pick(("LEAST", "GREATEST"), ("min", "max"));
+                let ms =
+                    format!("{least}(${base} << {least}({greatest}({column}, 0), 20), ${max})");
+                Some(self.form("after")?.replace("$@", &ms))
+            }
+            "rows" => Some(self.rows(&columns(arg)?)),
+            _ => {
+                let form = self.form(name)?;
+                if form.contains("$@") {
+                    let number = arg.parse::<u32>().ok()?;
+                    Some(form.replace("$@", &format!("${number}")))
                 } else {
-                    ("min", "max")
-                };
-                self.later(&format!(
-                    "{least}(${base} << {least}({greatest}({column}, 0), 20), ${max})"
-                ))
+                    Some(form.replace('@', arg))
+                }
             }
-            "ts" if pg => {
-                format!("to_char({arg} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')")
-            }
-            "ts" => format!("strftime('%Y-%m-%dT%H:%M:%SZ', {arg})"),
-            "text" if pg => format!("CAST({arg} AS text)"),
-            "text" => arg.to_owned(),
-            "age" if pg => format!("CAST(EXTRACT(EPOCH FROM (now() - {arg})) AS bigint)"),
-            "age" => format!("CAST((julianday('now') - julianday({arg})) * 86400 AS INTEGER)"),
-            "each" if pg => format!("jsonb_array_elements_text({arg}) AS d(value)"),
-            "each" => format!("json_each({arg}) AS d"),
-            "head" if pg => format!("split_part({arg}, '/', 1)"),
-            "head" => format!("substr({arg}, 1, instr({arg}, '/') - 1)"),
-            "tail" if pg => format!("split_part({arg}, '/', 2)"),
-            "tail" => format!("substr({arg}, instr({arg}, '/') + 1)"),
-            "has_table" if pg => format!("to_regclass('{arg}') IS NOT NULL"),
-            "has_table" => format!(
-                "EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '{arg}')"
-            ),
-            "time" if pg => {
-                format!("to_char({arg} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
-            }
-            "time" => arg.to_owned(),
-            "ago" if pg => format!("now() - ${} * interval '1 millisecond'", number()?),
-            "ago" => format!(
-                "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('-%.3f seconds', ${} / 1000.0))",
-                number()?
-            ),
-            "age_ms" if pg => {
-                format!("CAST(EXTRACT(EPOCH FROM (now() - {arg})) * 1000 AS bigint)")
-            }
-            "age_ms" => {
-                format!("CAST((julianday('now') - julianday({arg})) * 86400000 AS INTEGER)")
-            }
-            "values" if pg => format!(
-                "jsonb_array_elements_text(CAST(${} AS text)::jsonb) AS v(value)",
-                number()?
-            ),
-            "values" => format!("json_each(${}) AS v", number()?),
-            "each_n" if pg => {
-                format!("jsonb_array_elements_text({arg}) WITH ORDINALITY AS d(value, key)")
-            }
-            "each_n" => format!("json_each({arg}) AS d"),
-            "skip_locked" => if pg { "FOR UPDATE SKIP LOCKED" } else { "" }.to_owned(),
-            "rows" => {
-                let columns = arg
-                    .split(',')
-                    .map(|column| {
-                        let (name, ty) = column.trim().split_once(' ')?;
-                        let ty = match ty.trim() {
-                            "uuid" => Ty::Uuid,
-                            "text" => Ty::Text,
-                            "integer" => Ty::Int,
-                            "bigint" => Ty::BigInt,
-                            "boolean" => Ty::Bool,
-                            "json" => Ty::Json,
-                            _ => return None,
-                        };
-                        Some((name, ty))
-                    })
-                    .collect::<Option<Vec<_>>>()?;
-                self.rows(&columns)
-            }
-            _ => return None,
-        })
+        }
+    }
+
+    /// How this backend spells token `name`, `@` for its argument.
+    fn form(&self, name: &str) -> Option<&'static str> {
+        let (_, postgres, sqlite) = TOKENS.iter().find(|(n, _, _)| *n == name)?;
+        Some(self.pick(postgres, sqlite))
+    }
+
+    /// The JSON array parameter as a relation `r` with the given columns.
+    fn rows(&self, columns: &[(&str, &str)]) -> String {
+        let spelled: Vec<String> = columns
+            .iter()
+            .map(|&(name, ty)| match (self.postgres, ty) {
+                (true, _) => {
+                    let ty = TYPES
+                        .iter()
+                        .find(|(t, _)| *t == ty)
+                        .map_or(ty, |(_, pg)| pg);
+                    format!("{name} {ty}")
+                }
+                // `->` keeps JSON text for JSON columns; `->>` gives the SQL value.
+                (false, "json") => format!("value -> '$.{name}' AS {name}"),
+                (false, _) => format!("value ->> '$.{name}' AS {name}"),
+            })
+            .collect();
+        if self.postgres {
+            format!(
+                "jsonb_to_recordset(CAST($1 AS text)::jsonb) AS r({})",
+                spelled.join(", ")
+            )
+        } else {
+            format!("(SELECT {} FROM json_each(?1)) AS r", spelled.join(", "))
+        }
     }
 
     /// This backend's own template of a statement whose plan differs between the engines.
-    pub fn pick(&self, postgres: &'static str, sqlite: &'static str) -> &'static str {
+    pub fn pick<T>(&self, postgres: T, sqlite: T) -> T {
         if self.postgres { postgres } else { sqlite }
     }
-
-    /// Now plus `ms` milliseconds (an SQL expression).
-    fn later(&self, ms: &str) -> String {
-        if self.postgres {
-            format!("now() + {ms} * interval '1 millisecond'")
-        } else {
-            format!("strftime('%Y-%m-%dT%H:%M:%fZ', 'now', printf('+%.3f seconds', {ms} / 1000.0))")
-        }
-    }
 }
-
 /// Declares a set of statement templates as a struct of the statements spelled for one
 /// dialect, and lists them all (for the test that prepares every statement on both backends).
 macro_rules! statements {
@@ -250,26 +207,15 @@ macro_rules! statements {
 }
 pub(crate) use statements;
 
-const OBJECT: [(&str, Ty); 9] = [
-    ("id", Ty::Uuid),
-    ("name", Ty::Text),
-    ("source", Ty::Text),
-    ("revision", Ty::Text),
-    ("path", Ty::Text),
-    ("generation", Ty::BigInt),
-    ("spec_hash", Ty::Text),
-    ("metadata", Ty::Json),
-    ("revive", Ty::Bool),
-];
-
-fn with(extra: &[(&'static str, Ty)]) -> Vec<(&'static str, Ty)> {
-    OBJECT.iter().chain(extra).copied().collect()
-}
+/// The columns every reconciled object's row carries, as `{rows:…}` declares them.
+const OBJECT: &str = "id uuid, name text, source text, revision text, path text, \
+    generation bigint, spec_hash text, metadata json, revive boolean";
 
 /// Columns every reconciled object carries, set from the row.
 const OBJECT_SET: &str = "source = r.source, path = r.path, revision = r.revision, \
      generation = r.generation, spec_hash = r.spec_hash, metadata = r.metadata, status_message = NULL";
 
+#[derive(Default)]
 pub struct Statements {
     pub insert: String,
     pub update: String,
@@ -278,112 +224,78 @@ pub struct Statements {
 }
 
 /// The spec's columns of each table, beside the ones every object has.
-const PROJECT_COLUMNS: [(&str, Ty); 6] = [
-    ("title", Ty::Text),
-    ("description", Ty::Text),
-    ("priority", Ty::Int),
-    ("owner", Ty::Text),
-    ("labels", Ty::Json),
-    ("suspend", Ty::Bool),
-];
+const PROJECT_COLUMNS: &str = "title text, description text, priority integer, owner text, \
+    labels json, suspend boolean";
 
-const TASK_COLUMNS: [(&str, Ty); 12] = [
-    ("project_id", Ty::Uuid),
-    ("title", Ty::Text),
-    ("description", Ty::Text),
-    ("assignee", Ty::Text),
-    ("priority", Ty::Int),
-    ("capabilities", Ty::Json),
-    ("depends_on", Ty::Json),
-    ("action", Ty::Json),
-    ("output", Ty::Json),
-    ("acceptance_criteria", Ty::Json),
-    ("timeout_seconds", Ty::Int),
-    ("retries", Ty::Int),
-];
+const TASK_COLUMNS: &str = "project_id uuid, title text, description text, assignee text, \
+    priority integer, capabilities json, depends_on json, action json, output json, \
+    acceptance_criteria json, timeout_seconds integer, retries integer";
 
-const AGENT_COLUMNS: [(&str, Ty); 5] = [
-    ("type", Ty::Text),
-    ("capabilities", Ty::Json),
-    ("models", Ty::Json),
-    ("concurrency", Ty::Int),
-    ("instructions", Ty::Text),
-];
+const AGENT_COLUMNS: &str =
+    "type text, capabilities json, models json, concurrency integer, instructions text";
 
-const TOOL_COLUMNS: [(&str, Ty); 4] = [
-    ("description", Ty::Text),
-    ("tool_type", Ty::Text),
-    ("created_by", Ty::Text),
-    ("implementation", Ty::Json),
-];
+const TOOL_COLUMNS: &str = "description text, tool_type text, created_by text, implementation json";
+
+fn unspellable(declared: &str) -> Unspellable {
+    Unspellable(format!("rows:{declared}"))
+}
 
 /// The spec's columns and `metadata` of the rows whose ids the JSON array names, each row as
 /// one JSON object (`id`, `fields`) shaped like the rows a sync writes.
-fn fields(d: &Dialect, table: &str, columns: &[(&str, Ty)]) -> Result<String, Unspellable> {
-    let columns = columns
-        .iter()
-        .filter(|(name, _)| *name != "project_id")
-        .chain(&[("metadata", Ty::Json)]);
+fn fields(d: &Dialect, table: &str, declared: &str) -> Result<String, Unspellable> {
+    let columns = columns(declared).ok_or_else(|| unspellable(declared))?;
     let pairs: Vec<String> = columns
-        .map(|&(name, ty)| {
+        .into_iter()
+        .filter(|(name, _)| *name != "project_id")
+        .chain([("metadata", "json")])
+        .map(|(name, ty)| {
             let value = match (d.postgres, ty) {
-                (true, _) | (false, Ty::Text | Ty::Int | Ty::BigInt | Ty::Uuid) => {
-                    format!("x.{name}")
-                }
-                (false, Ty::Json) => format!("json(x.{name})"),
+                (false, "json") => format!("json(x.{name})"),
                 // SQLite keeps booleans as 0 and 1.
-                (false, Ty::Bool) => {
+                (false, "boolean") => {
                     format!("CASE WHEN x.{name} THEN json('true') ELSE json('false') END")
                 }
+                _ => format!("x.{name}"),
             };
             format!("'{name}', {value}")
         })
         .collect();
-    let object = if d.postgres {
-        format!("CAST(jsonb_build_object({}) AS text)", pairs.join(", "))
-    } else {
-        format!("json_object({})", pairs.join(", "))
-    };
-    d.render(
-        &format!(
-            "SELECT CAST(x.id AS text) AS id, {object} AS fields FROM {table} x \
-             WHERE x.id IN (SELECT r.id FROM {{rows}})"
-        ),
-        &[("id", Ty::Uuid)],
-    )
+    let object = d.pick(
+        format!("CAST(jsonb_build_object({}) AS text)", pairs.join(", ")),
+        format!("json_object({})", pairs.join(", ")),
+    );
+    d.spell(&format!(
+        "SELECT CAST(x.id AS text) AS id, {object} AS fields FROM {table} x \
+         WHERE x.id IN (SELECT r.id FROM {{rows:id uuid}})"
+    ))
 }
 
 fn project(d: &Dialect) -> Result<Statements, Unspellable> {
-    let cols = with(&PROJECT_COLUMNS);
     let prune = "status = CASE WHEN projects.status = 'completed' THEN projects.status \
         ELSE 'cancelled' END";
-    keyed(d, "projects", ("id", Ty::Uuid), prune, Statements {
-        insert: d.render(
+    let writes = Statements {
+        insert: format!(
             "INSERT INTO projects (id, name, title, description, priority, owner, labels, suspend, \
              source, path, revision, generation, spec_hash, metadata) \
              SELECT r.id, r.name, r.title, r.description, r.priority, r.owner, r.labels, r.suspend, \
-             r.source, r.path, r.revision, r.generation, r.spec_hash, r.metadata FROM {rows}",
-            &cols,
-        )?,
-        update: d.render(
-            &format!(
-                "UPDATE projects SET title = r.title, description = r.description, \
-                 priority = r.priority, owner = r.owner, labels = r.labels, suspend = r.suspend, \
-                 {OBJECT_SET}, \
-                 status = CASE WHEN r.revive THEN 'active' ELSE projects.status END, \
-                 completed_at = CASE WHEN r.revive THEN NULL ELSE projects.completed_at END, \
-                 pruned_at = CASE WHEN r.revive THEN NULL ELSE projects.pruned_at END \
-                 FROM {{rows}} WHERE projects.id = r.id"
-            ),
-            &cols,
-        )?,
-        prune: String::new(),
-        flag: String::new(),
-    })
+             r.source, r.path, r.revision, r.generation, r.spec_hash, r.metadata \
+             FROM {{rows:{OBJECT}, {PROJECT_COLUMNS}}}"
+        ),
+        update: format!(
+            "UPDATE projects SET title = r.title, description = r.description, \
+             priority = r.priority, owner = r.owner, labels = r.labels, suspend = r.suspend, \
+             {OBJECT_SET}, \
+             status = CASE WHEN r.revive THEN 'active' ELSE projects.status END, \
+             completed_at = CASE WHEN r.revive THEN NULL ELSE projects.completed_at END, \
+             pruned_at = CASE WHEN r.revive THEN NULL ELSE projects.pruned_at END \
+             FROM {{rows:{OBJECT}, {PROJECT_COLUMNS}}} WHERE projects.id = r.id"
+        ),
+        ..Statements::default()
+    };
+    keyed(d, "projects", "id uuid", prune, writes)
 }
 
 fn task(d: &Dialect) -> Result<Statements, Unspellable> {
-    let cols = with(&TASK_COLUMNS);
     // A task that comes back after being pruned starts a new life: no attempt, no lease.
     let revive = |column: &str, value: &str| {
         format!("{column} = CASE WHEN r.revive THEN {value} ELSE tasks.{column} END")
@@ -406,63 +318,54 @@ fn task(d: &Dialect) -> Result<Statements, Unspellable> {
     let prune = "lease_owner = NULL, lease_expires_at = NULL, \
         status = CASE WHEN tasks.status IN ('completed', 'failed', 'cancelled') \
         THEN tasks.status ELSE 'cancelled' END";
-    keyed(d, "tasks", ("id", Ty::Uuid), prune, Statements {
-        insert: d.render(
+    let writes = Statements {
+        insert: format!(
             "INSERT INTO tasks (id, project_id, name, title, description, assigned_to, assignee, \
              priority, capabilities, depends_on, action, output, acceptance_criteria, \
              timeout_seconds, retries, source, path, revision, generation, spec_hash, metadata) \
              SELECT r.id, r.project_id, r.name, r.title, r.description, r.assignee, r.assignee, \
              r.priority, r.capabilities, r.depends_on, r.action, r.output, r.acceptance_criteria, \
              r.timeout_seconds, r.retries, r.source, r.path, r.revision, r.generation, \
-             r.spec_hash, r.metadata FROM {rows}",
-            &cols,
-        )?,
-        update: d.render(
-            &format!(
-                "UPDATE tasks SET project_id = r.project_id, title = r.title, \
-                 description = r.description, assignee = r.assignee, \
-                 assigned_to = CASE WHEN r.revive OR tasks.status = 'pending' \
-                     THEN r.assignee ELSE tasks.assigned_to END, \
-                 priority = r.priority, capabilities = r.capabilities, depends_on = r.depends_on, \
-                 action = r.action, output = r.output, acceptance_criteria = r.acceptance_criteria, \
-                 timeout_seconds = r.timeout_seconds, retries = r.retries, {OBJECT_SET}, {resets} \
-                 FROM {{rows}} WHERE tasks.id = r.id"
-            ),
-            &cols,
-        )?,
-        prune: String::new(),
-        flag: String::new(),
-    })
+             r.spec_hash, r.metadata FROM {{rows:{OBJECT}, {TASK_COLUMNS}}}"
+        ),
+        update: format!(
+            "UPDATE tasks SET project_id = r.project_id, title = r.title, \
+             description = r.description, assignee = r.assignee, \
+             assigned_to = CASE WHEN r.revive OR tasks.status = 'pending' \
+                 THEN r.assignee ELSE tasks.assigned_to END, \
+             priority = r.priority, capabilities = r.capabilities, depends_on = r.depends_on, \
+             action = r.action, output = r.output, acceptance_criteria = r.acceptance_criteria, \
+             timeout_seconds = r.timeout_seconds, retries = r.retries, {OBJECT_SET}, {resets} \
+             FROM {{rows:{OBJECT}, {TASK_COLUMNS}}} WHERE tasks.id = r.id"
+        ),
+        ..Statements::default()
+    };
+    keyed(d, "tasks", "id uuid", prune, writes)
 }
 
 // Agents and tools are unique by name and may already exist (the seeded `cos` and `seed`, or
-// one registered through the API), so declaring one adopts the row.
+// one registered through the API), so declaring one adopts the row: an upsert serves as both
+// insert and update.
 fn agent(d: &Dialect) -> Result<Statements, Unspellable> {
     let revive = "status = CASE WHEN agents.pruned_at IS NULL THEN agents.status \
         ELSE 'offline' END, ";
-    let upsert = upsert(d, "agents", &AGENT_COLUMNS, revive)?;
-    let prune = "status = 'offline'";
-    keyed(
-        d,
-        "agents",
-        ("name", Ty::Text),
-        prune,
-        Statements::both(upsert),
-    )
+    let upsert = upsert("agents", AGENT_COLUMNS, revive)?;
+    keyed(d, "agents", "name text", "status = 'offline'", upsert)
 }
 
 fn tool(d: &Dialect) -> Result<Statements, Unspellable> {
-    let upsert = upsert(d, "tools", &TOOL_COLUMNS, "")?;
-    keyed(d, "tools", ("name", Ty::Text), "", Statements::both(upsert))
+    keyed(
+        d,
+        "tools",
+        "name text",
+        "",
+        upsert("tools", TOOL_COLUMNS, "")?,
+    )
 }
 
 /// Insert or adopt by name, setting `revive` too.
-fn upsert(
-    d: &Dialect,
-    table: &str,
-    columns: &[(&'static str, Ty)],
-    revive: &str,
-) -> Result<String, Unspellable> {
+fn upsert(table: &str, declared: &str, revive: &str) -> Result<Statements, Unspellable> {
+    let columns = columns(declared).ok_or_else(|| unspellable(declared))?;
     let object = [
         "source",
         "path",
@@ -482,24 +385,26 @@ fn upsert(
         .collect();
     let picked: Vec<String> = all.iter().map(|c| format!("r.{c}")).collect();
     let excluded: Vec<String> = set.iter().map(|c| format!("{c} = excluded.{c}")).collect();
-    d.render(
-        &format!(
-            "INSERT INTO {table} ({}) SELECT {} FROM {{rows}} WHERE true \
-             ON CONFLICT (name) DO UPDATE SET {}, status_message = NULL, {revive}pruned_at = NULL",
-            all.join(", "),
-            picked.join(", "),
-            excluded.join(", ")
-        ),
-        &with(columns),
-    )
+    let upsert = format!(
+        "INSERT INTO {table} ({}) SELECT {} FROM {{rows:{OBJECT}, {declared}}} WHERE true \
+         ON CONFLICT (name) DO UPDATE SET {}, status_message = NULL, {revive}pruned_at = NULL",
+        all.join(", "),
+        picked.join(", "),
+        excluded.join(", ")
+    );
+    Ok(Statements {
+        insert: upsert.clone(),
+        update: upsert,
+        ..Statements::default()
+    })
 }
 
-/// A table's statements with the prune (which also sets `prune`) and the flag of the rows
-/// found by `key`.
+/// A table's statements, spelled, with the prune (which also sets `prune`) and the flag of the
+/// rows found by `key` (`name type`).
 fn keyed(
     d: &Dialect,
     table: &str,
-    (key, ty): (&str, Ty),
+    key: &str,
     prune: &str,
     writes: Statements,
 ) -> Result<Statements, Unspellable> {
@@ -508,38 +413,27 @@ fn keyed(
     } else {
         format!(", {prune}")
     };
-    let by_key = format!("FROM {{rows}} WHERE {table}.{key} = r.{key}");
+    let name = key.split(' ').next().unwrap_or(key);
+    let by_key = format!("WHERE {table}.{name} = r.{name}");
     Ok(Statements {
-        prune: d.render(
-            &format!("UPDATE {table} SET pruned_at = {{now}}{prune} {by_key}"),
-            &[(key, ty)],
-        )?,
-        flag: d.render(
-            &format!("UPDATE {table} SET status_message = r.message {by_key}"),
-            &[(key, ty), ("message", Ty::Text)],
-        )?,
-        ..writes
+        insert: d.spell(&writes.insert)?,
+        update: d.spell(&writes.update)?,
+        prune: d.spell(&format!(
+            "UPDATE {table} SET pruned_at = {{now}}{prune} FROM {{rows:{key}}} {by_key}"
+        ))?,
+        flag: d.spell(&format!(
+            "UPDATE {table} SET status_message = r.message \
+             FROM {{rows:{key}, message text}} {by_key}"
+        ))?,
     })
 }
 
-impl Statements {
-    /// An upsert serves as both insert and update.
-    fn both(upsert: String) -> Statements {
-        Statements {
-            insert: upsert.clone(),
-            update: upsert,
-            prune: String::new(),
-            flag: String::new(),
-        }
-    }
-}
-
-/// Rendered once per process, when the first store connects; `&'static` so sqlx accepts them
-/// as audited SQL (they are built from this crate's constants only).
-pub static POSTGRES_SQL: std::sync::LazyLock<Result<Sql, Unspellable>> =
-    std::sync::LazyLock::new(|| Sql::new(&POSTGRES));
-pub static SQLITE_SQL: std::sync::LazyLock<Result<Sql, Unspellable>> =
-    std::sync::LazyLock::new(|| Sql::new(&SQLITE));
+/// Rendered once per process and dialect, when the first store connects; `&'static` so sqlx
+/// accepts them as audited SQL (they are built from this crate's constants only).
+static SQL: [std::sync::LazyLock<Result<Sql, Unspellable>>; 2] = [
+    std::sync::LazyLock::new(|| Sql::new(&SQLITE)),
+    std::sync::LazyLock::new(|| Sql::new(&POSTGRES)),
+];
 
 /// Every statement of the store for one backend, rendered once.
 pub struct Sql {
@@ -547,9 +441,6 @@ pub struct Sql {
     pub tasks: Statements,
     pub agents: Statements,
     pub tools: Statements,
-    pub events: String,
-    /// Events from a JSON array of `{type, agent, payload}`.
-    pub add_events: String,
     /// Per table, in [`Sql::table`]'s names: what `fields` reads.
     pub fields: [(&'static str, String); 4],
     pub core: Core,
@@ -579,6 +470,13 @@ statements! {
         has_migrations = "SELECT {has_table:_sqlx_migrations}",
         reword_migration = "UPDATE _sqlx_migrations SET checksum = $1 \
             WHERE version = $2 AND checksum = $3",
+        /// The events of a plan.
+        events = "INSERT INTO events (id, event_type, source_agent, payload) \
+            SELECT r.id, r.event_type, 'controller', r.payload \
+            FROM {rows:id uuid,event_type text,payload json}",
+        /// Events from a JSON array of `{type, agent, payload}`.
+        add_events = "INSERT INTO events (event_type, source_agent, payload) \
+            SELECT r.type, r.agent, r.payload FROM {rows:type text,agent text,payload json}",
     }
 }
 
@@ -589,21 +487,11 @@ impl Sql {
             tasks: task(d)?,
             agents: agent(d)?,
             tools: tool(d)?,
-            events: insert_events(d)?,
-            add_events: d.render(
-                "INSERT INTO events (event_type, source_agent, payload) \
-                 SELECT r.type, r.agent, r.payload FROM {rows}",
-                &[
-                    ("type", Ty::Text),
-                    ("agent", Ty::Text),
-                    ("payload", Ty::Json),
-                ],
-            )?,
             fields: [
-                ("projects", fields(d, "projects", &PROJECT_COLUMNS)?),
-                ("tasks", fields(d, "tasks", &TASK_COLUMNS)?),
-                ("agents", fields(d, "agents", &AGENT_COLUMNS)?),
-                ("tools", fields(d, "tools", &TOOL_COLUMNS)?),
+                ("projects", fields(d, "projects", PROJECT_COLUMNS)?),
+                ("tasks", fields(d, "tasks", TASK_COLUMNS)?),
+                ("agents", fields(d, "agents", AGENT_COLUMNS)?),
+                ("tools", fields(d, "tools", TOOL_COLUMNS)?),
             ],
             core: Core::new(d)?,
             writeback: super::writeback::Statements::new(d)?,
@@ -611,6 +499,11 @@ impl Sql {
             usage: super::usage::Statements::new(d)?,
             queue: super::queue_db::Statements::new(d)?,
         })
+    }
+
+    /// The statements of dialect `d`.
+    pub fn of(d: &Dialect) -> &'static Result<Sql, Unspellable> {
+        &SQL[usize::from(d.postgres)]
     }
 
     pub fn table(&self, table: &str) -> &Statements {
@@ -624,10 +517,7 @@ impl Sql {
 
     /// Every statement, by name.
     pub fn all(&self) -> Vec<(&'static str, &str)> {
-        let mut all = vec![
-            ("events", self.events.as_str()),
-            ("add_events", self.add_events.as_str()),
-        ];
+        let mut all = Vec::new();
         for (table, statements) in [
             ("projects", &self.projects),
             ("tasks", &self.tasks),
@@ -667,18 +557,6 @@ const CURSOR: &str = "\
     path = excluded.path, revision = excluded.revision, tree_oid = excluded.tree_oid, \
     synced_at = excluded.synced_at, errors = excluded.errors";
 
-fn insert_events(d: &Dialect) -> Result<String, Unspellable> {
-    d.render(
-        "INSERT INTO events (id, event_type, source_agent, payload) \
-         SELECT r.id, r.event_type, 'controller', r.payload FROM {rows}",
-        &[
-            ("id", Ty::Uuid),
-            ("event_type", Ty::Text),
-            ("payload", Ty::Json),
-        ],
-    )
-}
-
 /// Everything a source has put in the store, as (kind, id, name, project, …) rows.
 pub const LOAD: &str = "\
     SELECT 'project' AS kind, CAST(p.id AS text) AS id, p.name, NULL AS project, p.path, \
@@ -703,8 +581,8 @@ mod tests {
 
     #[test]
     fn every_statement_renders_for_both_dialects() {
-        for (dialect, sql) in [(&POSTGRES, &*POSTGRES_SQL), (&SQLITE, &*SQLITE_SQL)] {
-            let sql = sql.as_ref().expect("every template spells");
+        for dialect in [&POSTGRES, &SQLITE] {
+            let sql = Sql::of(dialect).as_ref().expect("every template spells");
             let all = sql.all();
             assert!(all.len() > 40, "{} statements", all.len());
             for (name, statement) in all {

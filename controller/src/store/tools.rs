@@ -4,7 +4,8 @@
 use std::future::Future;
 
 use super::StoreError;
-use super::db::{Backend, Db, args, commit, rows_on, run_on};
+use super::db::{Backend, Db, args, commit, rows_on};
+use super::queue_db::{event, events};
 use super::sql::statements;
 
 /// A pending task that names capabilities, as the search for missing specialists sees it.
@@ -130,17 +131,15 @@ impl<B: Backend> ToolRegistry for Db<B> {
         if freed.is_empty() {
             return Ok(0);
         }
-        let events: Vec<serde_json::Value> = freed
+        let unblocked: Vec<serde_json::Value> = freed
             .iter()
             .map(|(id, project, name)| {
                 let payload = serde_json::json!({"id": id, "project": project, "name": name,
                     "reason": "its tool exists now"});
-                serde_json::json!({"type": "task.unblocked", "agent": "controller", "payload": payload})
+                event("task.unblocked", "controller", payload)
             })
             .collect();
-        let events = serde_json::Value::from(events).to_string();
-        let doing = "recording unblocked tasks";
-        run_on::<B>(&mut tx, &self.sql.add_events, args![&events], doing).await?;
+        events(self, &mut tx, &unblocked).await?;
         commit(tx, "committing unblocked tasks").await?;
         Ok(freed.len() as u64)
     }

@@ -11,8 +11,9 @@ use std::future::Future;
 use serde_json::{Value, json};
 
 use super::StoreError;
-use super::db::{Backend, Db, args, commit, rows_on, run_on};
+use super::db::{Backend, Conn, Db, args, commit, rows_on, run_on};
 use super::queue::{FailOutcome, LeasePolicy, millis};
+use super::queue_db::{TaskRow, event, events, parse_id, update, updates};
 use super::sql::statements;
 
 /// A project as its status file shows it.
@@ -177,8 +178,6 @@ statements! {
             JOIN projects p ON p.id = t.project_id \
             WHERE p.source = $1 AND p.pruned_at IS NULL AND t.pruned_at IS NULL \
             ORDER BY a.task_id, a.created_at, a.name",
-        record_event = "INSERT INTO events (event_type, source_agent, payload) \
-            VALUES ($1, 'controller', {json:2})",
         result_task = "SELECT p.name AS project, t.name, CAST(t.attempt AS bigint) AS attempt, \
             {text:t.output} AS output, t.dispatch_revision \
             FROM tasks t JOIN projects p ON p.id = t.project_id \
@@ -191,7 +190,8 @@ statements! {
         set_result = "UPDATE tasks SET result = {json:2} WHERE id = {id:1} AND status = 'review'",
         review_row = "SELECT {text:t.id} AS id, p.name AS project, COALESCE(t.name, '') AS name, \
             CAST(t.attempt AS bigint) AS attempt, CAST(t.retries AS bigint) AS retries, \
-            CAST(t.run_lease AS bigint) AS run_lease, t.assigned_to AS agent, {text:t.result} AS result \
+            CAST(t.run_lease AS bigint) AS run_lease, t.status, {time:t.not_before} AS not_before, \
+            t.assigned_to AS agent, {text:t.result} AS result \
             FROM tasks t JOIN projects p ON p.id = t.project_id \
             WHERE t.id = {id:1} AND t.status = 'review' {lock}",
         merged = "UPDATE tasks SET status = 'completed', completed_at = {now}, status_message = NULL \
@@ -206,10 +206,6 @@ statements! {
             assigned_to = CASE WHEN $2 THEN assignee ELSE assigned_to END, \
             error = $4, status_message = $4, review_comments = $5 \
             WHERE id = {id:1} AND status = 'review'",
-        update = "INSERT INTO task_updates (task_id, agent_name, update_type, message) \
-            VALUES ({id:1}, $2, $3, $4)",
-        event = "INSERT INTO events (event_type, source_agent, payload) \
-            VALUES ($1, $2, {json:3})",
     }
 }
 
@@ -235,26 +231,16 @@ struct InReviewRow {
 
 #[derive(sqlx::FromRow)]
 struct ReviewRow {
-    id: String,
-    project: String,
-    name: String,
-    attempt: i64,
+    #[sqlx(flatten)]
+    task: TaskRow,
     retries: i64,
-    run_lease: i64,
     agent: Option<String>,
     result: Option<String>,
 }
 
 impl ReviewRow {
     fn payload(&self) -> Value {
-        json!({
-            "id": self.id,
-            "project": self.project,
-            "name": self.name,
-            "agent": self.agent,
-            "run_lease": self.run_lease,
-            "attempt": self.attempt,
-        })
+        self.task.payload(self.agent.as_deref())
     }
 
     fn output(&self) -> Value {
@@ -268,15 +254,6 @@ impl ReviewRow {
 fn parse_json(text: Option<&str>) -> Value {
     text.and_then(|t| serde_json::from_str(t).ok())
         .unwrap_or(Value::Null)
-}
-
-fn parse_id(id: &str) -> Result<uuid::Uuid, StoreError> {
-    id.parse()
-        .map_err(|_| StoreError::Corrupt(format!("task id `{id}` is not a uuid")))
-}
-
-fn json_text(value: &Value) -> String {
-    value.to_string()
 }
 
 fn review_task(row: InReviewRow) -> Result<ReviewTask, StoreError> {
@@ -320,38 +297,28 @@ fn rejection_message(comments: &str) -> String {
 impl<B: Backend> Writeback for Db<B> {
     async fn status_snapshot(&self, source: &str) -> Result<StatusSnapshot, StoreError> {
         let sql = &self.sql.writeback;
+        let args = args![source];
         let revision: Option<(Option<String>,)> = self
-            .row(
-                &sql.status_revision,
-                args![source],
-                "reading the synced revision",
-            )
+            .row(&sql.status_revision, args, "reading the synced revision")
             .await?;
         Ok(StatusSnapshot {
             revision: revision.and_then(|(r,)| r),
-            projects: (self.rows(
-                &sql.status_projects,
-                args![source],
-                "reading projects for status",
-            ))
-            .await?,
-            tasks: (self.rows(&sql.status_tasks, args![source], "reading tasks for status"))
+            projects: self
+                .rows(&sql.status_projects, args, "reading projects for status")
                 .await?,
-            artifacts: (self.rows(
-                &sql.status_artifacts,
-                args![source],
-                "reading artifacts for status",
-            ))
-            .await?,
+            tasks: self
+                .rows(&sql.status_tasks, args, "reading tasks for status")
+                .await?,
+            artifacts: self
+                .rows(&sql.status_artifacts, args, "reading artifacts for status")
+                .await?,
         })
     }
 
     async fn record_event(&self, event_type: &str, payload: &Value) -> Result<(), StoreError> {
-        let payload = json_text(payload);
-        let args = args![event_type, &payload];
-        self.run(&self.sql.writeback.record_event, args, "recording an event")
-            .await?;
-        Ok(())
+        let mut conn = self.conn().await?;
+        let recorded = [event(event_type, "controller", payload.clone())];
+        events(self, &mut conn, &recorded).await
     }
 
     async fn result_task(
@@ -408,12 +375,12 @@ impl<B: Backend> Writeback for Db<B> {
             result["output"] = json!({});
         }
         result["output"]["pull_request"] = pull_request.clone();
-        let result = json_text(&result);
+        let result = result.to_string();
         let doing = "recording a pull request";
         run_on::<B>(&mut tx, &sql.set_result, args![&id_text, &result], doing).await?;
         let mut payload = row.payload();
         payload["pull_request"] = pull_request.clone();
-        event::<B>(&mut tx, sql, "task.pull_request", &payload).await?;
+        event_on(self, &mut tx, "task.pull_request", payload).await?;
         commit(tx, "committing a pull request").await?;
         Ok(true)
     }
@@ -428,11 +395,11 @@ impl<B: Backend> Writeback for Db<B> {
         let doing = "completing a merged task";
         run_on::<B>(&mut tx, &sql.merged, args![&id_text], doing).await?;
         let message = format!("output merged: {how}");
-        update::<B>(&mut tx, sql, &row, "completion", &message).await?;
+        update_on(self, &mut tx, &row, "completion", &message).await?;
         let mut payload = row.payload();
         payload["merged"] = json!(how);
         payload["output"] = row.output();
-        event::<B>(&mut tx, sql, "task.completed", &payload).await?;
+        event_on(self, &mut tx, "task.completed", payload).await?;
         commit(tx, "committing a merge").await?;
         Ok(true)
     }
@@ -449,7 +416,7 @@ impl<B: Backend> Writeback for Db<B> {
         let Some(row) = review_row::<B>(&mut tx, sql, &id_text).await? else {
             return Ok(None);
         };
-        let retry = row.attempt < row.retries;
+        let retry = row.task.attempt < row.retries;
         let error = if retry {
             "output rejected in review; retrying"
         } else {
@@ -459,7 +426,7 @@ impl<B: Backend> Writeback for Db<B> {
         let (base, max) = (millis(policy.backoff_base), millis(policy.backoff_max));
         let args = args![&id_text, retry, base, error, comments_kept, max];
         run_on::<B>(&mut tx, &sql.closed, args, "ending a rejected review").await?;
-        update::<B>(&mut tx, sql, &row, "info", &rejection_message(comments)).await?;
+        update_on(self, &mut tx, &row, "info", &rejection_message(comments)).await?;
         let mut payload = row.payload();
         payload["output"] = row.output();
         payload["comments"] = json!(comments);
@@ -471,7 +438,7 @@ impl<B: Backend> Writeback for Db<B> {
         } else {
             "task.failed"
         };
-        event::<B>(&mut tx, sql, kind, &payload).await?;
+        event_on(self, &mut tx, kind, payload).await?;
         commit(tx, "committing a rejection").await?;
         Ok(Some(if retry {
             Rejected::Retry
@@ -493,29 +460,24 @@ async fn review_row<B: Backend>(
 }
 
 /// A task update for `row`, in the name of the agent that holds it (or the controller).
-async fn update<B: Backend>(
-    conn: &mut B::Connection,
-    sql: &'static Statements,
+async fn update_on<B: Backend>(
+    db: &Db<B>,
+    conn: &mut Conn<B>,
     row: &ReviewRow,
     kind: &str,
     message: &str,
 ) -> Result<(), StoreError> {
     let agent = row.agent.as_deref().unwrap_or("controller");
-    let args = args![row.id.as_str(), agent, kind, message];
-    run_on::<B>(conn, &sql.update, args, "recording a task update").await?;
-    Ok(())
+    updates(db, conn, &[update(&row.task.id, agent, kind, message)]).await
 }
 
-async fn event<B: Backend>(
-    conn: &mut B::Connection,
-    sql: &'static Statements,
+async fn event_on<B: Backend>(
+    db: &Db<B>,
+    conn: &mut Conn<B>,
     kind: &str,
-    payload: &Value,
+    payload: Value,
 ) -> Result<(), StoreError> {
-    let payload = json_text(payload);
-    let args = args![kind, "controller", &payload];
-    run_on::<B>(conn, &sql.event, args, "recording an event").await?;
-    Ok(())
+    events(db, conn, &[event(kind, "controller", payload)]).await
 }
 
 #[cfg(test)]

@@ -1019,6 +1019,14 @@ async fn a_run_survives_nats_going_away_and_coming_back() {
         up.metric("agentops_bus_publish_failures_total").await > 0.0,
         "the outage was noticed"
     );
+    assert!(
+        up.metric("agentops_bus_publish_errors_total{reason=").await > 0.0,
+        "the failed publishes were counted by reason"
+    );
+    assert!(
+        up.metric("agentops_bus_reconnects_total").await >= 1.0,
+        "the reconnect was counted"
+    );
     agents.stop().await;
     assert_each_completed_once(db, RUN_TASKS).await;
 
@@ -1081,6 +1089,7 @@ async fn a_run_survives_redis_going_away() {
         "dispatch went on without Redis: {at_kill} then {at_restart} completed"
     );
     assert!(up.metric("agentops_presence_failures_total").await > 0.0);
+    assert!(up.metric("agentops_presence_errors_total{reason=").await > 0.0);
     redis.start();
     eventually(Duration::from_secs(30), "the run is done", || async {
         completed(db).await == RUN_TASKS as i64
