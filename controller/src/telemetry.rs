@@ -72,6 +72,7 @@ pub struct Telemetry {
     leader: Gauge,
     leadership_lost: Counter,
     registrations_refused: Family<ReasonLabel, Counter>,
+    api_refusals: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Telemetry {
@@ -93,6 +94,7 @@ impl Default for Telemetry {
             leader: Gauge::default(),
             leadership_lost: Counter::default(),
             registrations_refused: Family::default(),
+            api_refusals: Family::default(),
         }
     }
 }
@@ -181,6 +183,12 @@ impl Telemetry {
             "agentops_registrations_refused",
             "Agent registrations refused, by reason",
             self.registrations_refused.clone(),
+        );
+        r.register(
+            "agentops_api_refusals",
+            "Agent requests refused (bad token, not the holder, over a limit, invalid \
+             proposal), by reason",
+            self.api_refusals.clone(),
         );
     }
 }
@@ -520,6 +528,30 @@ impl InternalEvent for RegistrationRefused<'_> {
             peer = ?self.peer,
             reason,
             "agent registration refused"
+        );
+    }
+}
+
+/// An agent request was refused: its token, its lease, a limit or its content.
+pub struct ApiRefused<'a> {
+    /// `unauthorized`, `not_held`, `body_size`, `rate`, `proposal_invalid`, …
+    pub reason: &'static str,
+    pub agent: Option<&'a str>,
+    pub detail: &'a str,
+}
+
+impl InternalEvent for ApiRefused<'_> {
+    fn emit(self) {
+        let reason = self.reason;
+        telemetry()
+            .api_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        tracing::info!(
+            agent = self.agent,
+            reason,
+            detail = self.detail,
+            "agent request refused"
         );
     }
 }
