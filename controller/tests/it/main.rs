@@ -15,6 +15,7 @@ mod forge_github;
 mod llm;
 mod queue;
 mod queue_rules;
+mod remote_agents;
 mod repository;
 mod store;
 mod sync;

@@ -232,13 +232,26 @@ impl Controller {
     /// Starts `agentops up` with a data directory and log under `dir`, and returns without
     /// waiting for it to be ready.
     pub fn start(database: &str, repo: &Path, dir: &Path, lease: &str, heartbeat: &str) -> Self {
+        Controller::start_with(database, repo, dir, lease, heartbeat, &[])
+    }
+
+    /// [`Self::start`] on a repository path or URL, with `extra` flags for `up`.
+    pub fn start_with(
+        database: &str,
+        repo: impl Into<std::ffi::OsString>,
+        dir: &Path,
+        lease: &str,
+        heartbeat: &str,
+        extra: &[&str],
+    ) -> Self {
+        let repo: std::ffi::OsString = repo.into();
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let data_dir = dir.join("data");
         std::fs::create_dir_all(&data_dir).unwrap();
-        let args: Vec<std::ffi::OsString> = vec![
+        let mut args: Vec<std::ffi::OsString> = vec![
             "up".into(),
             "--repo".into(),
-            repo.into(),
+            repo,
             "--database".into(),
             database.into(),
             "--listen".into(),
@@ -250,6 +263,7 @@ impl Controller {
             // The tests run their own agents and count what each did.
             "--no-agents".into(),
         ];
+        args.extend(extra.iter().map(Into::into));
         let mut controller = Controller {
             url: format!("http://{addr}"),
             args,
@@ -360,5 +374,17 @@ pub fn spawn_agent(api: &str, name: &str, concurrency: usize, log: &Path) -> Pro
         .args(["--api", api, "--name", name, "--type", "seed"])
         .args(["--concurrency", &concurrency.to_string()])
         .env("RUST_LOG", "info");
+    Proc::spawn(name, command, log)
+}
+
+/// `agentops agent ROLE --api API --name NAME` with `extra` flags, logging to `log`.
+pub fn spawn_agentops_agent(api: &str, role: &str, name: &str, extra: &[&str], log: &Path) -> Proc {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agentops"));
+    clean_env(&mut command);
+    command
+        .args(["agent", role, "--api", api, "--name", name])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("AGENTOPS_LOG", "info");
     Proc::spawn(name, command, log)
 }
