@@ -805,8 +805,11 @@ async fn agent_processes_complete_the_example_offline() {
     assert!(copy.to_lowercase().contains("offline"), "{copy}");
     let pricing = std::fs::read_to_string(clone.join("research/pricing.md")).unwrap();
     assert!(pricing.contains("## competitors.md"), "{pricing}");
-    let shout = std::fs::read_to_string(clone.join("out/shout.txt")).unwrap();
-    assert!(!shout.trim().is_empty());
+    let shout = std::fs::read_to_string(clone.join("out/shout.log")).unwrap();
+    assert!(
+        shout.contains("tools/shout.") && shout.contains("exit status: 0"),
+        "the proposed tool ran: {shout}"
+    );
     // Every task was done by a process, none by the controller itself.
     let done_by: Vec<(String,)> = db
         .rows(
