@@ -13,7 +13,7 @@ const SECRET: &str = "enroll-me";
 
 fn run_task(name: &str) -> String {
     format!(
-        "{API}\nkind: Task\nmetadata:\n  name: {name}\nspec:\n  title: Task {name}\n  action:\n    run:\n      command: [\"true\"]\n  output: {{paths: [out/]}}\n"
+        "{API}\nkind: Task\nmetadata:\n  name: {name}\nspec:\n  title: Task {name}\n  action:\n    run:\n      command: [\"true\"]\n  output: {{mode: none}}\n"
     )
 }
 
@@ -545,9 +545,11 @@ async fn remote_agents_finish_every_task_once_across_controller_kills() {
         ],
     );
     controller.wait_ready(Duration::from_secs(60)).await;
+    // Presence keys are per name in Redis: names of this run's own.
+    let run = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let mut agents: Vec<Proc> = (0..4)
         .map(|i| {
-            let name = format!("seed-{i}");
+            let name = format!("seed-{run}-{i}");
             spawn_agentops_agent(
                 &controller.url,
                 "seed",
