@@ -453,36 +453,36 @@ async fn register<Q: Queue>(
         Some(token) => state.dispatcher.holds(token, &req.name).await?,
         None => false,
     };
-    if !holder && !state.enrollment.is_internal(secret) {
-        if let Some(seen) = state.dispatcher.holder_seen(&req.name).await? {
-            use crate::telemetry::InternalEvent;
-            let refused = enroll::Refused::NameHeld;
-            crate::telemetry::RegistrationRefused {
-                refused,
-                name: &req.name,
-                peer,
-            }
-            .emit();
-            let ttl =
-                chrono::Duration::from_std(state.dispatcher.presence_ttl()).unwrap_or_default();
-            let free_after = (seen + ttl - chrono::Utc::now())
-                .to_std()
-                .unwrap_or_default();
-            return Ok((
-                StatusCode::CONFLICT,
-                Json(agentops_agents::protocol::NameHeld {
-                    error: format!(
-                        "{} (last heartbeat {})",
-                        refused.message(),
-                        seen.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-                    ),
-                    agent: req.name.clone(),
-                    last_heartbeat: seen,
-                    free_after_seconds: free_after.as_secs_f64(),
-                }),
-            )
-                .into_response());
+    if !holder
+        && !state.enrollment.is_internal(secret)
+        && let Some(seen) = state.dispatcher.holder_seen(&req.name).await?
+    {
+        use crate::telemetry::InternalEvent;
+        let refused = enroll::Refused::NameHeld;
+        crate::telemetry::RegistrationRefused {
+            refused,
+            name: &req.name,
+            peer,
         }
+        .emit();
+        let ttl = chrono::Duration::from_std(state.dispatcher.presence_ttl()).unwrap_or_default();
+        let free_after = (seen + ttl - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        return Ok((
+            StatusCode::CONFLICT,
+            Json(agentops_agents::protocol::NameHeld {
+                error: format!(
+                    "{} (last heartbeat {})",
+                    refused.message(),
+                    seen.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                ),
+                agent: req.name.clone(),
+                last_heartbeat: seen,
+                free_after_seconds: free_after.as_secs_f64(),
+            }),
+        )
+            .into_response());
     }
     if let Some(max) = state.limits.max_agents
         && state.dispatcher.registered_agents(&req.name).await? >= max

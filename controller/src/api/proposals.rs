@@ -294,7 +294,7 @@ mod tests {
             "taken",
             vec![OutputFile::text(
                 "projects/taken/project.yaml",
-                &PROJECT.replace("web", "taken"),
+                PROJECT.replace("web", "taken"),
             )],
         );
         assert!(problems(&taken).contains("already exists"));
