@@ -27,6 +27,32 @@ pub struct RegisterRequest {
     /// How many tasks the agent runs at once.
     #[serde(default = "one")]
     pub concurrency: u32,
+    /// The token this agent holds, when it registers again: a name held by a live agent is
+    /// given only to the holder of its token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// The 409 answer to a registration under a name a live agent holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NameHeld {
+    pub error: String,
+    /// The name asked for.
+    pub agent: String,
+    /// When the holder was last seen (registered, claimed, heartbeated, reported).
+    pub last_heartbeat: DateTime<Utc>,
+    /// When the name is free unless the holder shows up again.
+    pub free_after_seconds: f64,
+}
+
+/// The 413 and 429 answers: which limit, and when to try again (429).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LimitExceeded {
+    pub error: String,
+    /// `body_size`, `rate`, or `agents`.
+    pub limit: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<f64>,
 }
 
 fn one() -> u32 {
@@ -354,6 +380,105 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// What a proposal proposes; it decides the branch: `agentops/proposals/<name>` for a
+/// project, `…/tool-<name>` for a tool, `…/agent-<name>` for a specialist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProposalKind {
+    Project,
+    Tool,
+    Agent,
+}
+
+impl ProposalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProposalKind::Project => "project",
+            ProposalKind::Tool => "tool",
+            ProposalKind::Agent => "agent",
+        }
+    }
+
+    /// The branch a proposal of this kind and name goes on.
+    pub fn branch(self, name: &str) -> String {
+        match self {
+            ProposalKind::Project => format!("agentops/proposals/{name}"),
+            ProposalKind::Tool => format!("agentops/proposals/tool-{name}"),
+            ProposalKind::Agent => format!("agentops/proposals/agent-{name}"),
+        }
+    }
+}
+
+/// `POST /api/v1/proposals`: spec files (a project, a tool, a specialist) for the controller
+/// to validate, commit on the kind's proposal branch and put up for review.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProposalRequest {
+    pub kind: ProposalKind,
+    /// A DNS label: the project's, tool's or agent's name.
+    pub name: String,
+    /// The commit's and pull request's title.
+    pub title: String,
+    #[serde(default)]
+    pub body: String,
+    /// Relative to the specs' root (the repository's subpath, if it has one).
+    pub files: Vec<OutputFile>,
+}
+
+/// The answer to a proposal that was put up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProposalResponse {
+    pub branch: String,
+    pub commit: String,
+    /// The pull request's URL, when the controller has a forge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request: Option<String>,
+}
+
+/// The 400 answer to a proposal that was refused: one message per problem, each starting with
+/// `path` or `path:line:column`. Nothing was committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProposalRefused {
+    pub error: String,
+    pub problems: Vec<String>,
+}
+
+/// `GET /api/v1/tasks/{id}/checkout?run_lease=N` answers a tar archive of the task's revision
+/// (regular files and executables, no symlinks); this header names its commit.
+pub const CHECKOUT_COMMIT_HEADER: &str = "x-agentops-commit";
+
+/// The query of a checkout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckoutQuery {
+    pub run_lease: i64,
+}
+
+/// `GET /api/v1/tools/{name}`: the command of a registered tool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolAnswer {
+    pub name: String,
+    /// Empty when the tool's spec gives none.
+    pub command: Vec<String>,
+}
+
+/// `GET /api/v1/projects`: the names of the projects at the followed branch's head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectsAnswer {
+    pub projects: Vec<String>,
+}
+
+/// `GET /api/v1/agents/{name}/spec`: an `Agent` spec as an agent process runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSpecAnswer {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub agent_type: AgentType,
+    pub capabilities: Vec<String>,
+    pub concurrency: u32,
+    pub models: Vec<String>,
+    pub instructions: String,
+}
+
 /// The prefix of every NATS name when none is configured.
 pub const DEFAULT_BUS_PREFIX: &str = "agentops";
 
@@ -388,6 +513,11 @@ impl BusNames {
         } else {
             Err(InvalidBusPrefix(prefix.to_owned()))
         }
+    }
+
+    /// The prefix itself, as `--bus-prefix` takes it.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// `<prefix>.events`: an event of type `t` goes on `<prefix>.events.t`.

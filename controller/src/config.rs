@@ -95,6 +95,14 @@ pub struct DispatchArgs {
     /// A YAML file of per-agent secrets: `agents: [{name, secretSha256, types: [seed]}]`.
     #[arg(long, env = "AGENTOPS_AGENT_SECRETS")]
     pub agent_secrets: Option<std::path::PathBuf>,
+    /// Most agents holding tokens at once; a registration past it is answered 429 (0: any
+    /// number).
+    #[arg(long, env = "AGENTOPS_MAX_AGENTS", default_value_t = 1000)]
+    pub max_agents: u64,
+    /// Claims and reports one agent may send per second on average, in bursts of twice as
+    /// many; past it the answer is 429 (0: no limit).
+    #[arg(long, env = "AGENTOPS_AGENT_RATE_LIMIT", default_value_t = 200)]
+    pub agent_rate_limit: u32,
 }
 
 /// Write-back: status commits, result commits, and the forge that reviews results.

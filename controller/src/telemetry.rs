@@ -77,6 +77,7 @@ pub struct Telemetry {
     bus_publish_errors: Family<ReasonLabel, Counter>,
     bus_reconnects: Counter,
     presence_errors: Family<ReasonLabel, Counter>,
+    api_refusals: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Telemetry {
@@ -101,6 +102,7 @@ impl Default for Telemetry {
             bus_publish_errors: Family::default(),
             bus_reconnects: Counter::default(),
             presence_errors: Family::default(),
+            api_refusals: Family::default(),
         }
     }
 }
@@ -204,6 +206,12 @@ impl Telemetry {
             "agentops_presence_errors",
             "Presence (Redis) calls that failed or timed out, by reason",
             self.presence_errors.clone(),
+        );
+        r.register(
+            "agentops_api_refusals",
+            "Agent requests refused (bad token, not the holder, over a limit, invalid \
+             proposal), by reason",
+            self.api_refusals.clone(),
         );
     }
 }
@@ -721,5 +729,28 @@ mod tests {
         let error = bus.announce(&[ready]).await.unwrap_err();
         assert_eq!(error.metric_label(), "stream", "{error}");
         assert_eq!(counted(), before + 1.0);
+    }
+}
+/// An agent request was refused: its token, its lease, a limit or its content.
+pub struct ApiRefused<'a> {
+    /// `unauthorized`, `not_held`, `body_size`, `rate`, `proposal_invalid`, …
+    pub reason: &'static str,
+    pub agent: Option<&'a str>,
+    pub detail: &'a str,
+}
+
+impl InternalEvent for ApiRefused<'_> {
+    fn emit(self) {
+        let reason = self.reason;
+        telemetry()
+            .api_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        tracing::info!(
+            agent = self.agent,
+            reason,
+            detail = self.detail,
+            "agent request refused"
+        );
     }
 }

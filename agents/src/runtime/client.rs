@@ -19,13 +19,13 @@ const MIN_HEARTBEAT: Duration = Duration::from_millis(10);
 pub enum Error {
     #[error("cannot build the HTTP client")]
     Client(#[source] reqwest::Error),
-    #[error("POST {url} failed")]
+    #[error("{url} failed")]
     Transport {
         url: String,
         #[source]
         source: reqwest::Error,
     },
-    #[error("POST {url} answered {status}: {message}")]
+    #[error("{url} answered {status}: {message}")]
     Status {
         url: String,
         status: StatusCode,
@@ -36,6 +36,12 @@ pub enum Error {
         url: String,
         #[source]
         source: reqwest::Error,
+    },
+    #[error("GET {url} answered a body that is not the expected JSON")]
+    Json {
+        url: String,
+        #[source]
+        source: serde_json::Error,
     },
     #[error("cannot use the NATS server {url}")]
     Nats {
@@ -62,7 +68,9 @@ impl Error {
             Error::Status { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            Error::Client(_) | Error::Decode { .. } | Error::Nats { .. } => false,
+            Error::Client(_) | Error::Decode { .. } | Error::Json { .. } | Error::Nats { .. } => {
+                false
+            }
         }
     }
 }
@@ -131,10 +139,13 @@ impl Client {
 
     /// Registers (again), which invalidates every earlier token of this agent's name.
     pub async fn register(&self) -> Result<Arc<Session>, Error> {
+        let mut identity = self.identity.clone();
+        let held = self.session().token.clone();
+        identity.token = Some(held).filter(|t| !t.is_empty());
         let answer: RegisterResponse = self
             .send(
                 "/api/v1/agents/register",
-                &self.identity,
+                &identity,
                 self.enrollment_secret.as_deref(),
                 CALL_TIMEOUT,
             )
@@ -165,6 +176,77 @@ impl Client {
             }
             answer => answer,
         }
+    }
+
+    /// An authenticated GET answering JSON; a 401 registers again once, as [`Self::post`].
+    pub async fn get<R: DeserializeOwned>(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<R, Error> {
+        let (_, body) = self.get_raw(path, None, timeout).await?;
+        let url = format!("{}{path}", self.api);
+        serde_json::from_slice(&body).map_err(|source| Error::Json { url, source })
+    }
+
+    /// An authenticated GET answering bytes, with the value of `header`.
+    pub async fn get_bytes(
+        &self,
+        path: &str,
+        header: &str,
+        timeout: Duration,
+    ) -> Result<(String, Vec<u8>), Error> {
+        self.get_raw(path, Some(header), timeout).await
+    }
+
+    async fn get_raw(
+        &self,
+        path: &str,
+        header: Option<&str>,
+        timeout: Duration,
+    ) -> Result<(String, Vec<u8>), Error> {
+        let session = self.session();
+        match self.fetch(path, header, &session.token, timeout).await {
+            Err(e) if e.status() == Some(StatusCode::UNAUTHORIZED) => {
+                let session = self.reregister(session.epoch).await?;
+                self.fetch(path, header, &session.token, timeout).await
+            }
+            answer => answer,
+        }
+    }
+
+    async fn fetch(
+        &self,
+        path: &str,
+        header: Option<&str>,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<(String, Vec<u8>), Error> {
+        let url = format!("{}{path}", self.api);
+        let request = self.http.get(&url).timeout(timeout).bearer_auth(token);
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(source) => return Err(Error::Transport { url, source }),
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(Error::Status {
+                url,
+                status,
+                message: error_message(&body),
+            });
+        }
+        let value = header
+            .and_then(|h| response.headers().get(h))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = response.bytes().await.map_err(|source| Error::Transport {
+            url: url.clone(),
+            source,
+        })?;
+        Ok((value, body.to_vec()))
     }
 
     async fn reregister(&self, refused_epoch: u64) -> Result<Arc<Session>, Error> {

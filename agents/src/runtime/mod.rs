@@ -222,6 +222,66 @@ impl TaskContext {
     }
 }
 
+/// What an agent off the controller does with Git, through the controller.
+impl TaskContext {
+    /// Proposes spec files (`POST /api/v1/proposals`): the controller validates them,
+    /// commits them on the kind's proposal branch and opens the pull request.
+    pub async fn propose(
+        &self,
+        proposal: &crate::protocol::ProposalRequest,
+    ) -> Result<crate::protocol::ProposalResponse, Error> {
+        self.shared
+            .client
+            .post("/api/v1/proposals", proposal, PROPOSE_TIMEOUT)
+            .await
+    }
+
+    /// The tree this task works on, as the controller serves it: its commit and a tar
+    /// archive of its files.
+    pub async fn checkout(&self) -> Result<(String, Vec<u8>), Error> {
+        let path = format!(
+            "/api/v1/tasks/{}/checkout?run_lease={}",
+            self.id, self.run_lease
+        );
+        self.shared
+            .client
+            .get_bytes(
+                &path,
+                crate::protocol::CHECKOUT_COMMIT_HEADER,
+                PROPOSE_TIMEOUT,
+            )
+            .await
+    }
+
+    /// The command of the tool `name` (`GET /api/v1/tools/{name}`, counting a use), or
+    /// `None` when there is no such tool.
+    pub async fn tool(&self, name: &str) -> Result<Option<Vec<String>>, Error> {
+        let path = format!("/api/v1/tools/{name}");
+        match self
+            .shared
+            .client
+            .get::<crate::protocol::ToolAnswer>(&path, CALL_TIMEOUT)
+            .await
+        {
+            Ok(answer) => Ok(Some(answer.command)),
+            Err(e) if e.status() == Some(reqwest::StatusCode::NOT_FOUND) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The projects at the followed branch's head.
+    pub async fn projects(&self) -> Result<Vec<String>, Error> {
+        self.shared
+            .client
+            .get::<crate::protocol::ProjectsAnswer>("/api/v1/projects", CALL_TIMEOUT)
+            .await
+            .map(|a| a.projects)
+    }
+}
+
+/// Proposals and checkouts write or read a Git tree on the controller's side.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl std::fmt::Debug for TaskContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TaskContext")
@@ -274,6 +334,7 @@ impl<H: Handler> Agent<H> {
                 agent_type: self.config.agent_type,
                 capabilities: self.config.capabilities.clone(),
                 concurrency: u32::try_from(concurrency).unwrap_or(u32::MAX),
+                token: None,
             },
         )?
         .with_enrollment_secret(self.config.secret.clone());
@@ -449,6 +510,12 @@ async fn register(client: &Client, nudges: &Nudges) -> Result<Arc<client::Sessio
         match client.register().await {
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %error_chain(&e), "cannot register yet");
+                nudges.sleep(backoff.next()).await;
+            }
+            // The name is a live agent's (this one's earlier run, killed): it is free once
+            // that agent's presence expires.
+            Err(e) if e.status() == Some(reqwest::StatusCode::CONFLICT) => {
+                tracing::warn!(error = %error_chain(&e), "the name is taken; waiting for it");
                 nudges.sleep(backoff.next()).await;
             }
             registered => return registered,

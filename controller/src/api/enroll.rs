@@ -66,6 +66,10 @@ pub enum Refused {
     WrongSecret,
     /// The name's secret does not allow this type.
     TypeNotAllowed,
+    /// A live agent holds the name (409).
+    NameHeld,
+    /// As many agents as `--max-agents` allows hold tokens (429).
+    TooManyAgents,
 }
 
 impl Refused {
@@ -75,6 +79,8 @@ impl Refused {
             Refused::NoSecret => "no_secret",
             Refused::WrongSecret => "wrong_secret",
             Refused::TypeNotAllowed => "type_not_allowed",
+            Refused::NameHeld => "name_held",
+            Refused::TooManyAgents => "too_many_agents",
         }
     }
 
@@ -87,6 +93,14 @@ impl Refused {
             Refused::NoSecret => "registration needs the enrollment secret as a bearer token",
             Refused::WrongSecret => "the enrollment secret is not valid for this agent name",
             Refused::TypeNotAllowed => "this agent name may not register as this type",
+            Refused::NameHeld => {
+                "a live agent holds this name: it is free once that agent releases it or its \
+                 presence expires"
+            }
+            Refused::TooManyAgents => {
+                "the controller has as many agents as --max-agents allows; try again once one \
+                 goes offline"
+            }
         }
     }
 }
@@ -130,6 +144,12 @@ impl Enrollment {
     /// Accept `secret` too, for the controller's own agents.
     pub fn allow_internal(&mut self, secret: &str) {
         self.internal = Some(digest(secret));
+    }
+
+    /// Whether `secret` is the embedded agents' own: their names are the controller's, so
+    /// they take them back after a restart whoever seemed to hold them.
+    pub fn is_internal(&self, secret: Option<&str>) -> bool {
+        self.internal.is_some() && secret.map(digest) == self.internal
     }
 
     pub fn check(

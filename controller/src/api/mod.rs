@@ -12,7 +12,7 @@ use agentops_agents::protocol::{
     ReleaseRequest, UsageRecord,
 };
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -29,11 +29,15 @@ use crate::writeback::{ResultError, Results};
 
 pub mod enroll;
 mod hooks;
+pub mod limits;
 pub mod mcp;
+pub mod proposals;
+pub mod reads;
 mod wire;
 
 pub use enroll::Enrollment;
 pub use hooks::Hooks;
+pub use limits::Limits;
 
 pub struct ApiState<Q> {
     pub dispatcher: Arc<Dispatcher<Q>>,
@@ -46,6 +50,12 @@ pub struct ApiState<Q> {
     pub hooks: Option<Hooks>,
     /// Who may register as an agent.
     pub enrollment: Enrollment,
+    /// Body sizes, rates, the number of agents.
+    pub limits: Limits,
+    /// Commits proposals and reads the followed branch; without it both answer 503.
+    pub proposer: Option<crate::embedded::Proposer>,
+    /// Tools' commands for agents that run them.
+    pub tools: Option<Arc<dyn reads::Tools>>,
 }
 
 impl<Q: Queue> ApiState<Q> {
@@ -58,15 +68,23 @@ impl<Q: Queue> ApiState<Q> {
         results: Option<Arc<dyn Results>>,
         hooks: Option<Hooks>,
     ) -> Arc<ApiState<Q>> {
-        ApiState::build(dispatcher, results, hooks, Enrollment::default())
+        ApiState::build(ApiParts {
+            results,
+            hooks,
+            ..ApiParts::new(dispatcher)
+        })
     }
 
-    pub fn build(
-        dispatcher: Arc<Dispatcher<Q>>,
-        results: Option<Arc<dyn Results>>,
-        hooks: Option<Hooks>,
-        enrollment: Enrollment,
-    ) -> Arc<ApiState<Q>> {
+    pub fn build(parts: ApiParts<Q>) -> Arc<ApiState<Q>> {
+        let ApiParts {
+            dispatcher,
+            results,
+            hooks,
+            enrollment,
+            limits,
+            proposer,
+            tools,
+        } = parts;
         let mut registry = Registry::default();
         dispatcher.metrics.register(&mut registry);
         crate::telemetry::telemetry().register(&mut registry);
@@ -77,7 +95,36 @@ impl<Q: Queue> ApiState<Q> {
             results,
             hooks,
             enrollment,
+            limits,
+            proposer,
+            tools,
         })
+    }
+}
+
+/// What an [`ApiState`] is built from.
+pub struct ApiParts<Q> {
+    pub dispatcher: Arc<Dispatcher<Q>>,
+    pub results: Option<Arc<dyn Results>>,
+    pub hooks: Option<Hooks>,
+    pub enrollment: Enrollment,
+    pub limits: Limits,
+    pub proposer: Option<crate::embedded::Proposer>,
+    pub tools: Option<Arc<dyn reads::Tools>>,
+}
+
+impl<Q> ApiParts<Q> {
+    /// Dispatch alone: no Git, loopback enrollment, no limits.
+    pub fn new(dispatcher: Arc<Dispatcher<Q>>) -> ApiParts<Q> {
+        ApiParts {
+            dispatcher,
+            results: None,
+            hooks: None,
+            enrollment: Enrollment::default(),
+            limits: Limits::none(),
+            proposer: None,
+            tools: None,
+        }
     }
 }
 
@@ -120,30 +167,54 @@ fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// Output files make completions large; the rest of the protocol stays at axum's 2 MB.
-const COMPLETE_BODY_LIMIT: usize = 64 << 20;
-
 pub fn router<Q: Queue + UsageLog>(state: Arc<ApiState<Q>>) -> Router {
+    use limits::{COMPLETE_BODY, HEARTBEAT_BODY, REGISTER_BODY, SMALL_BODY, body_limit as max};
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz::<Q>))
         .route("/metrics", get(metrics::<Q>))
-        .route("/api/v1/agents/register", post(register::<Q>))
-        .route("/api/v1/claim", post(claim::<Q>))
-        .route("/api/v1/heartbeat", post(heartbeat::<Q>))
+        .route(
+            "/api/v1/agents/register",
+            max(post(register::<Q>), REGISTER_BODY),
+        )
+        .route("/api/v1/claim", max(post(claim::<Q>), SMALL_BODY))
+        .route(
+            "/api/v1/heartbeat",
+            max(post(heartbeat::<Q>), HEARTBEAT_BODY),
+        )
         .route(
             "/api/v1/complete",
-            post(complete_many::<Q>).layer(DefaultBodyLimit::max(COMPLETE_BODY_LIMIT)),
+            max(post(complete_many::<Q>), COMPLETE_BODY),
         )
-        .route("/api/v1/tasks/{id}/progress", post(progress::<Q>))
+        .route(
+            "/api/v1/tasks/{id}/progress",
+            max(post(progress::<Q>), SMALL_BODY),
+        )
         .route(
             "/api/v1/tasks/{id}/complete",
-            post(complete_one::<Q>).layer(DefaultBodyLimit::max(COMPLETE_BODY_LIMIT)),
+            max(post(complete_one::<Q>), COMPLETE_BODY),
         )
-        .route("/api/v1/tasks/{id}/fail", post(fail::<Q>))
-        .route("/api/v1/tasks/{id}/question", post(question::<Q>))
-        .route("/api/v1/tasks/{id}/release", post(release::<Q>))
-        .route("/api/v1/model-usage", post(model_usage::<Q>))
+        .route("/api/v1/tasks/{id}/fail", max(post(fail::<Q>), SMALL_BODY))
+        .route(
+            "/api/v1/tasks/{id}/question",
+            max(post(question::<Q>), SMALL_BODY),
+        )
+        .route(
+            "/api/v1/tasks/{id}/release",
+            max(post(release::<Q>), SMALL_BODY),
+        )
+        .route(
+            "/api/v1/model-usage",
+            max(post(model_usage::<Q>), SMALL_BODY),
+        )
+        .route(
+            "/api/v1/proposals",
+            max(post(proposals::propose::<Q>), limits::PROPOSAL_BODY),
+        )
+        .route("/api/v1/tasks/{id}/checkout", get(proposals::checkout::<Q>))
+        .route("/api/v1/tools/{name}", get(reads::tool::<Q>))
+        .route("/api/v1/projects", get(reads::projects::<Q>))
+        .route("/api/v1/agents/{name}/spec", get(reads::agent_spec::<Q>))
         .route("/hooks/github", post(hooks::github::<Q>))
         .with_state(state)
 }
@@ -203,6 +274,11 @@ pub enum ApiError {
     BadRequest(String),
     /// Git or the forge failed; the same request may succeed later (503).
     Unavailable(String),
+    /// The agent is over its rate of claims and reports (429).
+    RateLimited {
+        agent: String,
+        wait: Duration,
+    },
 }
 
 impl From<ResultError> for ApiError {
@@ -217,6 +293,13 @@ impl From<ResultError> for ApiError {
                     "committing the result failed; retry later (error id {id})"
                 ))
             }
+            ResultError::Checkout(e) => {
+                let id = error_id();
+                tracing::error!(error_id = %id, error = %crate::error_chain(&e), "a checkout failed");
+                ApiError::Unavailable(format!(
+                    "checking out the task failed; retry later (error id {id})"
+                ))
+            }
         }
     }
 }
@@ -229,15 +312,31 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        use crate::telemetry::{ApiRefused, InternalEvent};
+        let refused = |reason, detail| {
+            ApiRefused {
+                reason,
+                agent: None,
+                detail,
+            }
+            .emit()
+        };
         let (status, message) = match self {
-            ApiError::Unauthorized => (
-                StatusCode::UNAUTHORIZED,
-                "missing or unknown agent token".to_owned(),
-            ),
+            ApiError::Unauthorized => {
+                refused("unauthorized", "missing or unknown agent token");
+                (
+                    StatusCode::UNAUTHORIZED,
+                    "missing or unknown agent token".to_owned(),
+                )
+            }
+            ApiError::RateLimited { agent, wait } => return limits::rate_limited(&agent, wait),
             ApiError::Refused(Refusal::NoTask) => {
                 (StatusCode::NOT_FOUND, Refusal::NoTask.to_string())
             }
-            ApiError::Refused(r @ Refusal::NotHeld) => (StatusCode::CONFLICT, r.to_string()),
+            ApiError::Refused(r @ Refusal::NotHeld) => {
+                refused("not_held", "a task the agent does not hold");
+                (StatusCode::CONFLICT, r.to_string())
+            }
             ApiError::Store(e) => {
                 // The chain names tables, queries and hosts: it goes to the log, and the agent
                 // gets an id to find it there.
@@ -262,6 +361,27 @@ fn error_id() -> String {
 
 /// The agent a request's bearer token belongs to.
 pub struct Authenticated(pub AgentIdentity);
+
+/// An authenticated claim or report: one of the agent's rate.
+pub struct Limited(pub AgentIdentity);
+
+impl<Q: Queue> FromRequestParts<Arc<ApiState<Q>>> for Limited {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState<Q>>,
+    ) -> Result<Self, Self::Rejection> {
+        let Authenticated(agent) = Authenticated::from_request_parts(parts, state).await?;
+        match state.limits.take(&agent.name) {
+            Ok(()) => Ok(Limited(agent)),
+            Err(wait) => Err(ApiError::RateLimited {
+                agent: agent.name,
+                wait,
+            }),
+        }
+    }
+}
 
 impl<Q: Queue> FromRequestParts<Arc<ApiState<Q>>> for Authenticated {
     type Rejection = ApiError;
@@ -325,17 +445,57 @@ async fn register<Q: Queue>(
             peer,
         }
         .emit();
-        let status = match refused {
-            enroll::Refused::NoSecret | enroll::Refused::WrongSecret => StatusCode::UNAUTHORIZED,
-            enroll::Refused::NotLoopback | enroll::Refused::TypeNotAllowed => StatusCode::FORBIDDEN,
-        };
+        return Ok(registration_refused(refused));
+    }
+    let secret = bearer(&headers);
+    // A live agent's name is given only to the holder of its token, or back to the
+    // controller's own agents.
+    let holder = match &req.token {
+        Some(token) => state.dispatcher.holds(token, &req.name).await?,
+        None => false,
+    };
+    if !holder
+        && !state.enrollment.is_internal(secret)
+        && let Some(seen) = state.dispatcher.holder_seen(&req.name).await?
+    {
+        use crate::telemetry::InternalEvent;
+        let refused = enroll::Refused::NameHeld;
+        crate::telemetry::RegistrationRefused {
+            refused,
+            name: &req.name,
+            peer,
+        }
+        .emit();
+        let ttl = chrono::Duration::from_std(state.dispatcher.presence_ttl()).unwrap_or_default();
+        let free_after = (seen + ttl - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default();
         return Ok((
-            status,
-            Json(
-                serde_json::json!({ "error": refused.message(), "reason": refused.metric_label() }),
-            ),
+            StatusCode::CONFLICT,
+            Json(agentops_agents::protocol::NameHeld {
+                error: format!(
+                    "{} (last heartbeat {})",
+                    refused.message(),
+                    seen.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                ),
+                agent: req.name.clone(),
+                last_heartbeat: seen,
+                free_after_seconds: free_after.as_secs_f64(),
+            }),
         )
             .into_response());
+    }
+    if let Some(max) = state.limits.max_agents
+        && state.dispatcher.registered_agents(&req.name).await? >= max
+    {
+        use crate::telemetry::InternalEvent;
+        crate::telemetry::RegistrationRefused {
+            refused: enroll::Refused::TooManyAgents,
+            name: &req.name,
+            peer,
+        }
+        .emit();
+        return Ok(registration_refused(enroll::Refused::TooManyAgents));
     }
     let agent = AgentIdentity {
         name: req.name,
@@ -355,13 +515,29 @@ async fn register<Q: Queue>(
     .into_response())
 }
 
+fn registration_refused(refused: enroll::Refused) -> Response {
+    use enroll::Refused;
+    let status = match refused {
+        Refused::NoSecret | Refused::WrongSecret => StatusCode::UNAUTHORIZED,
+        Refused::NotLoopback | Refused::TypeNotAllowed => StatusCode::FORBIDDEN,
+        Refused::NameHeld => StatusCode::CONFLICT,
+        Refused::TooManyAgents => StatusCode::TOO_MANY_REQUESTS,
+    };
+    let mut body =
+        serde_json::json!({ "error": refused.message(), "reason": refused.metric_label() });
+    if refused == Refused::TooManyAgents {
+        body["limit"] = serde_json::json!("agents");
+    }
+    (status, Json(body)).into_response()
+}
+
 fn bad_request(message: String) -> Response {
     (StatusCode::BAD_REQUEST, Json(ErrorBody { error: message })).into_response()
 }
 
 async fn claim<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
-    Authenticated(agent): Authenticated,
+    Limited(agent): Limited,
     Json(req): Json<ClaimRequest>,
 ) -> Result<Response, ApiError> {
     let max = req.max.clamp(1, 1_000);
@@ -444,7 +620,7 @@ fn answer(result: Result<(), Refusal>) -> Result<Response, ApiError> {
 
 async fn progress<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
-    Authenticated(agent): Authenticated,
+    Limited(agent): Limited,
     Path(id): Path<Uuid>,
     Json(body): Json<ProgressRequest>,
 ) -> Result<Response, ApiError> {
@@ -462,7 +638,7 @@ async fn progress<Q: Queue>(
 
 async fn complete_one<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
-    Authenticated(agent): Authenticated,
+    Limited(agent): Limited,
     Path(id): Path<Uuid>,
     Json(body): Json<CompleteRequest>,
 ) -> Result<Response, ApiError> {
@@ -482,7 +658,7 @@ async fn complete_one<Q: Queue>(
 
 async fn complete_many<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
-    Authenticated(agent): Authenticated,
+    Limited(agent): Limited,
     Json(body): Json<CompleteManyRequest>,
 ) -> Result<Response, ApiError> {
     // Files are committed first, one completion at a time; a completion whose files cannot
@@ -542,12 +718,13 @@ fn refusal_text(e: ApiError) -> String {
         ApiError::Refused(r) => r.to_string(),
         ApiError::Store(e) => crate::error_chain(&e),
         ApiError::BadRequest(m) | ApiError::Unavailable(m) => m,
+        ApiError::RateLimited { .. } => "over the agent's rate".to_owned(),
     }
 }
 
 async fn fail<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
-    Authenticated(agent): Authenticated,
+    Limited(agent): Limited,
     Path(id): Path<Uuid>,
     Json(body): Json<FailRequest>,
 ) -> Result<Response, ApiError> {
@@ -569,7 +746,7 @@ async fn fail<Q: Queue>(
 
 async fn question<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
-    Authenticated(agent): Authenticated,
+    Limited(agent): Limited,
     Path(id): Path<Uuid>,
     Json(body): Json<QuestionRequest>,
 ) -> Result<Response, ApiError> {
@@ -587,7 +764,7 @@ async fn question<Q: Queue>(
 
 async fn release<Q: Queue>(
     State(state): State<Arc<ApiState<Q>>>,
-    Authenticated(agent): Authenticated,
+    Limited(agent): Limited,
     Path(id): Path<Uuid>,
     Json(body): Json<ReleaseRequest>,
 ) -> Result<Response, ApiError> {

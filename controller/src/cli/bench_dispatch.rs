@@ -38,6 +38,10 @@ pub struct DispatchBench {
     /// Tasks each agent runs at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Run the agents in this many `agentops agent seed` processes instead of this one
+    /// (their handler is the Seed's offline `prompt`, which a no-op task completes at once).
+    #[arg(long, default_value_t = 0)]
+    agents_remote: usize,
     /// Tasks committed one at a time for the pick-up phase.
     #[arg(long, default_value_t = 200)]
     pickups: usize,
@@ -62,6 +66,11 @@ struct DispatchFigures {
     tasks: usize,
     agents: usize,
     concurrency: usize,
+    /// Processes the agents ran in besides the benchmark's own (0: all in the benchmark).
+    agent_processes: usize,
+    /// What a pick-up is timed until: the handler starting (agents in this process) or the
+    /// completion reaching the dispatcher (agents in other processes).
+    pickup_until: &'static str,
     /// The drain's tasks over the time from their first claim to their last completion, by
     /// the store's clock: dispatch throughput, as the issue defines it.
     tasks_per_sec: f64,
@@ -236,6 +245,8 @@ where
         redis: bench.redis.clone(),
         agent_secret: None,
         agent_secrets: None,
+        max_agents: 0,
+        agent_rate_limit: 0,
     })
     .await?;
     let bus = backends.bus.describe();
@@ -265,26 +276,56 @@ where
     let shutdown = CancellationToken::new();
     let began = Instant::now();
     let mut agents = Vec::new();
-    for n in 0..bench.agents {
-        let mut config = AgentConfig::new(api.clone(), format!("bench-{n:03}"));
-        config.agent_type = AgentType::Seed;
-        config.concurrency = bench.concurrency;
-        config.nats = bench.nats.clone();
-        config.bus = bus_names.clone();
-        let started = started.clone();
-        let handler = move |task: Assignment, _ctx: TaskContext| {
-            let started = started.clone();
-            async move {
-                started
-                    .lock()
-                    .expect("started lock")
-                    .entry(task.name)
-                    .or_insert_with(Instant::now);
-                Outcome::complete(serde_json::json!({}))
+    let mut processes = Vec::new();
+    if bench.agents_remote > 0 {
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let per = bench.agents.div_ceil(bench.agents_remote);
+        let mut left = bench.agents;
+        for p in 0..bench.agents_remote {
+            let replicas = per.min(left);
+            left -= replicas;
+            if replicas == 0 {
+                break;
             }
-        };
-        let agent = Agent::new(config, handler);
-        agents.push(tokio::spawn(agent.run(shutdown.clone())));
+            let mut command = tokio::process::Command::new(&exe);
+            command
+                .args(["agent", "seed", "--api", &api])
+                .args(["--name", &format!("bench-p{p}")])
+                .args(["--replicas", &replicas.to_string()])
+                .args(["--concurrency", &bench.concurrency.to_string()])
+                .env_remove("OPENROUTER_API_KEY")
+                .env("AGENTOPS_LOG", "warn")
+                .env("RUST_LOG", "warn")
+                .kill_on_drop(true);
+            if let Some(url) = &bench.nats {
+                command
+                    .args(["--nats", url])
+                    .args(["--bus-prefix", bus_names.prefix()]);
+            }
+            processes.push(command.spawn().context("starting an agent process")?);
+        }
+    } else {
+        for n in 0..bench.agents {
+            let mut config = AgentConfig::new(api.clone(), format!("bench-{n:03}"));
+            config.agent_type = AgentType::Seed;
+            config.concurrency = bench.concurrency;
+            config.nats = bench.nats.clone();
+            config.bus = bus_names.clone();
+            let started = started.clone();
+            let handler = move |task: Assignment, _ctx: TaskContext| {
+                let started = started.clone();
+                async move {
+                    started
+                        .lock()
+                        .expect("started lock")
+                        .entry(task.name)
+                        .or_insert_with(Instant::now);
+                    Outcome::complete(serde_json::json!({}))
+                }
+            };
+            let agent = Agent::new(config, handler);
+            agents.push(tokio::spawn(agent.run(shutdown.clone())));
+        }
     }
 
     let total = bench.tasks as u64;
@@ -313,6 +354,7 @@ where
                 noop_task(&name),
             )),
         )?;
+        let completed_before = dispatcher.metrics.completions_total();
         syncer.sync().await?;
         let ready = Instant::now();
         dispatcher.wake();
@@ -320,6 +362,10 @@ where
         loop {
             if let Some(at) = started.lock().expect("started lock").get(&name) {
                 pickups.push(at.saturating_duration_since(ready));
+                break;
+            }
+            if !processes.is_empty() && dispatcher.metrics.completions_total() > completed_before {
+                pickups.push(ready.elapsed());
                 break;
             }
             ensure!(
@@ -338,6 +384,9 @@ where
     shutdown.cancel();
     for agent in agents {
         let _ = agent.await;
+    }
+    for mut process in processes {
+        let _ = process.kill().await;
     }
     server.abort();
     // Before the scratch database is dropped, or they log its absence.
@@ -368,6 +417,12 @@ where
         tasks: bench.tasks,
         agents: bench.agents,
         concurrency: bench.concurrency,
+        agent_processes: bench.agents_remote,
+        pickup_until: if bench.agents_remote > 0 {
+            "completion"
+        } else {
+            "handler_start"
+        },
         tasks_per_sec: bench.tasks as f64 / window,
         claim_to_complete_s: window,
         wall_tasks_per_sec: bench.tasks as f64 / drain.as_secs_f64(),

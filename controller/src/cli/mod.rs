@@ -1,6 +1,7 @@
 //! The `agentops` command line: one function per subcommand, each taking its typed
 //! configuration and returning an exit code.
 
+mod agent;
 mod ask;
 mod bench;
 mod bench_dispatch;
@@ -125,6 +126,9 @@ pub enum Command {
     },
     /// Show what syncing a revision (or a folder of specs) would do to the store, without
     /// writing anything. Exit 0 when nothing would change, 1 when something would, 2 on error.
+    /// One agent against a controller's API, on this machine or another: `cos`, `seed`, or
+    /// the name of an `Agent` spec in the controller's repository.
+    Agent(agent::AgentArgs),
     Diff(diff::DiffArgs),
     /// Show projects and tasks with phase, agent, attempt and age.
     Status {
@@ -218,6 +222,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
             .await
         }
+        Command::Agent(args) => agent::run(args).await,
         Command::Ask {
             request,
             project,

@@ -477,6 +477,8 @@ impl<Q: Queue + Outbox + Liveness> Dispatcher<Q> {
         match self.queue.mark(Mark::Offline, &offline, ttl).await {
             Ok(names) if !names.is_empty() => {
                 tracing::info!(agents = ?names, "agents offline: no sign of life for {ttl:?}");
+                // Their tokens ended with their registration.
+                self.forget_sessions(&names);
                 changed = true;
             }
             Ok(_) => {}

@@ -178,6 +178,54 @@ impl<Q: Queue> Dispatcher<Q> {
         Ok(token)
     }
 
+    /// When the live agent holding `name` was last seen; `None` when no live agent holds it.
+    /// Presence is asked first; the store decides too, so that a controller whose presence
+    /// is empty (restarted without Redis) or unreachable does not give a live name away.
+    pub async fn holder_seen(
+        &self,
+        name: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+        let presence = match self.backplane.backends.presence.last_seen(name).await {
+            Ok(seen) => seen,
+            Err(e) => {
+                self.metrics.presence_failed();
+                tracing::warn!(
+                    "presence unreadable, the store decides: {}",
+                    crate::error_chain(&e)
+                );
+                None
+            }
+        };
+        let stored = self.queue.agent_seen(name).await?;
+        Ok(rules::live_holder(
+            presence,
+            stored.as_ref(),
+            self.presence_ttl(),
+            chrono::Utc::now(),
+        ))
+    }
+
+    /// How many agents other than `except` hold a token.
+    pub async fn registered_agents(&self, except: &str) -> Result<u64, StoreError> {
+        self.queue.registered_agents(except).await
+    }
+
+    /// Whether `token` is the current token of the agent `name`.
+    pub async fn holds(&self, token: &str, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .authenticate(token)
+            .await?
+            .is_some_and(|agent| agent.name == name))
+    }
+
+    /// These agents' tokens ended (they went offline): forget them here too.
+    pub fn forget_sessions(&self, names: &[String]) {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .retain(|_, a| !names.contains(&a.name));
+    }
+
     pub async fn authenticate(&self, token: &str) -> Result<Option<AgentIdentity>, StoreError> {
         let hash = token_hash(token);
         if let Some(agent) = self.sessions.lock().expect("sessions lock").get(&hash) {

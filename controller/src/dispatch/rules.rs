@@ -453,3 +453,69 @@ mod tests {
         }
     }
 }
+
+/// When the live agent holding a name was last seen, if a live agent holds it: presence that
+/// has not expired, or an agent the store saw (and did not mark `offline`) within `ttl`.
+pub fn live_holder(
+    presence: Option<chrono::DateTime<Utc>>,
+    stored: Option<&crate::store::queue::AgentLiveness>,
+    ttl: std::time::Duration,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let from_store = stored
+        .filter(|a| matches!(a.status.as_str(), "idle" | "busy") && !a.pruned)
+        .and_then(|a| a.last_seen)
+        .filter(|ago| *ago <= ttl)
+        .and_then(|ago| chrono::Duration::from_std(ago).ok())
+        .map(|ago| now - ago);
+    match (presence, from_store) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod holder_tests {
+    use super::*;
+    use crate::store::queue::AgentLiveness;
+
+    fn stored(status: &str, seen: Option<u64>) -> AgentLiveness {
+        AgentLiveness {
+            name: "a".to_owned(),
+            status: status.to_owned(),
+            pruned: false,
+            last_seen: seen.map(Duration::from_secs),
+        }
+    }
+
+    #[test]
+    fn a_name_is_held_while_presence_or_the_store_saw_its_agent_lately() {
+        let now = Utc::now();
+        let ttl = Duration::from_secs(30);
+        let seen = now - chrono::Duration::seconds(4);
+        assert_eq!(live_holder(Some(seen), None, ttl, now), Some(seen));
+        assert_eq!(
+            live_holder(None, Some(&stored("idle", Some(10))), ttl, now),
+            Some(now - chrono::Duration::seconds(10)),
+            "a restarted controller's empty presence gives nothing away"
+        );
+        assert_eq!(
+            live_holder(Some(seen), Some(&stored("busy", Some(20))), ttl, now),
+            Some(seen),
+            "the latest sign of life is the one named"
+        );
+        assert_eq!(
+            live_holder(None, Some(&stored("idle", Some(31))), ttl, now),
+            None
+        );
+        assert_eq!(
+            live_holder(None, Some(&stored("offline", Some(1))), ttl, now),
+            None
+        );
+        assert_eq!(
+            live_holder(None, Some(&stored("idle", None)), ttl, now),
+            None
+        );
+        assert_eq!(live_holder(None, None, ttl, now), None);
+    }
+}

@@ -14,6 +14,7 @@
 
 mod proposer;
 mod sandbox;
+mod services;
 mod specialists;
 mod worker;
 
@@ -34,10 +35,14 @@ use crate::store::tools::ToolRegistry;
 use crate::store::usage::{StoreUsageSink, UsageLog};
 use crate::writeback::WritebackError;
 
-pub use proposer::{PlanError, Proposed, Proposer, plan_and_propose, taken_projects};
-pub use sandbox::{Changed, changed_files, check_out};
+pub use proposer::{
+    PlanError, ProposeError, Proposed, Proposer, describe, plan_and_propose, project_proposal,
+    proposal_files, taken_projects,
+};
+pub use sandbox::{Changed, archive, changed_files, check_out};
+pub use services::{ProposalFailed, Remote, Services, unpack};
 use specialists::propose_specialists;
-pub use specialists::{Specialist, gaps, specialists};
+pub use specialists::{Specialist, agent_proposal, gaps, specialists};
 pub use worker::{Worker, fill_arguments};
 
 /// How long a `run` or `tool` action may take when its task sets no timeout.

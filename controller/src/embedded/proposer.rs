@@ -4,7 +4,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use agentops_agents::llm::Caller;
-use agentops_agents::plan::RepoFile;
+use agentops_agents::plan::{Proposal as PlanProposal, RepoFile};
+use agentops_agents::protocol::{OutputFile, ProposalKind, ProposalRequest, ProposalResponse};
 use agentops_agents::provider::{AnyProvider, PlanRequest, Provider};
 use git2::ObjectType;
 
@@ -33,6 +34,56 @@ impl Proposed {
     }
 }
 
+impl From<Proposed> for ProposalResponse {
+    fn from(p: Proposed) -> Self {
+        ProposalResponse {
+            branch: p.branch,
+            commit: p.commit,
+            pull_request: p.pull_request.map(|pr| pr.url),
+        }
+    }
+}
+
+/// "branch X" or "pull request URL (branch X)", for messages.
+pub fn describe(proposed: &ProposalResponse) -> String {
+    match &proposed.pull_request {
+        Some(url) => format!("pull request {url} (branch {})", proposed.branch),
+        None => format!("branch {}", proposed.branch),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// The files are not a valid proposal: each problem, `path:line:column: message`.
+    #[error("the proposal was refused: {}", .0.join("; "))]
+    Refused(Vec<String>),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// A proposal's files as the protocol carries them.
+pub fn proposal_files(files: &[RepoFile]) -> Vec<OutputFile> {
+    files
+        .iter()
+        .map(|f| OutputFile::text(&f.path, &f.content))
+        .collect()
+}
+
+/// The Chief of Staff's proposal of a planned project.
+pub fn project_proposal(request: &PlanRequest, proposal: &PlanProposal) -> ProposalRequest {
+    ProposalRequest {
+        kind: ProposalKind::Project,
+        name: proposal.name().to_owned(),
+        title: format!("New project: {}", proposal.title()),
+        body: format!(
+            "Proposed by the Chief of Staff for the request:\n\n> {}\n\nMerge to start its {} tasks.",
+            request.request.trim().replace('\n', "\n> "),
+            proposal.plan.tasks.len()
+        ),
+        files: proposal_files(&proposal.files),
+    }
+}
+
 /// Commits proposals (new projects, tools) on their own branches and opens pull requests.
 #[derive(Clone)]
 pub struct Proposer {
@@ -42,6 +93,30 @@ pub struct Proposer {
 }
 
 impl Proposer {
+    /// What `POST /api/v1/proposals` does: check the files ([`check_proposal`]), then commit
+    /// them on the kind's branch and open the pull request. Nothing reaches Git on refusal.
+    ///
+    /// [`check_proposal`]: crate::api::proposals::check_proposal
+    pub async fn propose_checked(
+        &self,
+        request: &ProposalRequest,
+    ) -> Result<Proposed, ProposeError> {
+        let taken = if request.kind == ProposalKind::Project {
+            let source = self.source.clone();
+            tokio::task::spawn_blocking(move || taken_projects(&source))
+                .await
+                .map_err(AgentError::Worker)??
+        } else {
+            Vec::new()
+        };
+        let files = crate::api::proposals::check_proposal(request, &taken)
+            .map_err(ProposeError::Refused)?;
+        let branch = request.kind.branch(&request.name);
+        Ok(self
+            .propose(&branch, &request.title, &request.body, &files)
+            .await?)
+    }
+
     pub async fn propose(
         &self,
         branch: &str,
@@ -128,11 +203,11 @@ pub enum PlanError {
     #[error(transparent)]
     Provider(#[from] agentops_agents::provider::ProviderError),
     #[error("cannot propose the project")]
-    Propose(#[source] AgentError),
+    Propose(#[source] ProposeError),
 }
 
-/// The Chief of Staff's work for `agentops ask` and `plan` tasks: a validated plan, committed
-/// on `agentops/proposals/<project>` and put up for review.
+/// The Chief of Staff's work for `agentops ask`: a validated plan, committed on
+/// `agentops/proposals/<project>` and put up for review.
 pub async fn plan_and_propose(
     provider: &AnyProvider,
     caller: &Caller<'_>,
@@ -140,15 +215,8 @@ pub async fn plan_and_propose(
     request: &PlanRequest,
 ) -> Result<(String, Proposed), PlanError> {
     let proposal = provider.plan(caller, request).await?;
-    let branch = format!("agentops/proposals/{}", proposal.name());
-    let title = format!("New project: {}", proposal.title());
-    let body = format!(
-        "Proposed by the Chief of Staff for the request:\n\n> {}\n\nMerge to start its {} tasks.",
-        request.request.trim().replace('\n', "\n> "),
-        proposal.plan.tasks.len()
-    );
     let proposed = proposer
-        .propose(&branch, &title, &body, &proposal.files)
+        .propose_checked(&project_proposal(request, &proposal))
         .await
         .map_err(PlanError::Propose)?;
     Ok((proposal.name().to_owned(), proposed))

@@ -11,42 +11,45 @@ use crate::writeback::git::revision_commit;
 
 use super::*;
 
-/// Write the tree of the dispatch revision (the followed branch's head when it is unknown)
-/// into `dir`, returning each file's blob id.
-pub fn check_out(
+/// The commit a task works on: the dispatch revision, or the followed branch's head when it
+/// is unknown or the head descends from it (so the merged outputs of its dependencies are
+/// there); a dispatch revision the head has moved away from (a force-push) is kept as it was.
+fn checkout_commit(
+    repo: &git2::Repository,
     source: &GitSource,
     revision: Option<&str>,
-    dir: &Path,
-) -> Result<HashMap<String, Oid>, AgentError> {
-    let repo = source.open()?;
-    // Outputs merged since the dispatch (a dependency's, typically) are what the task works
-    // on, so the head is taken when it descends from the dispatch revision; a dispatch
-    // revision the head has moved away from (a force-push) is kept as it was.
-    if let Err(e) = source.refresh(&repo, &[]) {
+) -> Result<Oid, AgentError> {
+    if let Err(e) = source.refresh(repo, &[]) {
         tracing::warn!("checking out without a fetch: {}", error_chain(&e));
     }
-    let head = source.head(&repo)?;
-    let commit = match revision
-        .and_then(revision_commit)
-        .filter(|c| repo.find_commit(*c).is_ok())
-    {
-        Some(dispatched)
-            if dispatched != head
-                && !repo.graph_descendant_of(head, dispatched).unwrap_or(false) =>
+    let head = source.head(repo)?;
+    Ok(
+        match revision
+            .and_then(revision_commit)
+            .filter(|c| repo.find_commit(*c).is_ok())
         {
-            dispatched
-        }
-        _ => head,
-    };
+            Some(dispatched)
+                if dispatched != head
+                    && !repo.graph_descendant_of(head, dispatched).unwrap_or(false) =>
+            {
+                dispatched
+            }
+            _ => head,
+        },
+    )
+}
+
+/// Each file of `commit`'s tree in tree order: its path, blob and whether it is executable.
+/// Symlinks are left out: a command must not be led outside its checkout.
+fn each_file(
+    repo: &git2::Repository,
+    commit: Oid,
+    mut f: impl FnMut(&str, &git2::Blob<'_>, bool) -> Result<(), AgentError>,
+) -> Result<(), AgentError> {
     let tree = repo
         .find_commit(commit)
         .and_then(|c| c.tree())
         .map_err(git("reading the dispatch tree"))?;
-    std::fs::create_dir_all(dir).map_err(|source| AgentError::Io {
-        path: dir.display().to_string(),
-        source,
-    })?;
-    let mut files = HashMap::new();
     let mut failed = None;
     tree.walk(TreeWalkMode::PreOrder, |parent, entry| {
         if entry.kind() != Some(ObjectType::Blob) {
@@ -54,35 +57,16 @@ pub fn check_out(
         }
         let path = format!("{parent}{}", entry.name().unwrap_or_default());
         let mode = entry.filemode();
-        // Symlinks are not checked out: a command must not be led outside its checkout.
         if mode == i32::from(git2::FileMode::Link) {
             return TreeWalkResult::Ok;
         }
-        let written = repo
+        let executable = mode == i32::from(git2::FileMode::BlobExecutable);
+        let done = repo
             .find_blob(entry.id())
             .map_err(git("reading a blob"))
-            .and_then(|blob| {
-                let target = dir.join(&path);
-                let io = |source| AgentError::Io {
-                    path: path.clone(),
-                    source,
-                };
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent).map_err(io)?;
-                }
-                std::fs::write(&target, blob.content()).map_err(io)?;
-                if mode == i32::from(git2::FileMode::BlobExecutable) {
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))
-                        .map_err(io)?;
-                }
-                Ok(())
-            });
-        match written {
-            Ok(()) => {
-                files.insert(path, entry.id());
-                TreeWalkResult::Ok
-            }
+            .and_then(|blob| f(&path, &blob, executable));
+        match done {
+            Ok(()) => TreeWalkResult::Ok,
             Err(e) => {
                 failed = Some(e);
                 TreeWalkResult::Abort
@@ -96,8 +80,70 @@ pub fn check_out(
     .map_err(git("checking out"))?;
     match failed {
         Some(e) => Err(e),
-        None => Ok(files),
+        None => Ok(()),
     }
+}
+
+/// Write the tree a task works on ([`checkout_commit`]) into `dir`, returning each file's
+/// blob id.
+pub fn check_out(
+    source: &GitSource,
+    revision: Option<&str>,
+    dir: &Path,
+) -> Result<HashMap<String, Oid>, AgentError> {
+    let repo = source.open()?;
+    let commit = checkout_commit(&repo, source, revision)?;
+    std::fs::create_dir_all(dir).map_err(|source| AgentError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut files = HashMap::new();
+    each_file(&repo, commit, |path, blob, executable| {
+        let target = dir.join(path);
+        let io = |source| AgentError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::write(&target, blob.content()).map_err(io)?;
+        if executable {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))
+                .map_err(io)?;
+        }
+        files.insert(path.to_owned(), blob.id());
+        Ok(())
+    })?;
+    Ok(files)
+}
+
+/// The tree a task works on as a tar archive of its files (mode 644, or 755 for
+/// executables; no symlinks), and its commit: what agents off the controller check out.
+pub fn archive(
+    source: &GitSource,
+    revision: Option<&str>,
+) -> Result<(String, Vec<u8>), AgentError> {
+    let repo = source.open()?;
+    let commit = checkout_commit(&repo, source, revision)?;
+    let mut tar = tar::Builder::new(Vec::new());
+    each_file(&repo, commit, |path, blob, executable| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(blob.content().len() as u64);
+        header.set_mode(if executable { 0o755 } else { 0o644 });
+        header.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut header, path, blob.content())
+            .map_err(|source| AgentError::Io {
+                path: path.to_owned(),
+                source,
+            })
+    })?;
+    let bytes = tar.into_inner().map_err(|source| AgentError::Io {
+        path: "the checkout archive".to_owned(),
+        source,
+    })?;
+    Ok((commit.to_string(), bytes))
 }
 
 /// A file a command added or changed.

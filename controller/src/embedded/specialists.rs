@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use agentops_agents::drafts::AgentNeed;
 use agentops_agents::llm::Caller;
+use agentops_agents::protocol::{ProposalKind, ProposalRequest};
 use agentops_agents::provider::Provider;
 use agentops_agents::runtime::AgentConfig;
 use git2::{ObjectType, TreeWalkMode, TreeWalkResult};
@@ -102,6 +103,17 @@ pub fn gaps(tasks: &[NeedingTask], agents: &[Registered]) -> Vec<NeedingTask> {
     found
 }
 
+/// The Seed's proposal of a drafted specialist.
+pub fn agent_proposal(draft: &agentops_agents::drafts::Draft) -> ProposalRequest {
+    ProposalRequest {
+        kind: ProposalKind::Agent,
+        name: draft.name.clone(),
+        title: format!("New specialist: {}", draft.name),
+        body: draft.summary.clone(),
+        files: proposal_files(&draft.files),
+    }
+}
+
 /// How often the Seed looks for work that no agent can take.
 const GAP_CHECK: Duration = Duration::from_secs(5);
 
@@ -168,11 +180,9 @@ pub(super) async fn propose_specialists<S: ToolRegistry + UsageLog + Clone>(
                     continue;
                 }
             };
-            let branch = format!("agentops/proposals/agent-{}", draft.name);
-            let title = format!("New specialist: {}", draft.name);
             match shared
                 .proposer
-                .propose(&branch, &title, &draft.summary, &draft.files)
+                .propose_checked(&agent_proposal(&draft))
                 .await
             {
                 Ok(done) => eprintln!(

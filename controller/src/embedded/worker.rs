@@ -1,4 +1,6 @@
-//! The handler of the embedded agents: the Seed's `prompt`, `run` and `tool` actions and the Chief of Staff's `plan`.
+//! The handler of every agent `agentops` runs, embedded in `up` or alone (`agentops agent`):
+//! the Seed's `prompt`, `run` and `tool` actions and the Chief of Staff's `plan`. What it
+//! does with Git and the store goes through its [`Services`].
 
 use std::sync::Arc;
 
@@ -6,19 +8,18 @@ use agentops_agents::command::{run_in, sandbox_env, text};
 use agentops_agents::drafts::ToolNeed;
 use agentops_agents::llm::Caller;
 use agentops_agents::prompt::{PromptWork, is_within, outside_outputs};
+use agentops_agents::protocol::{ProposalKind, ProposalRequest};
 use agentops_agents::provider::{AnyProvider, PlanRequest, Provider};
 use agentops_agents::runtime::{Assignment, Handler, Outcome, OutputFile, TaskContext};
 use serde_json::json;
 
 use crate::error_chain;
-use crate::store::tools::ToolRegistry;
-use crate::store::usage::UsageLog;
 
 use super::*;
 
-/// The handler of an embedded agent: the Seed's actions, and the Chief of Staff's `plan`.
-pub struct Worker<S> {
-    pub shared: Arc<Embedded<S>>,
+/// The handler of an agent: the Seed's actions, and the Chief of Staff's `plan`.
+pub struct Worker<V> {
+    pub shared: Arc<V>,
     pub name: String,
     /// The shared provider, or a specialist's own models.
     pub provider: Arc<AnyProvider>,
@@ -27,21 +28,22 @@ pub struct Worker<S> {
     pub instructions: Option<String>,
 }
 
-impl<S: ToolRegistry + UsageLog + Clone> Handler for Worker<S> {
-    async fn handle(&self, task: Assignment, _ctx: TaskContext) -> Outcome {
+impl<V: Services> Handler for Worker<V> {
+    async fn handle(&self, task: Assignment, ctx: TaskContext) -> Outcome {
+        let ctx = &ctx;
         let kind = task
             .action
             .as_object()
             .and_then(|a| a.keys().next().cloned())
             .unwrap_or_default();
         match kind.as_str() {
-            "prompt" => self.prompt(&task).await,
+            "prompt" => self.prompt(ctx, &task).await,
             "run" => match string_list(task.action.get("run").and_then(|r| r.get("command"))) {
-                Some(argv) => self.execute(&task, argv).await,
+                Some(argv) => self.execute(ctx, &task, argv).await,
                 None => Outcome::fail("`action.run.command` is not a list of strings", false),
             },
-            "tool" => self.tool(&task).await,
-            "plan" => self.plan(&task).await,
+            "tool" => self.tool(ctx, &task).await,
+            "plan" => self.plan(ctx, &task).await,
             other => Outcome::fail(format!("unknown action `{other}`"), false),
         }
     }
@@ -92,22 +94,22 @@ pub fn fill_arguments(command: &[String], with: Option<&serde_json::Value>) -> V
         .collect()
 }
 
-impl<S: ToolRegistry + UsageLog + Clone> Worker<S> {
-    fn caller<'a>(&'a self, task: &'a Assignment) -> Caller<'a> {
+impl<V: Services> Worker<V> {
+    fn caller<'a>(&'a self, ctx: &'a TaskContext, task: &'a Assignment) -> Caller<'a> {
         Caller {
             agent: &self.name,
             task_id: Some(&task.id),
-            usage: &self.shared.usage,
+            usage: self.shared.usage(ctx),
         }
     }
 
-    async fn prompt(&self, task: &Assignment) -> Outcome {
+    async fn prompt(&self, ctx: &TaskContext, task: &Assignment) -> Outcome {
         let mut work = match PromptWork::from_assignment(task) {
             Ok(work) => work,
             Err(e) => return Outcome::fail(error_chain(&e), false),
         };
         work.instructions = self.instructions.clone();
-        let written = match self.provider.write(&self.caller(task), &work).await {
+        let written = match self.provider.write(&self.caller(ctx, task), &work).await {
             Ok(written) => written,
             Err(e) => return Outcome::fail(error_chain(&e), e.is_retryable()),
         };
@@ -135,82 +137,85 @@ impl<S: ToolRegistry + UsageLog + Clone> Worker<S> {
         Outcome::complete_with_files(result, files)
     }
 
-    async fn tool(&self, task: &Assignment) -> Outcome {
+    async fn tool(&self, ctx: &TaskContext, task: &Assignment) -> Outcome {
         let need = match ToolNeed::from_assignment(task, &self.name) {
             Ok(need) => need,
             Err(e) => return Outcome::fail(error_chain(&e), false),
         };
-        match self.shared.store.use_tool(&need.name).await {
+        match self.shared.use_tool(ctx, &need.name).await {
             Ok(Some(command)) if !command.is_empty() => {
                 let with = task.action.get("tool").and_then(|t| t.get("with"));
-                self.execute(task, fill_arguments(&command, with)).await
+                self.execute(ctx, task, fill_arguments(&command, with))
+                    .await
             }
             Ok(Some(_)) => Outcome::fail(
                 format!("the tool `{}` has no command to run", need.name),
                 false,
             ),
-            Ok(None) => self.propose_tool(task, &need).await,
-            Err(e) => Outcome::fail(error_chain(&e), true),
+            Ok(None) => self.propose_tool(ctx, task, &need).await,
+            Err(e) => Outcome::fail(e, true),
         }
     }
 
-    async fn propose_tool(&self, task: &Assignment, need: &ToolNeed) -> Outcome {
-        let draft = match self.provider.draft_tool(&self.caller(task), need).await {
+    async fn propose_tool(&self, ctx: &TaskContext, task: &Assignment, need: &ToolNeed) -> Outcome {
+        let draft = match self
+            .provider
+            .draft_tool(&self.caller(ctx, task), need)
+            .await
+        {
             Ok(draft) => draft,
             Err(e) => return Outcome::fail(error_chain(&e), e.is_retryable()),
         };
-        let branch = format!("agentops/proposals/tool-{}", need.name);
-        let title = format!("New tool: {}", need.name);
-        let proposed = match self
-            .shared
-            .proposer
-            .propose(&branch, &title, &draft.summary, &draft.files)
-            .await
-        {
+        let request = ProposalRequest {
+            kind: ProposalKind::Tool,
+            name: need.name.clone(),
+            title: format!("New tool: {}", need.name),
+            body: draft.summary.clone(),
+            files: proposal_files(&draft.files),
+        };
+        let proposed = match self.shared.propose(ctx, &request).await {
             Ok(proposed) => proposed,
-            Err(e) => return Outcome::fail(error_chain(&e), true),
+            Err(failed) => return Outcome::fail(failed.message, failed.retryable),
         };
         // The store finds this question by its start once the tool exists (`store::tools`).
         Outcome::question(format!(
             "The tool `{}` does not exist. I proposed it as {}; once it is merged, the \
              task runs again.",
             need.name,
-            proposed.describe()
+            describe(&proposed)
         ))
     }
 
-    async fn plan(&self, task: &Assignment) -> Outcome {
-        let source = self.shared.source.clone();
-        let taken = match tokio::task::spawn_blocking(move || taken_projects(&source)).await {
-            Ok(Ok(taken)) => taken,
-            Ok(Err(e)) => return Outcome::fail(error_chain(&e), true),
-            Err(e) => return Outcome::fail(e.to_string(), true),
+    async fn plan(&self, ctx: &TaskContext, task: &Assignment) -> Outcome {
+        let taken = match self.shared.taken_projects(ctx).await {
+            Ok(taken) => taken,
+            Err(e) => return Outcome::fail(e, true),
         };
         let Some(request) = PlanRequest::from_assignment(task, taken) else {
             return Outcome::fail("the task's action is not `plan`", false);
         };
-        match plan_and_propose(
-            &self.provider,
-            &self.caller(task),
-            &self.shared.proposer,
-            &request,
-        )
-        .await
+        let proposal = match self.provider.plan(&self.caller(ctx, task), &request).await {
+            Ok(proposal) => proposal,
+            Err(e) => return Outcome::fail(error_chain(&e), e.is_retryable()),
+        };
+        match self
+            .shared
+            .propose(ctx, &project_proposal(&request, &proposal))
+            .await
         {
-            Ok((name, proposed)) => Outcome::complete(json!({
-                "project": name,
+            Ok(proposed) => Outcome::complete(json!({
+                "project": proposal.name(),
                 "branch": proposed.branch,
                 "commit": proposed.commit,
-                "pull_request": proposed.pull_request.as_ref().map(|pr| pr.url.clone()),
+                "pull_request": proposed.pull_request,
             })),
-            Err(PlanError::Provider(e)) => Outcome::fail(error_chain(&e), e.is_retryable()),
-            Err(PlanError::Propose(e)) => Outcome::fail(error_chain(&e), true),
+            Err(failed) => Outcome::fail(failed.message, failed.retryable),
         }
     }
 
     /// Runs `argv` in a fresh checkout of the task's dispatch revision and completes the task
     /// with the files it wrote within `output.paths` and its log.
-    async fn execute(&self, task: &Assignment, argv: Vec<String>) -> Outcome {
+    async fn execute(&self, ctx: &TaskContext, task: &Assignment, argv: Vec<String>) -> Outcome {
         let allowed = output_paths(task);
         let work = match tempfile::tempdir() {
             Ok(dir) => dir,
@@ -226,19 +231,10 @@ impl<S: ToolRegistry + UsageLog + Clone> Worker<S> {
                 return Outcome::fail(format!("cannot make {}: {e}", dir.display()), true);
             }
         }
-        let (source, revision, at) = (
-            self.shared.source.clone(),
-            task.revision.clone(),
-            checkout.clone(),
-        );
-        let original =
-            match tokio::task::spawn_blocking(move || check_out(&source, revision.as_deref(), &at))
-                .await
-            {
-                Ok(Ok(original)) => original,
-                Ok(Err(e)) => return Outcome::fail(error_chain(&e), true),
-                Err(e) => return Outcome::fail(e.to_string(), true),
-            };
+        let original = match self.shared.check_out(ctx, task, &checkout).await {
+            Ok(original) => original,
+            Err(e) => return Outcome::fail(e, true),
+        };
         let env = sandbox_env(&home, &tmp);
         let timeout = task.timeout().unwrap_or(DEFAULT_RUN_TIMEOUT);
         let output = match tokio::time::timeout(timeout, run_in(&argv, &checkout, &env)).await {

@@ -69,6 +69,12 @@ pub trait Presence: Send + Sync + 'static {
     fn alive<'a>(&'a self, agents: &'a [String])
     -> BoxFuture<'a, Result<Vec<bool>, PresenceError>>;
 
+    /// When the agent was last seen, while its presence lasts (`None`: expired or never).
+    fn last_seen<'a>(
+        &'a self,
+        agent: &'a str,
+    ) -> BoxFuture<'a, Result<Option<chrono::DateTime<chrono::Utc>>, PresenceError>>;
+
     /// Each task's latest progress message, kept for `ttl`.
     fn set_progress<'a>(
         &'a self,
@@ -101,7 +107,8 @@ pub struct MemoryPresence {
 
 #[derive(Default)]
 struct Memory {
-    agents: HashMap<String, Instant>,
+    /// Until when, and when it was seen.
+    agents: HashMap<String, (Instant, chrono::DateTime<chrono::Utc>)>,
     progress: HashMap<Uuid, (String, Instant)>,
     windows: HashMap<String, (u64, Instant)>,
 }
@@ -120,9 +127,10 @@ impl Presence for MemoryPresence {
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), PresenceError>> {
         self.with(|m, now| {
-            m.agents.retain(|_, until| *until > now);
+            m.agents.retain(|_, (until, _)| *until > now);
+            let at = chrono::Utc::now();
             for agent in agents {
-                m.agents.insert(agent.clone(), now + ttl);
+                m.agents.insert(agent.clone(), (now + ttl, at));
             }
         });
         Box::pin(async { Ok(()) })
@@ -135,10 +143,23 @@ impl Presence for MemoryPresence {
         let alive = self.with(|m, now| {
             agents
                 .iter()
-                .map(|a| m.agents.get(a).is_some_and(|until| *until > now))
+                .map(|a| m.agents.get(a).is_some_and(|(until, _)| *until > now))
                 .collect()
         });
         Box::pin(async { Ok(alive) })
+    }
+
+    fn last_seen<'a>(
+        &'a self,
+        agent: &'a str,
+    ) -> BoxFuture<'a, Result<Option<chrono::DateTime<chrono::Utc>>, PresenceError>> {
+        let seen = self.with(|m, now| {
+            m.agents
+                .get(agent)
+                .filter(|(until, _)| *until > now)
+                .map(|(_, at)| *at)
+        });
+        Box::pin(async move { Ok(seen) })
     }
 
     fn set_progress<'a>(

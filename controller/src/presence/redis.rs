@@ -119,6 +119,27 @@ impl Presence for RedisPresence {
         })
     }
 
+    fn last_seen<'a>(
+        &'a self,
+        agent: &'a str,
+    ) -> BoxFuture<'a, Result<Option<chrono::DateTime<chrono::Utc>>, PresenceError>> {
+        Box::pin(async move {
+            let key = agent_key(agent);
+            let value: Option<String> = self
+                .run("reading agent presence", |mut c| async move {
+                    redis::cmd("GET").arg(key).query_async(&mut c).await
+                })
+                .await?;
+            // A value that is not a time still means the agent is there: its time is unknown,
+            // and taken as now.
+            Ok(value.map(|v| {
+                chrono::DateTime::parse_from_rfc3339(&v)
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .unwrap_or_else(|_| chrono::Utc::now())
+            }))
+        })
+    }
+
     fn set_progress<'a>(
         &'a self,
         progress: &'a [(Uuid, String)],

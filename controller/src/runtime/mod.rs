@@ -454,12 +454,23 @@ impl Parts {
         }
         let embedded_secret = crate::dispatch::new_token();
         enrollment.allow_internal(&embedded_secret);
-        let api = ApiState::build(
-            dispatcher.clone(),
-            Some(Arc::new(results)),
-            Some(hooks),
+        let proposer = crate::embedded::Proposer {
+            source: source.clone(),
+            author: config.writeback.author(),
+            forge: forge.clone(),
+        };
+        let api = ApiState::build(crate::api::ApiParts {
+            dispatcher: dispatcher.clone(),
+            results: Some(Arc::new(results)),
+            hooks: Some(hooks),
             enrollment,
-        );
+            limits: crate::api::Limits::new(
+                config.dispatch.max_agents,
+                config.dispatch.agent_rate_limit,
+            ),
+            proposer: Some(proposer.clone()),
+            tools: Some(Arc::new(store.clone())),
+        });
         let reviews = Reviews {
             store: store.clone(),
             forge: forge.clone(),
@@ -533,11 +544,7 @@ impl Parts {
                     llm: llm.config(),
                     limiter,
                     usage: crate::store::usage::StoreUsageSink::new(store.clone()),
-                    proposer: crate::embedded::Proposer {
-                        source: source.clone(),
-                        author: config.writeback.author(),
-                        forge: forge.clone(),
-                    },
+                    proposer,
                     enrollment_secret: embedded_secret.clone(),
                 }),
                 agents.seed_capabilities.clone(),

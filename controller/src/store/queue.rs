@@ -172,6 +172,23 @@ pub trait Queue: Send + Sync + 'static {
         token_hash: &str,
     ) -> impl Future<Output = Result<Option<AgentIdentity>, StoreError>> + Send;
 
+    /// The agent of this name as liveness sees it (`None`: never registered). A store that
+    /// keeps no agents knows none.
+    fn agent_seen(
+        &self,
+        _name: &str,
+    ) -> impl Future<Output = Result<Option<AgentLiveness>, StoreError>> + Send {
+        async { Ok(None) }
+    }
+
+    /// How many agents other than `except` hold a token now.
+    fn registered_agents(
+        &self,
+        _except: &str,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        async { Ok(0) }
+    }
+
     /// Lease to each claimer up to its `max` ready tasks; one answer per claimer, in order.
     /// Claimers of one pool are served by one statement, so a round of many waiting agents
     /// costs a statement per pool, not one per agent.

@@ -115,6 +115,15 @@ statements! {
             (s.last_seen_at IS NULL OR s.last_seen_at < {ago:2}) AS stale \
             FROM agent_sessions s JOIN agents a ON a.name = s.agent_name WHERE s.token_hash = $1",
         touch_session = "UPDATE agent_sessions SET last_seen_at = {now} WHERE token_hash = $1",
+        /// $1 a name: how long ago the store saw that agent.
+        agent_liveness_of = "SELECT name, status, pruned_at IS NOT NULL AS pruned, \
+            {age_ms:last_active_at} AS seen_ms_ago FROM agents WHERE name = $1",
+        /// Agents but $1 holding a token: one session per name.
+        count_sessions = "SELECT CAST(COUNT(*) AS bigint) FROM agent_sessions \
+            WHERE agent_name <> $1",
+        /// $1 names as a JSON array: their tokens end with their registration.
+        drop_offline_sessions = "DELETE FROM agent_sessions \
+            WHERE agent_name IN (SELECT v.value FROM {values:1})",
         claim = d.pick(super::queue_postgres::CLAIM, super::queue_sqlite::CLAIM),
         /// Tasks assigned to these agents by name ($1, a JSON array).
         named_pending = "SELECT DISTINCT t.assignee FROM tasks t \
@@ -390,6 +399,19 @@ struct LivenessRow {
     seen_ms_ago: Option<i64>,
 }
 
+impl LivenessRow {
+    fn into_liveness(self) -> AgentLiveness {
+        AgentLiveness {
+            name: self.name,
+            status: self.status,
+            pruned: self.pruned,
+            last_seen: self
+                .seen_ms_ago
+                .map(|ms| std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+        }
+    }
+}
+
 fn with(mut payload: Value, extra: Value) -> Value {
     if let (Some(map), Value::Object(extra)) = (payload.as_object_mut(), extra) {
         map.extend(extra);
@@ -552,6 +574,28 @@ impl<B: Dispatch> Queue for Db<B> {
             capabilities: strings(parse_json(row.capabilities.as_deref())?),
             concurrency: u32::try_from(row.concurrency).unwrap_or(1),
         }))
+    }
+
+    async fn agent_seen(&self, name: &str) -> Result<Option<AgentLiveness>, StoreError> {
+        let row: Option<LivenessRow> = self
+            .row(
+                &self.sql.queue.agent_liveness_of,
+                args![name],
+                "reading an agent",
+            )
+            .await?;
+        Ok(row.map(LivenessRow::into_liveness))
+    }
+
+    async fn registered_agents(&self, except: &str) -> Result<u64, StoreError> {
+        let row: Option<(i64,)> = self
+            .row(
+                &self.sql.queue.count_sessions,
+                args![except],
+                "counting agents",
+            )
+            .await?;
+        Ok(row.map_or(0, |(n,)| u64::try_from(n).unwrap_or(0)))
     }
 
     async fn claim(
@@ -870,17 +914,7 @@ impl<B: Backend> Liveness for Db<B> {
                 "reading agent liveness",
             )
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| AgentLiveness {
-                name: r.name,
-                status: r.status,
-                pruned: r.pruned,
-                last_seen: r
-                    .seen_ms_ago
-                    .map(|ms| std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
-            })
-            .collect())
+        Ok(rows.into_iter().map(LivenessRow::into_liveness).collect())
     }
 
     async fn mark(
@@ -903,6 +937,14 @@ impl<B: Backend> Liveness for Db<B> {
         let changed: Vec<(String,)> = rows_on::<B, _>(&mut tx, statement, args, doing).await?;
         let mut changed: Vec<String> = changed.into_iter().map(|(name,)| name).collect();
         changed.sort();
+        if matches!(to, Mark::Offline) && !changed.is_empty() {
+            // A registration ends when its agent goes offline: its token stops working, and
+            // its name is free to take.
+            let names = json_text(&changed)?;
+            let statement = &sql.drop_offline_sessions;
+            let doing = "ending offline agents' tokens";
+            run_on::<B>(&mut tx, statement, args![&names], doing).await?;
+        }
         let recorded: Vec<Value> = changed
             .iter()
             .map(|name| {

@@ -163,6 +163,8 @@ pub enum ResultError {
     Path(#[from] PathError),
     #[error(transparent)]
     Writeback(#[from] WritebackError),
+    #[error("cannot check out the task's revision")]
+    Checkout(#[source] crate::embedded::AgentError),
 }
 
 impl From<StoreError> for ResultError {
@@ -189,6 +191,15 @@ pub trait Results: Send + Sync + 'static {
         run_lease: i64,
         files: Vec<OutputFile>,
     ) -> BoxFuture<'static, Result<CommittedOutput, ResultError>>;
+
+    /// The tree `task` works on, for `agent` holding it under `run_lease`: its commit and a
+    /// tar archive of its files.
+    fn checkout(
+        &self,
+        agent: String,
+        task: Uuid,
+        run_lease: i64,
+    ) -> BoxFuture<'static, Result<(String, Vec<u8>), ResultError>>;
 }
 
 /// [`Results`] on the source's Git repository.
@@ -204,6 +215,27 @@ pub struct GitResults<S> {
 static GIT_WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl<S: Writeback + Clone> Results for GitResults<S> {
+    fn checkout(
+        &self,
+        agent: String,
+        task: Uuid,
+        run_lease: i64,
+    ) -> BoxFuture<'static, Result<(String, Vec<u8>), ResultError>> {
+        let store = self.store.clone();
+        let source = self.source.clone();
+        Box::pin(async move {
+            let Some(target) = store.result_task(task, run_lease, &agent).await? else {
+                return Err(ResultError::Refused(Refusal::NotHeld));
+            };
+            tokio::task::spawn_blocking(move || {
+                crate::embedded::archive(&source, target.dispatch_revision.as_deref())
+            })
+            .await
+            .map_err(WritebackError::Worker)?
+            .map_err(ResultError::Checkout)
+        })
+    }
+
     fn commit(
         &self,
         agent: String,

@@ -19,6 +19,7 @@ mod llm;
 mod mcp;
 mod queue;
 mod queue_rules;
+mod remote_agents;
 mod repository;
 mod store;
 mod sync;

@@ -235,22 +235,23 @@ impl Controller {
         Controller::start_with(database, repo, dir, lease, heartbeat, &[])
     }
 
-    /// [`Controller::start`] with more flags (`--agent-secret …`).
+    /// [`Self::start`] on a repository path or URL, with `extra` flags for `up`.
     pub fn start_with(
         database: &str,
-        repo: &Path,
+        repo: impl Into<std::ffi::OsString>,
         dir: &Path,
         lease: &str,
         heartbeat: &str,
-        more: &[&str],
+        extra: &[&str],
     ) -> Self {
+        let repo: std::ffi::OsString = repo.into();
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let data_dir = dir.join("data");
         std::fs::create_dir_all(&data_dir).unwrap();
-        let args: Vec<std::ffi::OsString> = vec![
+        let mut args: Vec<std::ffi::OsString> = vec![
             "up".into(),
             "--repo".into(),
-            repo.into(),
+            repo,
             "--database".into(),
             database.into(),
             "--listen".into(),
@@ -262,10 +263,7 @@ impl Controller {
             // The tests run their own agents and count what each did.
             "--no-agents".into(),
         ];
-        let args = args
-            .into_iter()
-            .chain(more.iter().map(|a| std::ffi::OsString::from(*a)))
-            .collect();
+        args.extend(extra.iter().map(Into::into));
         let mut controller = Controller {
             url: format!("http://{addr}"),
             args,
@@ -376,5 +374,17 @@ pub fn spawn_agent(api: &str, name: &str, concurrency: usize, log: &Path) -> Pro
         .args(["--api", api, "--name", name, "--type", "seed"])
         .args(["--concurrency", &concurrency.to_string()])
         .env("RUST_LOG", "info");
+    Proc::spawn(name, command, log)
+}
+
+/// `agentops agent ROLE --api API --name NAME` with `extra` flags, logging to `log`.
+pub fn spawn_agentops_agent(api: &str, role: &str, name: &str, extra: &[&str], log: &Path) -> Proc {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_agentops"));
+    clean_env(&mut command);
+    command
+        .args(["agent", role, "--api", api, "--name", name])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .env("AGENTOPS_LOG", "info");
     Proc::spawn(name, command, log)
 }
