@@ -4,9 +4,11 @@
 mod ask;
 mod bench;
 mod bench_dispatch;
+mod bench_kube;
 mod bench_writeback;
 mod crds;
 mod diff;
+pub mod fake_kube;
 mod reconcile;
 mod status;
 mod validate;
@@ -16,8 +18,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    DispatchArgs, EmbeddedArgs, GlobalConfig, LeaderArgs, LlmArgs, ShutdownArgs, SourceConfig,
-    StoreConfig, WritebackArgs,
+    DispatchArgs, EmbeddedArgs, GlobalConfig, KubeArgs, LeaderArgs, LlmArgs, ShutdownArgs,
+    SourceConfig, StoreConfig, WritebackArgs,
 };
 
 #[derive(Debug, Parser)]
@@ -98,6 +100,8 @@ pub enum Command {
         shutdown: ShutdownArgs,
         #[command(flatten)]
         leader: LeaderArgs,
+        #[command(flatten)]
+        kube: KubeArgs,
         /// Exit 0 once no task can move without a person: none in progress, none pending with
         /// its dependencies completed (work in review waits for a merge).
         #[arg(long)]
@@ -194,6 +198,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             llm,
             shutdown,
             leader,
+            kube,
             exit_when_idle,
         } => {
             let embedded = (!agents.no_agents).then_some((agents, llm));
@@ -207,6 +212,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 exit_when_idle,
                 shutdown,
                 leader,
+                kube,
             })
             .await
         }

@@ -5,6 +5,7 @@
 //! [`stop`]: stop claiming, let agents finish or hand back, push the status, drain the relay,
 //! close the API.
 
+pub mod kubernetes;
 pub mod leader;
 mod stop;
 
@@ -20,8 +21,8 @@ use tokio_util::task::TaskTracker;
 use crate::api::ApiState;
 use crate::bus::{Bus, BusError, InProcessBus, NatsBus};
 use crate::config::{
-    DispatchArgs, EmbeddedArgs, GlobalConfig, LeaderArgs, LlmArgs, PRESENCE_TIMEOUT, ShutdownArgs,
-    SourceConfig, StoreConfig, WritebackArgs,
+    DispatchArgs, EmbeddedArgs, GlobalConfig, KubeArgs, LeaderArgs, LlmArgs, PRESENCE_TIMEOUT,
+    ShutdownArgs, SourceConfig, StoreConfig, WritebackArgs,
 };
 use crate::dispatch::{Backends, Dispatcher};
 use crate::forge::{Forge, ForgeError};
@@ -56,6 +57,7 @@ pub struct ControllerConfig {
     pub exit_when_idle: bool,
     pub shutdown: ShutdownArgs,
     pub leader: LeaderArgs,
+    pub kube: KubeArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +90,8 @@ pub enum RuntimeError {
     Leader(#[source] leader::LeaderError),
     #[error("agent enrollment")]
     Enrollment(#[source] crate::api::enroll::EnrollmentError),
+    #[error("--kube")]
+    Kube(#[source] crate::source::kube::KubeError),
 }
 
 /// Why [`Runtime::run`] returned.
@@ -121,6 +125,8 @@ pub struct Runtime {
     listener: tokio::net::TcpListener,
     backends: Backends,
     store: AnyStore,
+    /// With `--kube`: the cluster's client.
+    kube: Option<kube::Client>,
 }
 
 /// The Git source `--repo`, `--branch` and `--path` describe.
@@ -260,7 +266,16 @@ impl Runtime {
         let store = AnyStore::connect(&config.store.url(&config.global))
             .await
             .map_err(RuntimeError::Store)?;
+        let kube = match config.kube.kube {
+            true => Some(
+                crate::source::kube::client()
+                    .await
+                    .map_err(RuntimeError::Kube)?,
+            ),
+            false => None,
+        };
         Ok(Runtime {
+            kube,
             config,
             source,
             forge,
@@ -287,8 +302,10 @@ impl Runtime {
             listener,
             backends,
             store,
+            kube,
         } = self;
         let parts = Parts {
+            kube,
             config,
             source,
             forge,
@@ -349,6 +366,7 @@ fn listener_addr(listener: &tokio::net::TcpListener) -> SocketAddr {
 
 /// [`Runtime`] without its store, which [`Parts::run`] takes in its concrete type.
 struct Parts {
+    kube: Option<kube::Client>,
     config: ControllerConfig,
     source: GitSource,
     forge: Arc<dyn Forge>,
@@ -380,6 +398,7 @@ impl Parts {
         shutdown: CancellationToken,
     ) -> Result<Exit, RuntimeError> {
         let Parts {
+            kube,
             config,
             source,
             forge,
@@ -520,7 +539,46 @@ impl Parts {
             None => None,
         };
 
+        let kube_stop = CancellationToken::new();
+        let claims = crate::reconcile::claims::Claims::default();
+        if kube.is_some() {
+            // Another source's declarations changed: the Git source decides afresh.
+            let mut changed = claims.changed();
+            let nudger = triggers.nudger();
+            let stop = kube_stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        r = changed.changed() => match r {
+                            Ok(()) => nudger.nudge(),
+                            Err(_) => break,
+                        },
+                    }
+                }
+            });
+        }
+        let kube_loop = kube.map(|client| {
+            let dispatcher = running.dispatcher.clone();
+            let options = kubernetes::KubeOptions {
+                namespace: config.kube.namespace.clone(),
+                status_interval: config.writeback.status_interval,
+            };
+            let source =
+                kubernetes::KubeLoop::new(client, store.clone()).with_claims(claims.clone());
+            tokio::spawn(source.run(options, kube_stop.clone(), move |_, report| {
+                if report.events > 0 {
+                    dispatcher.events_recorded();
+                }
+                if report.object_writes > 0 {
+                    dispatcher.wake();
+                }
+            }))
+        });
         let mut syncer = Syncer::new(source, &config.source.source_name, store.clone());
+        if kube_loop.is_some() {
+            syncer = syncer.with_claims(claims);
+        }
         // Agents finish work between syncs, so idleness is checked on its own clock.
         let mut idle_check = tokio::time::interval(Duration::from_millis(500));
         let exit = loop {
@@ -576,6 +634,10 @@ impl Parts {
                 review_nudge.notify_one();
             }
         };
+        kube_stop.cancel();
+        if let Some(kube_loop) = kube_loop {
+            let _ = kube_loop.await;
+        }
         if exit == Exit::Stopped {
             eprintln!(
                 "stopping within {}",

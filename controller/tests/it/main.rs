@@ -12,6 +12,7 @@ mod crds;
 mod diff;
 mod dispatch;
 mod forge_github;
+mod kube;
 mod llm;
 mod queue;
 mod queue_rules;
