@@ -496,6 +496,10 @@ fn watch_stream(
             let namespace = namespace.clone();
             async move {
                 loop {
+                    // A dropped watch delivers nothing more, even what arrived with the drop.
+                    if epoch.has_changed().unwrap_or(true) {
+                        return None;
+                    }
                     let found: Option<(u64, Arc<str>)> = {
                         let inner = shared.inner.lock().unwrap_or_else(|p| p.into_inner());
                         if last + 1 < inner.expired_below {

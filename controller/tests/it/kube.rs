@@ -71,7 +71,7 @@ async fn resources_sync_their_status_applies_and_deleting_running_work_cancels_i
     })
     .await;
     assert_eq!(status["agent"], "seed", "{status}");
-    assert_eq!(status["attempt"], 1, "{status}");
+    assert_eq!(status["attempt"], 0, "the first attempt: {status}");
     assert_eq!(status["observedGeneration"], 1, "{status}");
     assert!(status["startedAt"].is_string(), "{status}");
     assert_eq!(
