@@ -327,3 +327,56 @@ async fn a_dropped_watch_resumes_from_its_version_and_gone_lists_again() {
     assert!(lists >= 2, "410 Gone makes the watcher list again");
     kube.check_requests();
 }
+
+#[tokio::test]
+async fn an_object_of_git_and_of_a_namespace_is_an_error_on_both_and_is_not_overwritten() {
+    let (kube, repo, db) = setup().await;
+    repo.commit(
+        "project web in Git too",
+        &[(
+            "projects/web/project.yaml",
+            Some("apiVersion: agentops.dev/v1alpha1\nkind: Project\nmetadata:\n  name: web\nspec:\n  title: Web from Git\n"),
+        )],
+    );
+    kube.fake.apply(Kind::Project, "team", "ops", json!({"title": "Ops"}));
+    let _controller = kube.start(repo.path(), &db.url, &[]);
+
+    // The namespace says so on the resource.
+    let status = eventually("the namespace's project is stalled", WAIT, || async {
+        let status = kube.status("projects", "web")?;
+        (condition(&status, "Stalled")?["status"] == "True").then_some(status)
+    })
+    .await;
+    let message = condition(&status, "Stalled").unwrap()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("also declared by source `default`"), "{status}");
+    // Git says so in its source's errors.
+    eventually("the Git source reports the conflict", WAIT, || async {
+        let errors: Vec<(String,)> = db
+            .rows("SELECT CAST(errors AS text) FROM sync_sources WHERE name = 'default'")
+            .await;
+        errors
+            .first()
+            .filter(|(e,)| e.contains("also declared by source `kube:team`"))
+            .map(drop)
+    })
+    .await;
+    // One row, flagged, its title from whichever source wrote it first; the rest syncs.
+    let rows: Vec<(String, String, Option<String>)> = eventually("the row is flagged", WAIT, || async {
+        let rows: Vec<(String, String, Option<String>)> = db
+            .rows("SELECT title, source, status_message FROM projects WHERE name = 'web'")
+            .await;
+        rows.iter()
+            .all(|r| r.2.as_deref().is_some_and(|m| m.contains("also declared")))
+            .then_some(rows)
+    })
+    .await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let (title, source, _) = &rows[0];
+    let expected = if source == "default" { "Web from Git" } else { "Web" };
+    assert_eq!(title, expected, "{rows:?}");
+    eventually("the other project syncs", WAIT, || async {
+        db.text("SELECT source FROM projects WHERE name = 'ops'").await
+    })
+    .await;
+    kube.check_requests();
+}
