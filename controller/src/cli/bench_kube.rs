@@ -84,7 +84,8 @@ pub async fn run(bench: KubeBench) -> anyhow::Result<ExitCode> {
         "sqlite"
     };
     let result = async {
-        let fake = FakeKube::start(false).await?;
+        // The API server keeps a history of about one event per resource.
+        let fake = FakeKube::start_with(false, bench.tasks).await?;
         for p in 0..projects {
             let project = format!("project-{p:04}");
             fake.apply(

@@ -93,6 +93,12 @@ fn kind_of_plural(plural: &str) -> Option<Kind> {
 impl FakeKube {
     /// Listen on a free loopback port. `keep_bodies`: record request bodies too.
     pub async fn start(keep_bodies: bool) -> std::io::Result<FakeKube> {
+        FakeKube::start_with(keep_bodies, 50_000).await
+    }
+
+    /// [`FakeKube::start`], keeping the last `history` watch events: a watch from further
+    /// back is answered `410 Gone`, as after etcd's compaction.
+    pub async fn start_with(keep_bodies: bool, history: usize) -> std::io::Result<FakeKube> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -102,7 +108,7 @@ impl FakeKube {
             }),
             changed: watch::channel(0).0,
             epoch: watch::channel(0).0,
-            max_log: 50_000,
+            max_log: history,
         });
         let state = shared.clone();
         let app = axum::Router::new().fallback(
@@ -319,9 +325,9 @@ fn handle(
         .query()
         .map(|q| {
             q.split('&')
-                .filter_map(|pair| {
+                .map(|pair| {
                     let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    Some((decode(k), decode(v)))
+                    (decode(k), decode(v))
                 })
                 .collect()
         })

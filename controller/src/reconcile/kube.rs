@@ -249,7 +249,7 @@ impl<S: Store> KubeSyncer<S> {
 
     /// Bring the index entry of `cr` up to date. Returns whether it changed.
     fn refresh(&mut self, cr: &CrRef) -> bool {
-        let document: Option<Arc<[u8]>> = self.effective(cr).map(|r| r.document.as_slice().into());
+        let document: Option<Arc<[u8]>> = self.effective(cr).map(|r| Arc::clone(&r.document));
         let cluster = &self.cluster;
         let space = self
             .spaces
@@ -257,7 +257,7 @@ impl<S: Store> KubeSyncer<S> {
             .or_insert_with(|| Space::new(&cr.namespace, cluster));
         let blob = document
             .as_ref()
-            .map(|d| Oid::hash_object(ObjectType::Blob, d).unwrap_or_else(|_| Oid::ZERO_SHA1));
+            .map(|d| Oid::hash_object(ObjectType::Blob, d).unwrap_or(Oid::ZERO_SHA1));
         match space.index.change(cr.path(), blob) {
             Change::Unchanged => false,
             Change::Removed(gone) => {
@@ -395,6 +395,9 @@ fn newer(a: &str, b: &str) -> bool {
     }
 }
 
+/// A written object to read again: its path, its resource's document, its position.
+type Wanted = (Arc<str>, Option<Arc<[u8]>>, Pos);
+
 /// Reads the written objects again from the resources' documents.
 struct Documents<'a> {
     documents: &'a HashMap<Arc<str>, Arc<[u8]>>,
@@ -402,7 +405,7 @@ struct Documents<'a> {
 
 impl Objects for Documents<'_> {
     fn fetch(&self, writes: &[&Write<'_>]) -> BoxFuture<'static, Result<Vec<Object>, StoreError>> {
-        let wanted: Vec<(Arc<str>, Option<Arc<[u8]>>, Pos)> = writes
+        let wanted: Vec<Wanted> = writes
             .iter()
             .map(|w| {
                 let path = Arc::clone(&w.object.path);

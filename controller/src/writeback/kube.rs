@@ -615,7 +615,7 @@ mod tests {
                 vec![]
             },
             project: Some("web".into()),
-            document: Vec::new(),
+            document: Vec::new().into(),
         }
     }
 

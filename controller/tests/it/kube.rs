@@ -338,7 +338,8 @@ async fn an_object_of_git_and_of_a_namespace_is_an_error_on_both_and_is_not_over
             Some("apiVersion: agentops.dev/v1alpha1\nkind: Project\nmetadata:\n  name: web\nspec:\n  title: Web from Git\n"),
         )],
     );
-    kube.fake.apply(Kind::Project, "team", "ops", json!({"title": "Ops"}));
+    kube.fake
+        .apply(Kind::Project, "team", "ops", json!({"title": "Ops"}));
     let _controller = kube.start(repo.path(), &db.url, &[]);
 
     // The namespace says so on the resource.
@@ -347,8 +348,14 @@ async fn an_object_of_git_and_of_a_namespace_is_an_error_on_both_and_is_not_over
         (condition(&status, "Stalled")?["status"] == "True").then_some(status)
     })
     .await;
-    let message = condition(&status, "Stalled").unwrap()["message"].as_str().unwrap().to_owned();
-    assert!(message.contains("also declared by source `default`"), "{status}");
+    let message = condition(&status, "Stalled").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("also declared by source `default`"),
+        "{status}"
+    );
     // Git says so in its source's errors.
     eventually("the Git source reports the conflict", WAIT, || async {
         let errors: Vec<(String,)> = db
@@ -361,21 +368,27 @@ async fn an_object_of_git_and_of_a_namespace_is_an_error_on_both_and_is_not_over
     })
     .await;
     // One row, flagged, its title from whichever source wrote it first; the rest syncs.
-    let rows: Vec<(String, String, Option<String>)> = eventually("the row is flagged", WAIT, || async {
-        let rows: Vec<(String, String, Option<String>)> = db
-            .rows("SELECT title, source, status_message FROM projects WHERE name = 'web'")
-            .await;
-        rows.iter()
-            .all(|r| r.2.as_deref().is_some_and(|m| m.contains("also declared")))
-            .then_some(rows)
-    })
-    .await;
+    let rows: Vec<(String, String, Option<String>)> =
+        eventually("the row is flagged", WAIT, || async {
+            let rows: Vec<(String, String, Option<String>)> = db
+                .rows("SELECT title, source, status_message FROM projects WHERE name = 'web'")
+                .await;
+            rows.iter()
+                .all(|r| r.2.as_deref().is_some_and(|m| m.contains("also declared")))
+                .then_some(rows)
+        })
+        .await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     let (title, source, _) = &rows[0];
-    let expected = if source == "default" { "Web from Git" } else { "Web" };
+    let expected = if source == "default" {
+        "Web from Git"
+    } else {
+        "Web"
+    };
     assert_eq!(title, expected, "{rows:?}");
     eventually("the other project syncs", WAIT, || async {
-        db.text("SELECT source FROM projects WHERE name = 'ops'").await
+        db.text("SELECT source FROM projects WHERE name = 'ops'")
+            .await
     })
     .await;
     kube.check_requests();

@@ -3,6 +3,7 @@
 //! Pure: nothing here talks to the API server.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use agentops_specs::{API_VERSION, Kind};
 use kube::api::DynamicObject;
@@ -68,7 +69,7 @@ pub struct Resource {
     /// A task's `spec.project` as written.
     pub project: Option<String>,
     /// `apiVersion`, `kind`, `metadata` (name, labels, annotations) and `spec`, as YAML.
-    pub document: Vec<u8>,
+    pub document: Arc<[u8]>,
 }
 
 impl Resource {
@@ -108,7 +109,8 @@ impl Resource {
         // A JSON value always has a YAML spelling; JSON text is YAML as a last resort.
         let document = serde_saphyr::to_string(&document)
             .unwrap_or_else(|_| document.to_string())
-            .into_bytes();
+            .into_bytes()
+            .into();
         Some(Resource {
             cr: CrRef {
                 kind,
