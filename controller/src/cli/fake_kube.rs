@@ -448,23 +448,39 @@ fn collection(
         return watch_stream(shared, plural, namespace.map(str::to_owned), query);
     }
     let inner = shared.inner.lock().unwrap_or_else(|p| p.into_inner());
-    let mut body = format!(
-        "{{\"apiVersion\":\"{API_VERSION}\",\"kind\":\"{}List\",\"metadata\":{{\"resourceVersion\":\"{}\"}},\"items\":[",
-        kind.as_str(),
-        inner.rv
-    );
-    let mut first = true;
-    for ((p, ns, _), text) in &inner.objects {
-        if *p != plural || namespace.is_some_and(|n| n != ns) {
-            continue;
-        }
-        if !first {
+    // Pages: `limit`, and a `continue` token of `<resourceVersion>:<offset>`.
+    let (rv, offset) = query
+        .get("continue")
+        .and_then(|c| c.split_once(':'))
+        .and_then(|(rv, at)| Some((rv.parse().ok()?, at.parse().ok()?)))
+        .unwrap_or((inner.rv, 0usize));
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .filter(|&l: &usize| l > 0)
+        .unwrap_or(usize::MAX);
+    let mut items = inner
+        .objects
+        .iter()
+        .filter(|((p, ns, _), _)| *p == plural && namespace.is_none_or(|n| n == ns))
+        .skip(offset);
+    let mut body = String::new();
+    for (n, (_, text)) in items.by_ref().take(limit).enumerate() {
+        if n > 0 {
             body.push(',');
         }
-        first = false;
         body.push_str(text);
     }
-    body.push_str("]}");
+    let more = items.next().is_some();
+    let next = if more {
+        format!(",\"continue\":\"{rv}:{}\"", offset.saturating_add(limit))
+    } else {
+        String::new()
+    };
+    let body = format!(
+        "{{\"apiVersion\":\"{API_VERSION}\",\"kind\":\"{}List\",\"metadata\":{{\"resourceVersion\":\"{rv}\"{next}}},\"items\":[{body}]}}",
+        kind.as_str(),
+    );
     json_response(StatusCode::OK, body)
 }
 
