@@ -323,3 +323,16 @@ pub struct EmbeddedArgs {
     )]
     pub seed_capabilities: Vec<String>,
 }
+
+/// The Kubernetes source: the custom resources of a cluster, beside the Git source.
+#[derive(Debug, Clone, Args)]
+pub struct KubeArgs {
+    /// Also sync the Project, Task, Agent and Tool custom resources of the cluster (in-cluster
+    /// configuration, or `KUBECONFIG`), and write their status back to them.
+    #[arg(long, env = "AGENTOPS_KUBE")]
+    pub kube: bool,
+    /// The namespace to watch; every namespace when not given. Each namespace is a source of
+    /// its own, `kube:<namespace>`.
+    #[arg(long, env = "AGENTOPS_NAMESPACE", requires = "kube")]
+    pub namespace: Option<String>,
+}

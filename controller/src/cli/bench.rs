@@ -36,6 +36,9 @@ pub enum Bench {
     Dispatch(super::bench_dispatch::DispatchBench),
     /// Phase changes across many projects, written back to a Git remote as status commits.
     Writeback(super::bench_writeback::WritebackBench),
+    /// Task custom resources on an in-process fake Kubernetes API server: the cold sync, then
+    /// a burst of phase changes and the status patches it causes.
+    Kube(super::bench_kube::KubeBench),
 }
 
 pub async fn run(_global: &GlobalConfig, bench: Bench) -> anyhow::Result<ExitCode> {
@@ -47,6 +50,7 @@ pub async fn run(_global: &GlobalConfig, bench: Bench) -> anyhow::Result<ExitCod
         } => sync(tasks, database.as_deref(), format).await,
         Bench::Dispatch(bench) => super::bench_dispatch::run(bench).await,
         Bench::Writeback(bench) => super::bench_writeback::run(bench).await,
+        Bench::Kube(bench) => super::bench_kube::run(bench).await,
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use agentops_specs::{Diagnostic, KeyRef, ObjectKey, Skeleton, validate_with_known};
 use git2::Oid;
 
+use super::claims::Conflicts;
 use super::plan::{self, Current, Desired, SpecHash};
 
 /// One parsed spec file.
@@ -53,6 +54,21 @@ pub(super) struct Touched {
 pub(super) struct Index {
     pub(super) tree: Option<Oid>,
     pub(super) files: HashMap<Arc<str>, FileEntry>,
+}
+
+impl Index {
+    /// The keys of every object the index declares: those of good files, and the last good
+    /// ones of broken files, which stay in effect.
+    pub(super) fn declared_keys(&self) -> HashSet<ObjectKey> {
+        self.files
+            .values()
+            .flat_map(|f| {
+                let good = f.objects.iter().map(|(o, _)| o.key.clone());
+                let kept = f.last_good.iter().cloned();
+                good.chain(kept)
+            })
+            .collect()
+    }
 }
 
 /// What a changed path means for the index, before anything is parsed.
@@ -128,6 +144,18 @@ pub(super) fn decide<'a>(
     revision: &str,
     tree: &str,
 ) -> (plan::Plan<'a>, HashSet<ObjectKey>) {
+    decide_with(index, current, revision, tree, &Conflicts::default())
+}
+
+/// [`decide`], with the objects other sources declare too refused (with the error that
+/// says so), so that neither source overwrites the other's row.
+pub(super) fn decide_with<'a>(
+    index: &'a Index,
+    current: &Current,
+    revision: &str,
+    tree: &str,
+    conflicts: &Conflicts,
+) -> (plan::Plan<'a>, HashSet<ObjectKey>) {
     let mut objects: Vec<&'a Skeleton> = Vec::with_capacity(index.files.len());
     let mut hashes: Vec<SpecHash> = Vec::with_capacity(index.files.len());
     let mut desired = Desired::default();
@@ -165,6 +193,26 @@ pub(super) fn decide<'a>(
                 .map(|(key, _)| key.as_key_ref()),
         );
     }
+    if !conflicts.is_empty() {
+        let mut kept = Vec::with_capacity(objects.len());
+        let mut kept_hashes = Vec::with_capacity(objects.len());
+        for (object, hash) in objects.into_iter().zip(hashes) {
+            match conflicts.message(&object.key) {
+                Some(message) => {
+                    desired
+                        .diagnostics
+                        .push(Diagnostic::new(&*object.path, object.name, message));
+                    desired.invalid.push(object);
+                }
+                None => {
+                    kept.push(object);
+                    kept_hashes.push(hash);
+                }
+            }
+        }
+        objects = kept;
+        hashes = kept_hashes;
+    }
     let validation = validate_with_known(&objects, &known);
     desired.diagnostics.extend(validation.diagnostics);
     desired.objects.reserve(objects.len());
@@ -190,6 +238,7 @@ pub(super) fn decide_touched<'a>(
     index: &'a Index,
     touched: &[Touched],
     invalid: &HashSet<ObjectKey>,
+    conflicts: &Conflicts,
     current: &Current,
     revision: &str,
     tree: &str,
@@ -212,7 +261,7 @@ pub(super) fn decide_touched<'a>(
         }
         for (object, hash) in &file.objects {
             let key = &object.key;
-            if invalid.contains(key) {
+            if invalid.contains(key) || conflicts.message(key).is_some() {
                 return None;
             }
             let row = current.objects.get(key)?;
@@ -478,7 +527,7 @@ mod tests {
                 }
 
                 let (full, full_invalid) = decide(&index, &current, &revision, &tree);
-                let incremental = decide_touched(&index, &touched, &invalid, &current, &revision, &tree);
+                let incremental = decide_touched(&index, &touched, &invalid, &Conflicts::default(), &current, &revision, &tree);
                 match incremental {
                     Some(incremental) => {
                         prop_assert_eq!(summary(&incremental), summary(&full), "after {:?}", edit);

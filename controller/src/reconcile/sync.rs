@@ -20,7 +20,8 @@ use agentops_specs::{Diagnostic, Object, ObjectKey, Pos, parse_file};
 use futures::future::BoxFuture;
 use git2::{Oid, Repository};
 
-use super::decide::{Change, Index, Touched, decide, decide_touched, record};
+use super::claims::Claims;
+use super::decide::{Change, Index, Touched, decide_touched, decide_with, record};
 use super::plan::{self, Current, SpecHash, Write};
 use crate::source::SourceError;
 use crate::source::git::{self, FileChange, GitSource, Snapshot};
@@ -298,6 +299,9 @@ pub struct Syncer<S> {
     current: Option<Current>,
     /// Objects the last full decision found invalid.
     invalid: HashSet<ObjectKey>,
+    /// With other sources in the same controller: who declares what, and the version of it
+    /// the last decision saw.
+    claims: Option<(Claims, u64)>,
 }
 
 impl<S: Store> Syncer<S> {
@@ -315,7 +319,14 @@ impl<S: Store> Syncer<S> {
             index: None,
             current: None,
             invalid: HashSet::new(),
+            claims: None,
         }
+    }
+
+    /// Decide alongside other sources: an object another source declares too is refused.
+    pub fn with_claims(mut self, claims: Claims) -> Syncer<S> {
+        self.claims = Some((claims, u64::MAX));
+        self
     }
 
     pub fn store(&self) -> &S {
@@ -383,7 +394,15 @@ impl<S: Store> Syncer<S> {
             ..SyncReport::default()
         };
 
-        if warm && touched.is_empty() {
+        let claims_read = self.claims.as_ref().map(|(c, seen)| (c.version(), *seen));
+        let claims_moved = claims_read.is_some_and(|(now, seen)| now != seen);
+        let conflicts = self
+            .claims
+            .as_ref()
+            .map(|(c, _)| c.others(&self.info.name))
+            .unwrap_or_default();
+
+        if warm && touched.is_empty() && !claims_moved {
             // No spec file changed or went away since the last step, which the store already
             // reflects: at most the cursor moves.
             if let Some(cursor) = current
@@ -410,12 +429,13 @@ impl<S: Store> Syncer<S> {
         }
 
         let started = Instant::now();
-        let desired_plan = match warm
+        let desired_plan = match (warm && !claims_moved)
             .then(|| {
                 decide_touched(
                     index,
                     &touched,
                     &self.invalid,
+                    &conflicts,
                     current,
                     &snapshot.revision,
                     &tree,
@@ -425,7 +445,8 @@ impl<S: Store> Syncer<S> {
         {
             Some(plan) => plan,
             None => {
-                let (plan, invalid) = decide(index, current, &snapshot.revision, &tree);
+                let (plan, invalid) =
+                    decide_with(index, current, &snapshot.revision, &tree, &conflicts);
                 self.invalid = invalid;
                 plan
             }
@@ -446,6 +467,20 @@ impl<S: Store> Syncer<S> {
             .as_ref()
             .map(|c| c.errors.clone())
             .unwrap_or_default();
+        if let (Some((claims, seen)), Some((read, _))) = (self.claims.as_mut(), claims_read) {
+            *seen = declare(claims, &self.info.name, index, read);
+        }
         Ok(report)
+    }
+}
+
+/// Declare what `index` holds for `source`, and return the claims version its decision is
+/// up to date with: `read` (what it decided against), or one more when only this declaration
+/// moved it since.
+pub(super) fn declare(claims: &Claims, source: &str, index: &Index, read: u64) -> u64 {
+    if claims.declare(source, index.declared_keys()) && claims.version() == read + 1 {
+        read + 1
+    } else {
+        read
     }
 }

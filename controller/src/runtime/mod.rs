@@ -5,6 +5,7 @@
 //! [`stop`]: stop claiming, let agents finish or hand back, push the status, drain the relay,
 //! close the API.
 
+pub mod kubernetes;
 pub mod leader;
 mod stop;
 
@@ -87,10 +88,10 @@ pub enum RuntimeError {
     Llm(#[source] agentops_agents::llm::LlmError),
     #[error("leader election")]
     Leader(#[source] leader::LeaderError),
-    #[error("--kube: connecting to Kubernetes (in-cluster config or KUBECONFIG)")]
-    Kube(#[source] kube::Error),
     #[error("agent enrollment")]
     Enrollment(#[source] crate::api::enroll::EnrollmentError),
+    #[error("--kube")]
+    Kube(#[source] crate::source::kube::KubeError),
 }
 
 /// Why [`Runtime::run`] returned.
@@ -125,6 +126,8 @@ pub struct Runtime {
     backends: Backends,
     store: AnyStore,
     leadership: leader::Leadership,
+    /// With `--kube`: the cluster's client.
+    kube: Option<kube::Client>,
 }
 
 /// The Git source `--repo`, `--branch` and `--path` describe.
@@ -264,9 +267,9 @@ impl Runtime {
         let store = AnyStore::connect(&config.store.url(&config.global))
             .await
             .map_err(RuntimeError::Store)?;
-        let client = match config.kube.kube {
+        let kube = match config.kube.kube {
             true => Some(
-                kube::Client::try_default()
+                crate::source::kube::client()
                     .await
                     .map_err(RuntimeError::Kube)?,
             ),
@@ -276,10 +279,11 @@ impl Runtime {
             &config.store.url(&config.global),
             &config.leader,
             &config.kube,
-            client,
+            kube.clone(),
         )
         .map_err(RuntimeError::Leader)?;
         Ok(Runtime {
+            kube,
             config,
             leadership,
             source,
@@ -308,8 +312,10 @@ impl Runtime {
             backends,
             store,
             leadership,
+            kube,
         } = self;
         let parts = Parts {
+            kube,
             config,
             source,
             forge,
@@ -371,6 +377,7 @@ fn listener_addr(listener: &tokio::net::TcpListener) -> SocketAddr {
 
 /// [`Runtime`] without its store, which [`Parts::run`] takes in its concrete type.
 struct Parts {
+    kube: Option<kube::Client>,
     config: ControllerConfig,
     source: GitSource,
     forge: Arc<dyn Forge>,
@@ -403,6 +410,7 @@ impl Parts {
         shutdown: CancellationToken,
     ) -> Result<Exit, RuntimeError> {
         let Parts {
+            kube,
             config,
             source,
             forge,
@@ -552,7 +560,46 @@ impl Parts {
             None => None,
         };
 
+        let kube_stop = CancellationToken::new();
+        let claims = crate::reconcile::claims::Claims::default();
+        if kube.is_some() {
+            // Another source's declarations changed: the Git source decides afresh.
+            let mut changed = claims.changed();
+            let nudger = triggers.nudger();
+            let stop = kube_stop.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        r = changed.changed() => match r {
+                            Ok(()) => nudger.nudge(),
+                            Err(_) => break,
+                        },
+                    }
+                }
+            });
+        }
+        let kube_loop = kube.map(|client| {
+            let dispatcher = running.dispatcher.clone();
+            let options = kubernetes::KubeOptions {
+                namespace: config.kube.namespace.clone(),
+                status_interval: config.writeback.status_interval,
+            };
+            let source =
+                kubernetes::KubeLoop::new(client, store.clone()).with_claims(claims.clone());
+            tokio::spawn(source.run(options, kube_stop.clone(), move |_, report| {
+                if report.events > 0 {
+                    dispatcher.events_recorded();
+                }
+                if report.object_writes > 0 {
+                    dispatcher.wake();
+                }
+            }))
+        });
         let mut syncer = Syncer::new(source, &config.source.source_name, store.clone());
+        if kube_loop.is_some() {
+            syncer = syncer.with_claims(claims);
+        }
         // Agents finish work between syncs, so idleness is checked on its own clock.
         let mut idle_check = tokio::time::interval(Duration::from_millis(500));
         let exit = loop {
@@ -608,6 +655,10 @@ impl Parts {
                 review_nudge.notify_one();
             }
         };
+        kube_stop.cancel();
+        if let Some(kube_loop) = kube_loop {
+            let _ = kube_loop.await;
+        }
         if exit == Exit::Stopped {
             eprintln!(
                 "stopping within {}",

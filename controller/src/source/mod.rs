@@ -1,8 +1,10 @@
-//! Where specs come from. Today: Git (a remote, a local repository, or a folder imported into
-//! one). A Kubernetes source will sit beside it behind the same reconcile.
+//! Where specs come from: Git (a remote, a local repository, or a folder imported into one)
+//! and, with `--kube`, the custom resources of a Kubernetes cluster, both behind the same
+//! reconcile.
 
 pub mod git;
 pub mod import;
+pub mod kube;
 pub mod watch;
 
 use std::path::PathBuf;

@@ -5,6 +5,7 @@
 //! it is closed (`Reviews`, through a `Forge`).
 
 pub mod git;
+pub mod kube;
 pub mod paths;
 pub mod render;
 

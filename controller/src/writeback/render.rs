@@ -188,7 +188,7 @@ fn project_conditions(c: &Counts) -> [Condition; 3] {
 
 /// What a person reads as the task's message: the error of a failed task, else its status
 /// message.
-fn task_message(t: &StatusTask) -> &str {
+pub(crate) fn task_message(t: &StatusTask) -> &str {
     match (t.status.as_str(), &t.error, &t.status_message) {
         ("failed", Some(error), _) => error,
         (_, _, Some(message)) => message,
@@ -197,7 +197,7 @@ fn task_message(t: &StatusTask) -> &str {
     }
 }
 
-fn result_json(t: &StatusTask) -> Value {
+pub(crate) fn result_json(t: &StatusTask) -> Value {
     t.result
         .as_deref()
         .and_then(|r| serde_json::from_str(r).ok())

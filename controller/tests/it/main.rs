@@ -13,6 +13,7 @@ mod crds;
 mod diff;
 mod dispatch;
 mod forge_github;
+mod kube;
 mod kube_examples;
 mod lease;
 mod llm;

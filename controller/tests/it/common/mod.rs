@@ -5,6 +5,7 @@
 //! scenario on both backends, and a syncer wired to a repository and a database.
 
 pub mod db;
+pub mod fake_kube;
 pub mod git;
 pub mod procs;
 pub mod specs;
