@@ -4,6 +4,8 @@
 //! a resource with finalizers only marks it), and Events. It records every request it gets and
 //! refuses the ones the real server would refuse for agentops's writes: a status patch that is
 //! not an apply patch of field manager `agentops`, a finalizer patch on a stale version.
+//! It also keeps `coordination.k8s.io/v1` Leases (get, create, replace at the version read),
+//! so that `up --kube` can lead.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -57,6 +59,8 @@ struct Inner {
     expired_below: u64,
     requests: Vec<Recorded>,
     events: Vec<Value>,
+    /// By (namespace, name): the Lease, its `resourceVersion` set.
+    leases: BTreeMap<(String, String), Value>,
     keep_bodies: bool,
 }
 
@@ -430,7 +434,72 @@ fn route(
         {
             json_response(StatusCode::OK, body.to_string())
         }
+        [
+            "apis",
+            "coordination.k8s.io",
+            "v1",
+            "namespaces",
+            ns,
+            "leases",
+            rest @ ..,
+        ] => lease(shared, method, ns, rest.first().copied(), body),
         _ => status_response(StatusCode::NOT_FOUND, "NotFound", "no such path"),
+    }
+}
+
+/// A Lease's get, create or replace; a replace must carry the version it read.
+fn lease(
+    shared: &Arc<Shared>,
+    method: &Method,
+    namespace: &str,
+    name: Option<&str>,
+    body: &Value,
+) -> Response {
+    let mut inner = shared.inner.lock().unwrap_or_else(|p| p.into_inner());
+    let key = |name: &str| (namespace.to_owned(), name.to_owned());
+    let name = name.or_else(|| body.pointer("/metadata/name").and_then(Value::as_str));
+    let Some(name) = name else {
+        return status_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "a lease needs a name",
+        );
+    };
+    let stored = inner.leases.get(&key(name)).cloned();
+    let stored_version = stored
+        .as_ref()
+        .and_then(|l| l.pointer("/metadata/resourceVersion").cloned());
+    match *method {
+        Method::GET => match stored {
+            Some(lease) => json_response(StatusCode::OK, lease.to_string()),
+            None => status_response(StatusCode::NOT_FOUND, "NotFound", "no such lease"),
+        },
+        Method::POST if stored.is_some() => {
+            status_response(StatusCode::CONFLICT, "AlreadyExists", "the lease exists")
+        }
+        Method::PUT if stored.is_none() => {
+            status_response(StatusCode::NOT_FOUND, "NotFound", "no such lease")
+        }
+        Method::PUT if body.pointer("/metadata/resourceVersion") != stored_version.as_ref() => {
+            status_response(
+                StatusCode::CONFLICT,
+                "Conflict",
+                "the lease has been modified",
+            )
+        }
+        Method::POST | Method::PUT => {
+            inner.rv += 1;
+            let mut lease = body.clone();
+            lease["metadata"]["resourceVersion"] = Value::String(inner.rv.to_string());
+            lease["metadata"]["namespace"] = Value::String(namespace.to_owned());
+            inner.leases.insert(key(name), lease.clone());
+            let code = match *method {
+                Method::POST => StatusCode::CREATED,
+                _ => StatusCode::OK,
+            };
+            json_response(code, lease.to_string())
+        }
+        _ => status_response(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "leases"),
     }
 }
 

@@ -198,6 +198,24 @@ impl Cluster {
         let collection = format!("{LEASE_PATH}/{NAMESPACE}/leases");
         let object = format!("{collection}/{LEASE}");
         let path = uri.path();
+        if *method == Method::GET && path.starts_with("/apis/agentops.dev/") {
+            // `up --kube` also lists and watches the agentops kinds: this cluster has none,
+            // and a watch stays open with nothing to tell.
+            let watching = uri
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+            if watching {
+                let nothing = futures::stream::pending::<Result<Bytes, std::io::Error>>();
+                return Response::new(axum::body::Body::from_stream(nothing));
+            }
+            let empty = serde_json::json!({
+                "apiVersion": "agentops.dev/v1alpha1",
+                "kind": "List",
+                "metadata": {"resourceVersion": "1"},
+                "items": [],
+            });
+            return (StatusCode::OK, axum::Json(empty)).into_response();
+        }
         if *method == Method::GET && path == object {
             let answer = self.stored();
             self.record("get", answer.status(), self.lease.clone());
