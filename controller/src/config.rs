@@ -296,18 +296,6 @@ pub struct LeaderArgs {
     pub leader_identity: Option<String>,
 }
 
-/// Running on Kubernetes.
-#[derive(Debug, Clone, Args)]
-pub struct KubeArgs {
-    /// Talk to the Kubernetes API (the in-cluster service account, else `KUBECONFIG` or
-    /// `~/.kube/config`): the replicas elect their leader through a Lease.
-    #[arg(long, env = "AGENTOPS_KUBE")]
-    pub kube: bool,
-    /// The Kubernetes namespace to work in.
-    #[arg(long, env = "AGENTOPS_NAMESPACE")]
-    pub namespace: Option<String>,
-}
-
 /// The agents `up` runs in its own process.
 #[derive(Debug, Clone, Args)]
 pub struct EmbeddedArgs {
@@ -328,7 +316,8 @@ pub struct EmbeddedArgs {
 #[derive(Debug, Clone, Args)]
 pub struct KubeArgs {
     /// Also sync the Project, Task, Agent and Tool custom resources of the cluster (in-cluster
-    /// configuration, or `KUBECONFIG`), and write their status back to them.
+    /// configuration, or `KUBECONFIG`), and write their status back to them; the replicas
+    /// elect their leader through a Lease.
     #[arg(long, env = "AGENTOPS_KUBE")]
     pub kube: bool,
     /// The namespace to watch; every namespace when not given. Each namespace is a source of

@@ -664,6 +664,30 @@ impl InternalEvent for PresenceFailed<'_> {
     }
 }
 
+/// An agent request was refused: its token, its lease, a limit or its content.
+pub struct ApiRefused<'a> {
+    /// `unauthorized`, `not_held`, `body_size`, `rate`, `proposal_invalid`, …
+    pub reason: &'static str,
+    pub agent: Option<&'a str>,
+    pub detail: &'a str,
+}
+
+impl InternalEvent for ApiRefused<'_> {
+    fn emit(self) {
+        let reason = self.reason;
+        telemetry()
+            .api_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        tracing::info!(
+            agent = self.agent,
+            reason,
+            detail = self.detail,
+            "agent request refused"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -729,28 +753,5 @@ mod tests {
         let error = bus.announce(&[ready]).await.unwrap_err();
         assert_eq!(error.metric_label(), "stream", "{error}");
         assert_eq!(counted(), before + 1.0);
-    }
-}
-/// An agent request was refused: its token, its lease, a limit or its content.
-pub struct ApiRefused<'a> {
-    /// `unauthorized`, `not_held`, `body_size`, `rate`, `proposal_invalid`, …
-    pub reason: &'static str,
-    pub agent: Option<&'a str>,
-    pub detail: &'a str,
-}
-
-impl InternalEvent for ApiRefused<'_> {
-    fn emit(self) {
-        let reason = self.reason;
-        telemetry()
-            .api_refusals
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
-        tracing::info!(
-            agent = self.agent,
-            reason,
-            detail = self.detail,
-            "agent request refused"
-        );
     }
 }

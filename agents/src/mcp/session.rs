@@ -56,6 +56,7 @@ impl Session {
                 agent_type: joining.agent_type,
                 capabilities: joining.capabilities,
                 concurrency: 1,
+                token: None,
             },
         )?
         .with_enrollment_secret(joining.secret);
