@@ -322,6 +322,6 @@ pub struct KubeArgs {
     pub kube: bool,
     /// The namespace to watch; every namespace when not given. Each namespace is a source of
     /// its own, `kube:<namespace>`.
-    #[arg(long, env = "AGENTOPS_NAMESPACE", requires = "kube")]
+    #[arg(long, env = "AGENTOPS_NAMESPACE")]
     pub namespace: Option<String>,
 }

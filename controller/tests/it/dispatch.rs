@@ -850,6 +850,18 @@ async fn a_completion_after_the_lease_went_to_another_agent_is_refused() {
         "the lease expired {held_for} s after the claim"
     );
 
+    // A went quiet for longer than its presence lasts. Once it is marked offline its
+    // registration has ended and its token is refused; it registers again to report.
+    let beat = json!({"tasks": [{"id": id, "run_lease": 1}]});
+    let (status, answer) = api.call(&a, "/api/v1/heartbeat", &beat).await;
+    let a = match status {
+        401 => api.register("agent-a").await,
+        _ => {
+            assert_eq!(status, 200, "{answer}");
+            a
+        }
+    };
+
     // A's heartbeat says the lease is gone; its reports are refused.
     let (status, answer) = api
         .call(
