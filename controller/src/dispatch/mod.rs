@@ -268,8 +268,23 @@ impl<Q: Queue> Dispatcher<Q> {
                 reply,
             });
         self.arrivals.notify_one();
-        match tokio::time::timeout(wait.min(MAX_WAIT), answer).await {
+        // A claimer waiting on an open connection is alive: longer waits than its presence
+        // lasts (60 s against 30 s by default) must not mark it offline and end its token.
+        let mut still_here =
+            tokio::time::interval(self.config.heartbeat.max(Duration::from_millis(100)));
+        still_here.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let waiting = async {
+            tokio::pin!(answer);
+            loop {
+                tokio::select! {
+                    answer = &mut answer => break answer,
+                    _ = still_here.tick() => self.backplane.seen(&agent.name),
+                }
+            }
+        };
+        match tokio::time::timeout(wait.min(MAX_WAIT), waiting).await {
             Ok(Ok(tasks)) => {
+                self.backplane.seen(&agent.name);
                 self.metrics.claimed(tasks.len());
                 self.backplane.events();
                 Ok(tasks)

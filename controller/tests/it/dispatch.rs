@@ -125,6 +125,7 @@ async fn task_updates(db: &TestDb, update_type: &str, id: &str) -> Vec<(String, 
 }
 
 /// Raw calls to the agent protocol, for the tests that check its answers one by one.
+#[derive(Clone)]
 struct Api {
     http: reqwest::Client,
     base: String,
@@ -833,6 +834,18 @@ async fn a_completion_after_the_lease_went_to_another_agent_is_refused() {
         waited >= LEASE_TIME,
         "re-claimed after {waited:?}, within the lease"
     );
+    // B heartbeats as a real agent would, so that a slow machine cannot see it go quiet while
+    // A's reports are checked.
+    let b_beats = tokio::spawn({
+        let (api, b, id) = (api.clone(), b.clone(), id.clone());
+        async move {
+            loop {
+                let beat = json!({"tasks": [{"id": id, "run_lease": 2}]});
+                api.call(&b, "/api/v1/heartbeat", &beat).await;
+                tokio::time::sleep(HEARTBEAT_TIME).await;
+            }
+        }
+    });
 
     // By the database's clock, the lease ran out no sooner than a lease after the claim.
     let held_for: f64 = sqlx::query_scalar(
@@ -913,6 +926,7 @@ async fn a_completion_after_the_lease_went_to_another_agent_is_refused() {
         )
         .await;
     assert_eq!((status, &answer), (200, &json!({"ok": true})));
+    b_beats.abort();
     let (status, answer) = api
         .call(
             &b,
@@ -945,6 +959,40 @@ async fn a_completion_after_the_lease_went_to_another_agent_is_refused() {
         .await
         .unwrap();
     assert_eq!(result, json!({"by": "b"}));
+}
+
+/// A claim that waits longer than presence lasts (three heartbeats) keeps its agent online:
+/// the agent is on an open connection, and its token must still work when the wait ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_waiting_in_a_long_claim_stays_registered() {
+    let setup = Setup::new(&[("solo".to_owned(), run_task("solo", &["true"], 2))]).await;
+    let api = Api::new(&setup.controller.url);
+    let holder = api.register("agent-a").await;
+    let waiter = api.register("agent-b").await;
+    assert_eq!(api.claim(&holder, 5_000).await.len(), 1);
+
+    // Six heartbeats' wait with nothing to take (A heartbeats its task meanwhile).
+    let id = task_state(&setup.db, "solo").await.id;
+    let beats = async {
+        for _ in 0..8 {
+            tokio::time::sleep(HEARTBEAT_TIME).await;
+            let beat = json!({"tasks": [{"id": id, "run_lease": 1}]});
+            let (status, answer) = api.call(&holder, "/api/v1/heartbeat", &beat).await;
+            assert_eq!(status, 200, "{answer}");
+        }
+    };
+    let (tasks, ()) = tokio::join!(api.claim(&waiter, 3_000), beats);
+    assert_eq!(tasks, Vec::<Value>::new());
+
+    let (status, answer) = api
+        .call(&waiter, "/api/v1/heartbeat", &json!({"tasks": []}))
+        .await;
+    assert_eq!(status, 200, "the waiter's token after its wait: {answer}");
+    let status: String = sqlx::query_scalar("SELECT status FROM agents WHERE name = 'agent-b'")
+        .fetch_one(pg(&setup.db))
+        .await
+        .unwrap();
+    assert_ne!(status, "offline");
 }
 
 // ---------------------------------------------------------------------------------------------
