@@ -3,7 +3,8 @@
 //! Each MCP session registers as one agent of the protocol (`agents/PROTOCOL.md`) under the
 //! same enrollment as any other, heartbeats while it lives, and its tools are protocol
 //! operations on the tasks it claimed: `list_tasks`, `claim_task`, `report_progress`,
-//! `complete_task` (with files the controller commits), `fail_task` and `ask_question`. The
+//! `complete_task` (with files the controller commits), `fail_task`, `ask_question`, and
+//! `propose_project` (spec files the controller checks, commits and puts up for review). The
 //! controller checks leases and fencing tokens as for every agent; the session keeps the
 //! tokens, so the model names a task and never handles one.
 //!
@@ -29,7 +30,7 @@ use rmcp::{ErrorData, RoleServer, ServerHandler, ServiceExt, tool, tool_handler,
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{Assignment, FailOutcome, OutputFile};
+use crate::protocol::{Assignment, FailOutcome, OutputFile, ProposalKind, ProposalRequest};
 pub use join::McpConfig;
 use join::{HttpRequest, Joining};
 use session::{Session, TaskError};
@@ -48,7 +49,7 @@ const INSTRUCTIONS: &str = "You are an agent of agentops. Call claim_task to tak
     complete_task (with the files it produced, inside the task's output.paths), fail_task, or \
     ask_question (when a person must decide). report_progress records a note meanwhile. The \
     lease on a claimed task is kept alive for you while this session lasts; list_tasks shows \
-    what you hold.";
+    what you hold. propose_project puts a new project up for a person's review.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum McpError {
@@ -191,6 +192,20 @@ pub struct QuestionArgs {
     pub task: String,
     /// The question for a person; the task waits (blocked) for the answer.
     pub question: String,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct ProposeProjectArgs {
+    /// The project's name, a DNS label (`web-launch`); its files go in `projects/<name>/`.
+    pub name: String,
+    /// The pull request's title.
+    pub title: String,
+    /// Why the project: the pull request's description.
+    #[serde(default)]
+    pub body: String,
+    /// The project's spec files, relative to the specs' root: `projects/<name>/project.yaml`
+    /// (kind `Project`) and its tasks (`projects/<name>/tasks/*.yaml`, kind `Task`).
+    pub files: Vec<FileArg>,
 }
 
 /// The files of `complete_task` as the protocol takes them; each needs exactly one of
@@ -370,6 +385,41 @@ impl McpAgent {
                 Err(e) => refused(&e),
             },
         )
+    }
+
+    #[tool(
+        description = "Propose a new project for a person to review: its spec files \
+        (projects/<name>/project.yaml and its tasks) are checked as `agentops validate` \
+        would, committed on the branch agentops/proposals/<name>, and put up as a pull \
+        request. Nothing runs until it is merged. A refusal lists each problem as \
+        path:line:column."
+    )]
+    async fn propose_project(
+        &self,
+        Parameters(args): Parameters<ProposeProjectArgs>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ErrorData> {
+        let session = self.session(&context)?;
+        let files = match output_files(args.files) {
+            Ok(files) => files,
+            Err(message) => return Ok(CallToolResult::error(vec![ContentBlock::text(message)])),
+        };
+        let request = ProposalRequest {
+            kind: ProposalKind::Project,
+            name: args.name,
+            title: args.title,
+            body: args.body,
+            files,
+        };
+        Ok(match session.propose(&request).await {
+            Ok(proposed) => CallToolResult::structured(serde_json::json!({
+                "project": request.name,
+                "branch": proposed.branch,
+                "commit": proposed.commit,
+                "pull_request": proposed.pull_request,
+            })),
+            Err(e) => CallToolResult::error(vec![ContentBlock::text(crate::error_chain(&e))]),
+        })
     }
 
     #[tool(
@@ -606,6 +656,7 @@ mod tests {
                 "complete_task",
                 "fail_task",
                 "list_tasks",
+                "propose_project",
                 "report_progress"
             ]
         );

@@ -18,13 +18,17 @@ use tokio_util::sync::CancellationToken;
 use super::join::Joining;
 use crate::protocol::{
     Assignment, ClaimRequest, ClaimResponse, CompleteRequest, FailOutcome, FailRequest,
-    FailResponse, OutputFile, ProgressRequest, QuestionRequest, RegisterRequest, ReleaseRequest,
+    FailResponse, OutputFile, ProgressRequest, ProposalRequest, ProposalResponse, QuestionRequest,
+    RegisterRequest, ReleaseRequest,
 };
 use crate::runtime::client::{CALL_TIMEOUT, Client, Error};
 use crate::runtime::leases::Leases;
 
 /// The longest a claim waits for work (the protocol's cap).
 pub(crate) const MAX_CLAIM_WAIT: Duration = Duration::from_secs(60);
+
+/// A proposal is committed on the controller's side before it answers.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub(crate) struct Session {
     pub name: String,
@@ -222,6 +226,14 @@ impl Session {
         };
         let (task, IgnoredAny) = self.report(key, "question", body, true).await?;
         Ok(task)
+    }
+
+    /// Puts up spec files for review (`POST /api/v1/proposals`): the controller checks them,
+    /// commits them on the proposal's branch and opens the pull request.
+    pub async fn propose(&self, request: &ProposalRequest) -> Result<ProposalResponse, Error> {
+        self.client
+            .post("/api/v1/proposals", request, PROPOSE_TIMEOUT)
+            .await
     }
 
     /// Stops heartbeating and hands back every task still held, ready again at once for

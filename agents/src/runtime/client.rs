@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::protocol::{ErrorBody, RegisterRequest, RegisterResponse};
+use crate::protocol::{ErrorBody, ProposalRefused, RegisterRequest, RegisterResponse};
 
 /// Every call but the long-poll claim: a controller that takes longer is treated as unreachable.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -298,10 +298,30 @@ impl Client {
     }
 }
 
-/// The `error` of a `{"error": …}` answer, else the start of whatever the body was.
+/// The `error` of a `{"error": …}` answer with the `problems` of a refused proposal after it,
+/// else the start of whatever the body was.
 fn error_message(body: &str) -> String {
+    if let Ok(refusal) = serde_json::from_str::<ProposalRefused>(body) {
+        return format!("{}: {}", refusal.error, refusal.problems.join("; "));
+    }
     match serde_json::from_str::<ErrorBody>(body) {
         Ok(refusal) => refusal.error,
         Err(_) => body.trim().chars().take(300).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_message_carries_a_refused_proposals_problems() {
+        let refused = r#"{"error":"the project proposal `web` was refused","problems":["projects/web/project.yaml:3:5: unknown field `titel`","/etc/x: absolute paths are refused"]}"#;
+        assert_eq!(
+            error_message(refused),
+            "the project proposal `web` was refused: projects/web/project.yaml:3:5: unknown field `titel`; /etc/x: absolute paths are refused"
+        );
+        assert_eq!(error_message(r#"{"error":"no such task"}"#), "no such task");
+        assert_eq!(error_message("  gateway down \n"), "gateway down");
     }
 }

@@ -3,7 +3,8 @@
 //! stdio (an `agentops mcp` child process) and streamable HTTP (`/mcp` on the controller).
 //! The client lists the tools, claims a task, reports progress, completes it with a file, and
 //! the file is on the task's result branch in the real Git repository. A wrong secret is
-//! refused on both transports and registers nothing.
+//! refused on both transports and registers nothing. A proposed project lands on its proposal
+//! branch; an invalid one is refused with its file, line and column, and reaches no branch.
 
 use crate::common;
 
@@ -209,6 +210,7 @@ async fn claim_and_complete(setup: &Setup, client: &Client, agent: &str) {
             "complete_task",
             "fail_task",
             "list_tasks",
+            "propose_project",
             "report_progress"
         ]
     );
@@ -342,5 +344,89 @@ async fn a_wrong_enrollment_secret_is_refused_and_registers_nothing() {
     let (claimed, failed) = call(&client, "claim_task", json!({"wait_seconds": 30})).await;
     assert!(!failed, "{claimed}");
     assert_eq!(claimed["task"]["name"], TASK, "{claimed}");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_proposes_a_project_and_an_invalid_one_reaches_no_branch() {
+    let setup = Setup::new().await;
+    let client = setup.http("planner", SECRET).await.unwrap();
+    let project = "apiVersion: agentops.dev/v1alpha1\nkind: Project\nmetadata:\n  name: mcp-launch\nspec:\n  title: Launch from MCP\n";
+    let task = "apiVersion: agentops.dev/v1alpha1\nkind: Task\nmetadata:\n  name: draft\nspec:\n  title: Draft the post\n  action:\n    prompt: Write the post into posts/launch.md\n  output: {paths: [posts/]}\n";
+    let (proposed, failed) = call(
+        &client,
+        "propose_project",
+        json!({"name": "mcp-launch", "title": "New project: Launch from MCP",
+               "body": "Asked for in chat.",
+               "files": [{"path": "projects/mcp-launch/project.yaml", "content": project},
+                         {"path": "projects/mcp-launch/tasks/draft.yaml", "content": task}]}),
+    )
+    .await;
+    assert!(!failed, "{proposed}");
+    assert_eq!(
+        proposed["branch"], "agentops/proposals/mcp-launch",
+        "{proposed}"
+    );
+    let branch = "agentops/proposals/mcp-launch";
+    assert_eq!(
+        setup
+            .file_on(branch, "projects/mcp-launch/project.yaml")
+            .as_deref(),
+        Some(project)
+    );
+    assert_eq!(
+        setup
+            .file_on(branch, "projects/mcp-launch/tasks/draft.yaml")
+            .as_deref(),
+        Some(task)
+    );
+    assert_eq!(
+        setup.file_on(BRANCH, "projects/mcp-launch/project.yaml"),
+        None,
+        "not on main before review"
+    );
+
+    // A misspelt field and a path outside the project: both named, nothing committed.
+    let bad = project.replace("  title:", "  titel:");
+    let (refused, failed) = call(
+        &client,
+        "propose_project",
+        json!({"name": "mcp-broken", "title": "Broken",
+               "files": [{"path": "projects/mcp-broken/project.yaml",
+                          "content": bad.replace("mcp-launch", "mcp-broken")},
+                         {"path": "tools/sneaky.yaml", "content": "x"}]}),
+    )
+    .await;
+    assert!(failed, "{refused}");
+    let refused = refused.to_string();
+    assert!(refused.contains("tools/sneaky.yaml"), "{refused}");
+    let repo = git2::Repository::open(setup.repo.path()).unwrap();
+    assert!(
+        repo.find_reference("refs/heads/agentops/proposals/mcp-broken")
+            .is_err(),
+        "a refused proposal made a branch"
+    );
+
+    // The path problem refused it before the specs were read; alone, the typo is named with
+    // its line and column.
+    let (refused, failed) = call(
+        &client,
+        "propose_project",
+        json!({"name": "mcp-broken", "title": "Broken",
+               "files": [{"path": "projects/mcp-broken/project.yaml",
+                          "content": bad.replace("mcp-launch", "mcp-broken")}]}),
+    )
+    .await;
+    assert!(failed, "{refused}");
+    let refused = refused.to_string();
+    assert!(
+        refused.contains("projects/mcp-broken/project.yaml:6:"),
+        "{refused}"
+    );
+    assert!(
+        repo.find_reference("refs/heads/agentops/proposals/mcp-broken")
+            .is_err(),
+        "a refused proposal made a branch"
+    );
     client.cancel().await.unwrap();
 }
