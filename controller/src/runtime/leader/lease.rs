@@ -126,6 +126,18 @@ pub fn expiry(spec: &LeaseSpec) -> Option<Timestamp> {
     )
 }
 
+/// How long a standby waits before it reads the lease again: `retry`, or less when the lease
+/// runs out sooner, so that a dead leader's lease is taken the moment it expires and not up to
+/// a `retry` later. A few milliseconds past the expiry, so that the next read finds it expired.
+pub fn stand_by_for(until: Timestamp, now: Timestamp, retry: Duration) -> Duration {
+    const PAST_EXPIRY: Duration = Duration::from_millis(20);
+    let left = until
+        .duration_since(now)
+        .try_into()
+        .unwrap_or(Duration::ZERO);
+    (left + PAST_EXPIRY).min(retry)
+}
+
 /// What `identity` does at `now` about `lease` (`None`: there is none), with leases of
 /// `duration_seconds`.
 pub fn plan(lease: Option<&Lease>, now: Timestamp, identity: &str, duration_seconds: i32) -> Step {
@@ -361,10 +373,12 @@ impl KubeLease {
     ) -> Result<bool, LeaderError> {
         let mut standing_by = Some(standing_by);
         loop {
+            let mut wait = self.timing.retry;
             match self.attempt().await {
                 Ok(Attempt::Led) => return Ok(true),
                 Ok(Attempt::Conflict) => continue,
                 Ok(Attempt::StandBy { holder, until }) => {
+                    wait = stand_by_for(until, Timestamp::now(), self.timing.retry);
                     if let Some(first) = standing_by.take() {
                         tracing::info!(
                             lease = %self.lease(),
@@ -387,7 +401,7 @@ impl KubeLease {
             }
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(false),
-                () = tokio::time::sleep(self.timing.retry) => {}
+                () = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -764,6 +778,26 @@ mod tests {
                 "at {now}"
             );
         }
+    }
+
+    #[test]
+    fn a_standby_reads_again_when_the_lease_runs_out_if_that_is_sooner() {
+        let retry = Duration::from_secs(2);
+        assert_eq!(
+            stand_by_for(at(115), at(100), retry),
+            retry,
+            "held for long"
+        );
+        assert_eq!(
+            stand_by_for(at(115), at(114), retry),
+            Duration::from_millis(1020),
+            "just past the expiry"
+        );
+        assert_eq!(
+            stand_by_for(at(115), at(120), retry),
+            Duration::from_millis(20),
+            "already expired"
+        );
     }
 
     #[test]
