@@ -443,6 +443,24 @@ pub struct ProposalRefused {
     pub problems: Vec<String>,
 }
 
+/// `GET /api/v1/specialists/gaps`, for a `seed` agent: the capability sets that pending
+/// `specialist` work needs and no registered agent has, each once, and the names agents
+/// hold (a drafted specialist takes another).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecialistGaps {
+    pub gaps: Vec<SpecialistGap>,
+    pub taken: Vec<String>,
+}
+
+/// Work no agent can take: the capabilities it needs, and the first such task's words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecialistGap {
+    pub capabilities: Vec<String>,
+    pub title: String,
+    #[serde(default)]
+    pub description: String,
+}
+
 /// `GET /api/v1/tasks/{id}/checkout?run_lease=N` answers a tar archive of the task's revision
 /// (regular files and executables, no symlinks); this header names its commit.
 pub const CHECKOUT_COMMIT_HEADER: &str = "x-agentops-commit";

@@ -95,6 +95,10 @@ pub struct DispatchArgs {
     /// A YAML file of per-agent secrets: `agents: [{name, secretSha256, types: [seed]}]`.
     #[arg(long, env = "AGENTOPS_AGENT_SECRETS")]
     pub agent_secrets: Option<std::path::PathBuf>,
+    /// With --kube: ServiceAccounts (`namespace:name`, comma-separated) whose tokens agents may
+    /// register with instead of a secret; the API server checks each by a TokenReview.
+    #[arg(long, env = "AGENTOPS_AGENT_SERVICE_ACCOUNTS", value_delimiter = ',')]
+    pub agent_service_accounts: Vec<String>,
     /// Most agents holding tokens at once; a registration past it is answered 429 (0: any
     /// number).
     #[arg(long, env = "AGENTOPS_MAX_AGENTS", default_value_t = 1000)]

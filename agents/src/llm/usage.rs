@@ -60,6 +60,13 @@ impl UsageSink for NoUsage {
 /// Posts to the controller as the agent running the task.
 impl UsageSink for TaskContext {
     fn record<'a>(&'a self, usage: &'a UsageRecord) -> BoxFuture<'a, Result<(), UsageError>> {
+        self.line().record(usage)
+    }
+}
+
+/// Posts to the controller as the agent, for calls outside a task.
+impl UsageSink for crate::runtime::AgentLine {
+    fn record<'a>(&'a self, usage: &'a UsageRecord) -> BoxFuture<'a, Result<(), UsageError>> {
         Box::pin(async move {
             self.record_usage(usage)
                 .await

@@ -58,6 +58,11 @@ impl LlmProvider {
         LlmProvider { llm }
     }
 
+    /// The models asked, in order.
+    pub fn models(&self) -> &[String] {
+        &self.llm.config().models
+    }
+
     /// Asks for a JSON answer and checks it; an answer that fails the check is sent back
     /// once with its problems.
     async fn ask<T>(

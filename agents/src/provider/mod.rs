@@ -139,6 +139,14 @@ impl AnyProvider {
             None => AnyProvider::Offline(OfflineProvider),
         })
     }
+
+    /// The models asked, in order; none offline. A drafted specialist names these.
+    pub fn models(&self) -> Vec<String> {
+        match self {
+            AnyProvider::Llm(p) => p.models().to_vec(),
+            AnyProvider::Offline(_) => Vec::new(),
+        }
+    }
 }
 
 impl Provider for AnyProvider {

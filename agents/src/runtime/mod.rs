@@ -107,6 +107,18 @@ impl AgentConfig {
 /// that work on drop or when [`TaskContext::cancelled`] fires.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, task: Assignment, ctx: TaskContext) -> impl Future<Output = Outcome> + Send;
+
+    /// What the agent does beside its tasks while it is registered (the Seed's search for
+    /// work no agent can take), as itself: it should return once `claiming` is cancelled.
+    /// Nothing, unless a handler says otherwise.
+    fn beside(
+        &self,
+        line: AgentLine,
+        claiming: CancellationToken,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (line, claiming);
+        async {}
+    }
 }
 
 impl<F, Fut> Handler for F
@@ -170,7 +182,7 @@ impl Outcome {
 /// A handler's line to the runtime while it works on one task.
 #[derive(Clone)]
 pub struct TaskContext {
-    shared: Arc<Shared>,
+    line: AgentLine,
     id: String,
     run_lease: i64,
     cancel: CancellationToken,
@@ -204,13 +216,34 @@ impl TaskContext {
             message: message.into(),
         };
         let path = format!("/api/v1/tasks/{}/progress", self.id);
-        self.shared
+        self.line
+            .shared
             .client
             .post::<_, serde::de::IgnoredAny>(&path, &body, CALL_TIMEOUT)
             .await
             .map(drop)
     }
 
+    /// Records one model call as a `model_usage` row; see [`AgentLine::record_usage`].
+    pub async fn record_usage(&self, usage: &crate::llm::UsageRecord) -> Result<(), Error> {
+        self.line.record_usage(usage).await
+    }
+
+    /// The agent's own line to the controller.
+    pub fn line(&self) -> &AgentLine {
+        &self.line
+    }
+}
+
+/// The agent's own line to the controller, as the registered agent and outside any task:
+/// what a handler's work beside its tasks ([`Handler::beside`]) calls, and what a
+/// [`TaskContext`] calls through.
+#[derive(Clone)]
+pub struct AgentLine {
+    shared: Arc<Shared>,
+}
+
+impl AgentLine {
     /// Records one model call as a `model_usage` row (`POST /api/v1/model-usage`); the
     /// controller takes the agent's name from the token. Sent once, like progress.
     pub async fn record_usage(&self, usage: &crate::llm::UsageRecord) -> Result<(), Error> {
@@ -220,10 +253,7 @@ impl TaskContext {
             .await
             .map(drop)
     }
-}
 
-/// What an agent off the controller does with Git, through the controller.
-impl TaskContext {
     /// Proposes spec files (`POST /api/v1/proposals`): the controller validates them,
     /// commits them on the kind's proposal branch and opens the pull request.
     pub async fn propose(
@@ -236,6 +266,27 @@ impl TaskContext {
             .await
     }
 
+    /// Pending specialist work that no agent can take (`GET /api/v1/specialists/gaps`);
+    /// the controller answers a `seed` agent only.
+    pub async fn specialist_gaps(&self) -> Result<crate::protocol::SpecialistGaps, Error> {
+        self.shared
+            .client
+            .get("/api/v1/specialists/gaps", CALL_TIMEOUT)
+            .await
+    }
+}
+
+/// What an agent off the controller does with Git, through the controller.
+impl TaskContext {
+    /// Proposes spec files (`POST /api/v1/proposals`): the controller validates them,
+    /// commits them on the kind's proposal branch and opens the pull request.
+    pub async fn propose(
+        &self,
+        proposal: &crate::protocol::ProposalRequest,
+    ) -> Result<crate::protocol::ProposalResponse, Error> {
+        self.line.propose(proposal).await
+    }
+
     /// The tree this task works on, as the controller serves it: its commit and a tar
     /// archive of its files.
     pub async fn checkout(&self) -> Result<(String, Vec<u8>), Error> {
@@ -243,7 +294,8 @@ impl TaskContext {
             "/api/v1/tasks/{}/checkout?run_lease={}",
             self.id, self.run_lease
         );
-        self.shared
+        self.line
+            .shared
             .client
             .get_bytes(
                 &path,
@@ -258,6 +310,7 @@ impl TaskContext {
     pub async fn tool(&self, name: &str) -> Result<Option<Vec<String>>, Error> {
         let path = format!("/api/v1/tools/{name}");
         match self
+            .line
             .shared
             .client
             .get::<crate::protocol::ToolAnswer>(&path, CALL_TIMEOUT)
@@ -271,7 +324,8 @@ impl TaskContext {
 
     /// The projects at the followed branch's head.
     pub async fn projects(&self) -> Result<Vec<String>, Error> {
-        self.shared
+        self.line
+            .shared
             .client
             .get::<crate::protocol::ProjectsAnswer>("/api/v1/projects", CALL_TIMEOUT)
             .await
@@ -391,9 +445,20 @@ impl<H: Handler> Agent<H> {
             reporting.clone(),
         ));
 
+        let beside = {
+            let (handler, claiming) = (self.handler.clone(), shutdown.clone());
+            let line = AgentLine {
+                shared: shared.clone(),
+            };
+            tokio::spawn(async move { handler.beside(line, claiming).await })
+        };
+
         let tasks = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(concurrency));
         self.claim(&shared, &slots, &tasks, &nudges, &stop).await;
+        if let Err(e) = beside.await {
+            tracing::warn!(error = %e, "the agent's work beside its tasks stopped");
+        }
 
         if stop.work().is_cancelled() {
             tracing::info!("shutting down: handing back held tasks");
@@ -543,7 +608,9 @@ async fn run_task<H: Handler>(
     async {
         let timeout = task.timeout();
         let ctx = TaskContext {
-            shared: shared.clone(),
+            line: AgentLine {
+                shared: shared.clone(),
+            },
             id: id.clone(),
             run_lease,
             cancel: cancel.clone(),

@@ -54,15 +54,25 @@ The one place that says how an agent is started.
 */}}
 {{- define "agentops.agentCommand" -}}
 {{- $agent := .agent -}}
+{{- $builtIn := has $agent.type (list "seed" "cos") -}}
 command:
-  - agentops-agent-run
+  - agentops
 args:
+  - agent
+  {{- /* A seed or cos is the role itself; any other agent runs its Agent spec. */}}
+  - {{ ternary $agent.type ($agent.spec | default $agent.name) $builtIn }}
   - --api={{ include "agentops.apiUrl" .root }}
-  - --type={{ $agent.type }}
+  {{- if $builtIn }}
   - --concurrency={{ $agent.concurrency | default 4 }}
   {{- with $agent.capabilities }}
   - --capabilities={{ join "," . }}
   {{- end }}
+  {{- end }}
+{{- end -}}
+
+{{/* The ServiceAccount agents run as when they enroll with its token. */}}
+{{- define "agentops.agentServiceAccountName" -}}
+{{- printf "%s-agents" (include "agentops.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{/* An env entry from a key of an existing Secret, given (list NAME SECRET-VALUES). */}}
@@ -139,6 +149,10 @@ args:
 {{- include "agentops.secretEnv" (list "AGENTOPS_WEBHOOK_SECRET" .Values.secrets.webhookSecret) }}
 {{- include "agentops.secretEnv" (list "OPENROUTER_API_KEY" .Values.secrets.openrouterApiKey) }}
 {{- include "agentops.secretEnv" (list "AGENTOPS_AGENT_SECRET" .Values.secrets.agentSecret) }}
+{{- if eq .Values.agentEnrollment "serviceAccount" }}
+- name: AGENTOPS_AGENT_SERVICE_ACCOUNTS
+  value: {{ printf "%s:%s" .Release.Namespace (include "agentops.agentServiceAccountName" .) | quote }}
+{{- end }}
 {{- range $name, $value := .Values.controller.extraEnv }}
 - name: {{ $name }}
   value: {{ $value | quote }}
@@ -153,5 +167,11 @@ args:
     fieldRef:
       fieldPath: metadata.name
 {{- include "agentops.busEnv" . }}
+{{- if eq .Values.agentEnrollment "serviceAccount" }}
+# The pod's own ServiceAccount token, which the controller checks by a TokenReview.
+- name: AGENTOPS_AGENT_SECRET_FILE
+  value: /var/run/secrets/kubernetes.io/serviceaccount/token
+{{- else }}
 {{- include "agentops.secretEnv" (list "AGENTOPS_AGENT_SECRET" .Values.secrets.agentSecret) }}
+{{- end }}
 {{- end -}}

@@ -1,8 +1,11 @@
 //! Enrollment: who may register as an agent. A registration presents a secret as its bearer
 //! token: the installation's shared secret (`--agent-secret`), the secret its name has in the
 //! secrets file (`--agent-secrets`, which also limits the types the name may register as), or
-//! the controller's own secret for its embedded agents. With neither option set, only
-//! programs on the controller's machine may register (the peer is a loopback address).
+//! the controller's own secret for its embedded agents. With `--kube`, an agent in the
+//! cluster may present its ServiceAccount token instead: the API server checks it (a
+//! `TokenReview`, [`TokenReviewer`]) and the account must be one `--agent-service-accounts`
+//! lists. With none of these set, only programs on the controller's machine may register (the
+//! peer is a loopback address).
 //!
 //! Secrets are kept and compared as SHA-256 digests, so the file holds no secret and a
 //! comparison's timing says nothing about the secret's bytes.
@@ -30,6 +33,8 @@ pub enum EnrollmentError {
     },
     #[error("{}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
+    #[error("--agent-service-accounts {message}")]
+    ServiceAccounts { message: String },
 }
 
 /// The agent secrets file: `agents: [{name, secretSha256, types}]`.
@@ -70,6 +75,12 @@ pub enum Refused {
     NameHeld,
     /// As many agents as `--max-agents` allows hold tokens (429).
     TooManyAgents,
+    /// The API server vouches for the ServiceAccount token, but the account is not one
+    /// `--agent-service-accounts` lists (403).
+    AccountNotAllowed,
+    /// The API server could not be asked about the token (503): the same request may
+    /// succeed later.
+    ReviewFailed,
 }
 
 impl Refused {
@@ -81,6 +92,8 @@ impl Refused {
             Refused::TypeNotAllowed => "type_not_allowed",
             Refused::NameHeld => "name_held",
             Refused::TooManyAgents => "too_many_agents",
+            Refused::AccountNotAllowed => "account_not_allowed",
+            Refused::ReviewFailed => "token_review_failed",
         }
     }
 
@@ -101,6 +114,13 @@ impl Refused {
                 "the controller has as many agents as --max-agents allows; try again once one \
                  goes offline"
             }
+            Refused::AccountNotAllowed => {
+                "this ServiceAccount may not register agents: it is not in the controller's \
+                 --agent-service-accounts"
+            }
+            Refused::ReviewFailed => {
+                "the Kubernetes API server could not check the ServiceAccount token; try again"
+            }
         }
     }
 }
@@ -111,6 +131,31 @@ pub struct Enrollment {
     named: HashMap<String, NamedSecret>,
     /// The controller's embedded agents' secret, made at start.
     internal: Option<Digest32>,
+    /// The ServiceAccounts whose tokens enroll, as the API server names their users:
+    /// `system:serviceaccount:<namespace>:<name>`.
+    service_accounts: Vec<String>,
+}
+
+/// What the API server said of a token (a `TokenReview`'s status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reviewed {
+    pub authenticated: bool,
+    pub username: Option<String>,
+}
+
+/// The user name the API server gives a ServiceAccount `namespace:name` (the form
+/// `--agent-service-accounts` takes), or why it is not one.
+pub fn service_account_user(account: &str) -> Result<String, String> {
+    let Some((namespace, name)) = account.split_once(':') else {
+        return Err(format!(
+            "`{account}`: expected NAMESPACE:NAME, e.g. team:agentops-agents"
+        ));
+    };
+    for (what, part) in [("namespace", namespace), ("name", name)] {
+        agentops_specs::names::check_dns_label(part)
+            .map_err(|why| format!("`{account}`: the {what} `{part}`: {why}"))?;
+    }
+    Ok(format!("system:serviceaccount:{namespace}:{name}"))
 }
 
 impl Enrollment {
@@ -136,9 +181,39 @@ impl Enrollment {
         Ok(enrollment)
     }
 
+    /// Accept the tokens of these ServiceAccounts (`namespace:name`), as a `TokenReview`
+    /// finds them.
+    pub fn allow_service_accounts(&mut self, accounts: &[String]) -> Result<(), String> {
+        self.service_accounts = accounts
+            .iter()
+            .map(|a| service_account_user(a))
+            .collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
     /// Whether any credential is configured; without one only loopback peers may register.
     pub fn requires_secret(&self) -> bool {
-        self.shared.is_some() || !self.named.is_empty()
+        self.shared.is_some() || !self.named.is_empty() || self.reviews_tokens()
+    }
+
+    /// Whether a token that is no secret may be a ServiceAccount's, for the API server to
+    /// check.
+    pub fn reviews_tokens(&self) -> bool {
+        !self.service_accounts.is_empty()
+    }
+
+    /// The verdict on a token the API server reviewed.
+    pub fn admit_reviewed(&self, reviewed: &Reviewed) -> Result<(), Refused> {
+        match &reviewed.username {
+            Some(user) if reviewed.authenticated => {
+                if self.service_accounts.iter().any(|a| a == user) {
+                    Ok(())
+                } else {
+                    Err(Refused::AccountNotAllowed)
+                }
+            }
+            _ => Err(Refused::WrongSecret),
+        }
     }
 
     /// Accept `secret` too, for the controller's own agents.
@@ -316,6 +391,54 @@ mod tests {
     }
 
     #[test]
+    fn a_reviewed_token_enrolls_only_a_listed_account() {
+        let mut enrollment = Enrollment::default();
+        assert!(!enrollment.requires_secret());
+        enrollment
+            .allow_service_accounts(&["team:agents".to_owned()])
+            .unwrap();
+        assert!(enrollment.requires_secret() && enrollment.reviews_tokens());
+        let reviewed = |authenticated, user: &str| Reviewed {
+            authenticated,
+            username: Some(user.to_owned()),
+        };
+        assert_eq!(
+            enrollment.admit_reviewed(&reviewed(true, "system:serviceaccount:team:agents")),
+            Ok(())
+        );
+        assert_eq!(
+            enrollment.admit_reviewed(&reviewed(true, "system:serviceaccount:team:other")),
+            Err(Refused::AccountNotAllowed)
+        );
+        assert_eq!(
+            enrollment.admit_reviewed(&reviewed(false, "system:serviceaccount:team:agents")),
+            Err(Refused::WrongSecret),
+            "an unauthenticated review says nothing of the user"
+        );
+        // Loopback no longer registers without a credential.
+        assert_eq!(
+            enrollment.check(loopback(), None, "a", "seed"),
+            Err(Refused::NoSecret)
+        );
+    }
+
+    #[test]
+    fn service_accounts_are_namespace_and_name() {
+        assert_eq!(
+            service_account_user("team:agents").unwrap(),
+            "system:serviceaccount:team:agents"
+        );
+        for (bad, says) in [
+            ("agents", "expected NAMESPACE:NAME"),
+            ("Team:agents", "the namespace `Team`"),
+            ("team:", "the name ``"),
+        ] {
+            let error = service_account_user(bad).unwrap_err();
+            assert!(error.contains(says), "{bad}: {error}");
+        }
+    }
+
+    #[test]
     fn a_bad_secrets_file_names_the_entry_and_field() {
         let cases = [
             (
@@ -343,5 +466,46 @@ mod tests {
             let error = parse_secrets(text).unwrap_err();
             assert!(error.contains(expected), "{text:?}: {error}");
         }
+    }
+}
+
+/// Asks the Kubernetes API server whom a bearer token belongs to (`POST
+/// /apis/authentication.k8s.io/v1/tokenreviews`, which the controller's ClusterRole allows).
+#[derive(Clone)]
+pub struct TokenReviewer {
+    api: kube::Api<k8s_openapi::api::authentication::v1::TokenReview>,
+}
+
+impl std::fmt::Debug for TokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenReviewer")
+    }
+}
+
+impl TokenReviewer {
+    pub fn new(client: kube::Client) -> TokenReviewer {
+        TokenReviewer {
+            api: kube::Api::all(client),
+        }
+    }
+
+    pub async fn review(&self, token: &str) -> Result<Reviewed, kube::Error> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                ..TokenReviewSpec::default()
+            },
+            ..TokenReview::default()
+        };
+        let answer = self
+            .api
+            .create(&kube::api::PostParams::default(), &review)
+            .await?;
+        let status = answer.status.unwrap_or_default();
+        Ok(Reviewed {
+            authenticated: status.authenticated == Some(true),
+            username: status.user.and_then(|u| u.username),
+        })
     }
 }

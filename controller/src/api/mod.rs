@@ -56,6 +56,8 @@ pub struct ApiState<Q> {
     pub proposer: Option<crate::embedded::Proposer>,
     /// Tools' commands for agents that run them.
     pub tools: Option<Arc<dyn reads::Tools>>,
+    /// With `--kube`: checks the ServiceAccount tokens agents may register with.
+    pub token_reviewer: Option<enroll::TokenReviewer>,
 }
 
 impl<Q: Queue> ApiState<Q> {
@@ -84,6 +86,7 @@ impl<Q: Queue> ApiState<Q> {
             limits,
             proposer,
             tools,
+            token_reviewer,
         } = parts;
         let mut registry = Registry::default();
         dispatcher.metrics.register(&mut registry);
@@ -98,6 +101,7 @@ impl<Q: Queue> ApiState<Q> {
             limits,
             proposer,
             tools,
+            token_reviewer,
         })
     }
 }
@@ -111,6 +115,7 @@ pub struct ApiParts<Q> {
     pub limits: Limits,
     pub proposer: Option<crate::embedded::Proposer>,
     pub tools: Option<Arc<dyn reads::Tools>>,
+    pub token_reviewer: Option<enroll::TokenReviewer>,
 }
 
 impl<Q> ApiParts<Q> {
@@ -124,6 +129,7 @@ impl<Q> ApiParts<Q> {
             limits: Limits::none(),
             proposer: None,
             tools: None,
+            token_reviewer: None,
         }
     }
 }
@@ -214,6 +220,7 @@ pub fn router<Q: Queue + UsageLog>(state: Arc<ApiState<Q>>) -> Router {
         .route("/api/v1/tasks/{id}/checkout", get(proposals::checkout::<Q>))
         .route("/api/v1/tools/{name}", get(reads::tool::<Q>))
         .route("/api/v1/projects", get(reads::projects::<Q>))
+        .route("/api/v1/specialists/gaps", get(reads::specialist_gaps::<Q>))
         .route("/api/v1/agents/{name}/spec", get(reads::agent_spec::<Q>))
         .route("/hooks/github", post(hooks::github::<Q>))
         .with_state(state)
@@ -274,6 +281,11 @@ pub enum ApiError {
     BadRequest(String),
     /// Git or the forge failed; the same request may succeed later (503).
     Unavailable(String),
+    /// The agent may not do this whatever it sends (403).
+    Forbidden {
+        agent: String,
+        message: String,
+    },
     /// The agent is over its rate of claims and reports (429).
     RateLimited {
         agent: String,
@@ -346,6 +358,15 @@ impl IntoResponse for ApiError {
                     StatusCode::INTERNAL_SERVER_ERROR,
                     format!("internal error (error id {id})"),
                 )
+            }
+            ApiError::Forbidden { agent, message } => {
+                ApiRefused {
+                    reason: "forbidden",
+                    agent: Some(&agent),
+                    detail: &message,
+                }
+                .emit();
+                (StatusCode::FORBIDDEN, message)
             }
             ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, message),
             ApiError::Unavailable(message) => (StatusCode::SERVICE_UNAVAILABLE, message),
@@ -433,11 +454,24 @@ async fn register<Q: Queue>(
             req.name
         )));
     }
-    if let Err(refused) =
+    let mut verdict =
         state
             .enrollment
-            .check(peer, bearer(&headers), &req.name, req.agent_type.as_str())
+            .check(peer, bearer(&headers), &req.name, req.agent_type.as_str());
+    // A bearer that is no secret may be a ServiceAccount's token: the API server says.
+    if verdict == Err(enroll::Refused::WrongSecret)
+        && state.enrollment.reviews_tokens()
+        && let (Some(reviewer), Some(token)) = (&state.token_reviewer, bearer(&headers))
     {
+        verdict = match reviewer.review(token).await {
+            Ok(reviewed) => state.enrollment.admit_reviewed(&reviewed),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), name = %req.name, "a TokenReview failed");
+                Err(enroll::Refused::ReviewFailed)
+            }
+        };
+    }
+    if let Err(refused) = verdict {
         use crate::telemetry::InternalEvent;
         crate::telemetry::RegistrationRefused {
             refused,
@@ -519,7 +553,10 @@ fn registration_refused(refused: enroll::Refused) -> Response {
     use enroll::Refused;
     let status = match refused {
         Refused::NoSecret | Refused::WrongSecret => StatusCode::UNAUTHORIZED,
-        Refused::NotLoopback | Refused::TypeNotAllowed => StatusCode::FORBIDDEN,
+        Refused::NotLoopback | Refused::TypeNotAllowed | Refused::AccountNotAllowed => {
+            StatusCode::FORBIDDEN
+        }
+        Refused::ReviewFailed => StatusCode::SERVICE_UNAVAILABLE,
         Refused::NameHeld => StatusCode::CONFLICT,
         Refused::TooManyAgents => StatusCode::TOO_MANY_REQUESTS,
     };
@@ -716,8 +753,14 @@ fn refusal_text(e: ApiError) -> String {
     match e {
         ApiError::Unauthorized => "unauthorized".to_owned(),
         ApiError::Refused(r) => r.to_string(),
-        ApiError::Store(e) => crate::error_chain(&e),
+        ApiError::Store(e) => {
+            // As for a whole request's 500: the chain goes to the log, the agent gets its id.
+            let id = error_id();
+            tracing::error!(error_id = %id, reason = e.metric_label(), error = %crate::error_chain(&e), "a completion in a batch failed");
+            format!("internal error (error id {id})")
+        }
         ApiError::BadRequest(m) | ApiError::Unavailable(m) => m,
+        ApiError::Forbidden { message, .. } => message,
         ApiError::RateLimited { .. } => "over the agent's rate".to_owned(),
     }
 }

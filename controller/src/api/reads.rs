@@ -1,10 +1,11 @@
 //! What agents read besides their tasks: a tool's command (`GET /api/v1/tools/{name}`), the
 //! projects at the followed branch's head (`GET /api/v1/projects`), and an `Agent` spec to run
-//! (`GET /api/v1/agents/{name}/spec`, with the enrollment secret, before registering).
+//! (`GET /api/v1/agents/{name}/spec`, with the enrollment secret, before registering), and,
+//! for the Seed, the work no agent can take (`GET /api/v1/specialists/gaps`).
 
 use std::sync::Arc;
 
-use agentops_agents::protocol::{AgentSpecAnswer, ProjectsAnswer, ToolAnswer};
+use agentops_agents::protocol::{AgentSpecAnswer, ProjectsAnswer, SpecialistGaps, ToolAnswer};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -17,11 +18,14 @@ use crate::store::tools::ToolRegistry;
 
 use super::{ApiError, ApiState, Authenticated, Peer, bearer};
 
-/// The tools table, as the API serves it.
+/// The tools table and the work no agent can take, as the API serves them.
 pub trait Tools: Send + Sync + 'static {
     /// The command of the live tool `name`, counting a use.
     fn use_tool(&self, name: String)
     -> BoxFuture<'static, Result<Option<Vec<String>>, StoreError>>;
+
+    /// Pending specialist work no registered agent has the capabilities for.
+    fn specialist_gaps(&self) -> BoxFuture<'static, Result<SpecialistGaps, StoreError>>;
 }
 
 impl<S: ToolRegistry + Clone> Tools for S {
@@ -31,6 +35,14 @@ impl<S: ToolRegistry + Clone> Tools for S {
     ) -> BoxFuture<'static, Result<Option<Vec<String>>, StoreError>> {
         let store = self.clone();
         Box::pin(async move { ToolRegistry::use_tool(&store, &name).await })
+    }
+
+    fn specialist_gaps(&self) -> BoxFuture<'static, Result<SpecialistGaps, StoreError>> {
+        let store = self.clone();
+        Box::pin(async move {
+            let (tasks, agents) = store.capability_needs().await?;
+            Ok(crate::embedded::specialist_gaps(&tasks, &agents))
+        })
     }
 }
 
@@ -54,6 +66,27 @@ pub(super) async fn tool<Q: Queue>(
         Some(command) => Ok(Json(ToolAnswer { name, command }).into_response()),
         None => Ok(not_found(format!("no tool `{name}`"))),
     }
+}
+
+/// The Seed's look for work no agent can take, which it drafts specialists for. Only a
+/// `seed` agent asks: what others could learn from it (every agent's name) is not theirs.
+pub(super) async fn specialist_gaps<Q: Queue>(
+    State(state): State<Arc<ApiState<Q>>>,
+    Authenticated(agent): Authenticated,
+) -> Result<Response, ApiError> {
+    if agent.agent_type != "seed" {
+        return Err(ApiError::Forbidden {
+            agent: agent.name,
+            message: format!(
+                "only a seed agent drafts specialists; this agent is a {}",
+                agent.agent_type
+            ),
+        });
+    }
+    let Some(tools) = &state.tools else {
+        return Ok(Json(SpecialistGaps::default()).into_response());
+    };
+    Ok(Json(tools.specialist_gaps().await?).into_response())
 }
 
 pub(super) async fn projects<Q: Queue>(

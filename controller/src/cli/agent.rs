@@ -40,6 +40,15 @@ pub struct AgentArgs {
     /// own from its `--agent-secrets` file).
     #[arg(long, env = "AGENTOPS_AGENT_SECRET", hide_env_values = true)]
     pub agent_secret: Option<String>,
+    /// A file holding the enrollment secret instead: in a pod, its ServiceAccount token
+    /// (`/var/run/secrets/kubernetes.io/serviceaccount/token`) for a controller that enrolls
+    /// that account (`--agent-service-accounts`).
+    #[arg(
+        long,
+        env = "AGENTOPS_AGENT_SECRET_FILE",
+        conflicts_with = "agent_secret"
+    )]
+    pub agent_secret_file: Option<std::path::PathBuf>,
     /// Capabilities a `seed` or `cos` offers, comma-separated (a spec'd agent has its own).
     #[arg(long, env = "AGENTOPS_AGENT_CAPABILITIES", value_delimiter = ',')]
     pub capabilities: Vec<String>,
@@ -121,7 +130,17 @@ async fn agent_spec(
     }
 }
 
-pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(mut args: AgentArgs) -> anyhow::Result<ExitCode> {
+    if let Some(path) = &args.agent_secret_file {
+        let secret = std::fs::read_to_string(path)
+            .with_context(|| format!("--agent-secret-file {}", path.display()))?;
+        anyhow::ensure!(
+            !secret.trim().is_empty(),
+            "--agent-secret-file {}: the file is empty",
+            path.display()
+        );
+        args.agent_secret = Some(secret.trim().to_owned());
+    }
     let signals = agentops_agents::shutdown::Signals::install().context("handling signals")?;
     let stop = agentops_agents::shutdown::Stop::new();
     let stopping = stop.clone();
@@ -201,6 +220,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             name: name.clone(),
             provider: provider.clone(),
             instructions: instructions.clone(),
+            // One drafter per process: replicas would draft the same specialist each.
+            drafts_specialists: config.agent_type == AgentType::Seed && n == 0,
         };
         let config = AgentConfig {
             name,

@@ -245,6 +245,7 @@ where
         redis: bench.redis.clone(),
         agent_secret: None,
         agent_secrets: None,
+        agent_service_accounts: Vec::new(),
         max_agents: 0,
         agent_rate_limit: 0,
     })

@@ -61,6 +61,8 @@ struct Inner {
     events: Vec<Value>,
     /// By (namespace, name): the Lease, its `resourceVersion` set.
     leases: BTreeMap<(String, String), Value>,
+    /// The bearer tokens a TokenReview authenticates, and their users.
+    tokens: BTreeMap<String, String>,
     keep_bodies: bool,
 }
 
@@ -152,6 +154,14 @@ impl FakeKube {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.shared.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A TokenReview of `token` authenticates it as `username` from now on; any other token
+    /// is not authenticated.
+    pub fn authenticate(&self, token: &str, username: &str) {
+        self.lock()
+            .tokens
+            .insert(token.to_owned(), username.to_owned());
     }
 
     /// Create the resource or change its spec (a new generation when the spec differs).
@@ -443,8 +453,31 @@ fn route(
             "leases",
             rest @ ..,
         ] => lease(shared, method, ns, rest.first().copied(), body),
+        ["apis", "authentication.k8s.io", "v1", "tokenreviews"] if method == Method::POST => {
+            token_review(shared, body)
+        }
         _ => status_response(StatusCode::NOT_FOUND, "NotFound", "no such path"),
     }
+}
+
+/// A TokenReview: the body's `spec.token`, authenticated when [`FakeKube::authenticate`]
+/// named it, as the API server answers (`201` with the review and its `status`).
+fn token_review(shared: &Arc<Shared>, body: &Value) -> Response {
+    let Some(token) = body.pointer("/spec/token").and_then(Value::as_str) else {
+        return status_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "spec.token is required",
+        );
+    };
+    let inner = shared.inner.lock().unwrap_or_else(|p| p.into_inner());
+    let status = match inner.tokens.get(token) {
+        Some(user) => json!({"authenticated": true, "user": {"username": user}}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    let mut review = body.clone();
+    review["status"] = status;
+    json_response(StatusCode::CREATED, review.to_string())
 }
 
 /// A Lease's get, create or replace; a replace must carry the version it read.

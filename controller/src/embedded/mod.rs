@@ -41,8 +41,7 @@ pub use proposer::{
 };
 pub use sandbox::{Changed, archive, changed_files, check_out};
 pub use services::{ProposalFailed, Remote, Services, unpack};
-use specialists::propose_specialists;
-pub use specialists::{Specialist, agent_proposal, gaps, specialists};
+pub use specialists::{Specialist, agent_proposal, gaps, specialist_gaps, specialists};
 pub use worker::{Worker, fill_arguments};
 
 /// How long a `run` or `tool` action may take when its task sets no timeout.
@@ -122,6 +121,7 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
             name: config.name.clone(),
             provider,
             instructions,
+            drafts_specialists: config.name == "seed",
         };
         let mut agents = Vec::with_capacity(2 + specialists.len());
         for config in [
@@ -177,7 +177,6 @@ pub fn spawn<S: ToolRegistry + UsageLog + Clone>(
             shared.provider.describe()
         );
         let mut running = tokio::task::JoinSet::new();
-        running.spawn(propose_specialists(shared.clone(), stop.claiming().clone()));
         for (worker, config) in agents {
             let stop = stop.clone();
             running.spawn(async move {

@@ -1,5 +1,6 @@
 //! What a [`Worker`](super::Worker) does through its controller: look up a tool, propose spec
-//! files, check out a task's tree, list the projects, account model calls. The embedded agents
+//! files, find work no agent can take, check out a task's tree, list the projects, account
+//! model calls. The embedded agents
 //! call the controller's parts in their own process ([`Embedded`]); an agent elsewhere calls
 //! the API as the agent holding the task ([`Remote`]). Both propose through
 //! [`Proposer::propose_checked`], so a proposal is checked and committed the same way.
@@ -8,8 +9,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use agentops_agents::llm::UsageSink;
-use agentops_agents::protocol::{ProposalRequest, ProposalResponse};
-use agentops_agents::runtime::{Assignment, TaskContext};
+use agentops_agents::protocol::{ProposalRequest, ProposalResponse, SpecialistGaps};
+use agentops_agents::runtime::{AgentLine, Assignment, TaskContext};
 use futures::future::BoxFuture;
 use git2::{ObjectType, Oid};
 
@@ -34,11 +35,18 @@ pub trait Services: Send + Sync + 'static {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Vec<String>>, String>>;
 
+    /// Spec files for review, as the agent `line` is.
     fn propose<'a>(
         &'a self,
-        ctx: &'a TaskContext,
+        line: &'a AgentLine,
         request: &'a ProposalRequest,
     ) -> BoxFuture<'a, Result<ProposalResponse, ProposalFailed>>;
+
+    /// Pending specialist work no agent can take, and the names agents hold.
+    fn specialist_gaps<'a>(
+        &'a self,
+        line: &'a AgentLine,
+    ) -> BoxFuture<'a, Result<SpecialistGaps, String>>;
 
     /// The tree `task` works on, written into `dir`: each file's blob id.
     fn check_out<'a>(
@@ -54,8 +62,8 @@ pub trait Services: Send + Sync + 'static {
         ctx: &'a TaskContext,
     ) -> BoxFuture<'a, Result<Vec<String>, String>>;
 
-    /// Where the task's model calls are accounted.
-    fn usage<'a>(&'a self, ctx: &'a TaskContext) -> &'a dyn UsageSink;
+    /// Where the agent's model calls are accounted.
+    fn usage<'a>(&'a self, line: &'a AgentLine) -> &'a dyn UsageSink;
 }
 
 fn blocking<T: Send + 'static>(
@@ -81,7 +89,7 @@ impl<S: ToolRegistry + UsageLog + Clone> Services for Embedded<S> {
 
     fn propose<'a>(
         &'a self,
-        _ctx: &'a TaskContext,
+        _line: &'a AgentLine,
         request: &'a ProposalRequest,
     ) -> BoxFuture<'a, Result<ProposalResponse, ProposalFailed>> {
         Box::pin(async move {
@@ -92,6 +100,20 @@ impl<S: ToolRegistry + UsageLog + Clone> Services for Embedded<S> {
                     message: error_chain(&e),
                 }),
             }
+        })
+    }
+
+    fn specialist_gaps<'a>(
+        &'a self,
+        _line: &'a AgentLine,
+    ) -> BoxFuture<'a, Result<SpecialistGaps, String>> {
+        Box::pin(async move {
+            let (tasks, agents) = self
+                .store
+                .capability_needs()
+                .await
+                .map_err(|e| error_chain(&e))?;
+            Ok(specialist_gaps(&tasks, &agents))
         })
     }
 
@@ -113,7 +135,7 @@ impl<S: ToolRegistry + UsageLog + Clone> Services for Embedded<S> {
         blocking(move || taken_projects(&source))
     }
 
-    fn usage<'a>(&'a self, _ctx: &'a TaskContext) -> &'a dyn UsageSink {
+    fn usage<'a>(&'a self, _line: &'a AgentLine) -> &'a dyn UsageSink {
         &self.usage
     }
 }
@@ -133,15 +155,22 @@ impl Services for Remote {
 
     fn propose<'a>(
         &'a self,
-        ctx: &'a TaskContext,
+        line: &'a AgentLine,
         request: &'a ProposalRequest,
     ) -> BoxFuture<'a, Result<ProposalResponse, ProposalFailed>> {
         Box::pin(async move {
-            ctx.propose(request).await.map_err(|e| ProposalFailed {
+            line.propose(request).await.map_err(|e| ProposalFailed {
                 retryable: e.is_transient(),
                 message: error_chain(&e),
             })
         })
+    }
+
+    fn specialist_gaps<'a>(
+        &'a self,
+        line: &'a AgentLine,
+    ) -> BoxFuture<'a, Result<SpecialistGaps, String>> {
+        Box::pin(async move { line.specialist_gaps().await.map_err(|e| error_chain(&e)) })
     }
 
     fn check_out<'a>(
@@ -164,8 +193,8 @@ impl Services for Remote {
         Box::pin(async move { ctx.projects().await.map_err(|e| error_chain(&e)) })
     }
 
-    fn usage<'a>(&'a self, ctx: &'a TaskContext) -> &'a dyn UsageSink {
-        ctx
+    fn usage<'a>(&'a self, line: &'a AgentLine) -> &'a dyn UsageSink {
+        line
     }
 }
 

@@ -1,20 +1,18 @@
 //! Specialists: the `Agent` specs that run as embedded agents, and the search for missing ones.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use agentops_agents::drafts::AgentNeed;
 use agentops_agents::llm::Caller;
-use agentops_agents::protocol::{ProposalKind, ProposalRequest};
+use agentops_agents::protocol::{ProposalKind, ProposalRequest, SpecialistGap, SpecialistGaps};
 use agentops_agents::provider::Provider;
-use agentops_agents::runtime::AgentConfig;
+use agentops_agents::runtime::{AgentConfig, AgentLine};
 use git2::{ObjectType, TreeWalkMode, TreeWalkResult};
 use tokio_util::sync::CancellationToken;
 
 use crate::error_chain;
 use crate::source::git::GitSource;
-use crate::store::tools::{NeedingTask, Registered, ToolRegistry};
-use crate::store::usage::UsageLog;
+use crate::store::tools::{NeedingTask, Registered};
 
 use super::*;
 
@@ -114,84 +112,86 @@ pub fn agent_proposal(draft: &agentops_agents::drafts::Draft) -> ProposalRequest
     }
 }
 
+/// What the Seed is told of [`gaps`]: each capability set with its first task's words, and
+/// the names agents hold.
+pub fn specialist_gaps(tasks: &[NeedingTask], agents: &[Registered]) -> SpecialistGaps {
+    SpecialistGaps {
+        gaps: gaps(tasks, agents)
+            .into_iter()
+            .map(|task| SpecialistGap {
+                capabilities: task.capabilities,
+                title: task.title,
+                description: task.description,
+            })
+            .collect(),
+        taken: agents.iter().map(|a| a.name.clone()).collect(),
+    }
+}
+
 /// How often the Seed looks for work that no agent can take.
 const GAP_CHECK: Duration = Duration::from_secs(5);
 
-/// The Seed's search for missing specialists: when pending work needs capabilities no agent
-/// has, it drafts a specialist `Agent` spec and proposes it (branch, and pull request with a
-/// forge). Each capability set is proposed once per run; once the spec is merged, the next
-/// `up` runs the specialist as an embedded agent and the task is claimed.
-pub(super) async fn propose_specialists<S: ToolRegistry + UsageLog + Clone>(
-    shared: Arc<Embedded<S>>,
-    stop: CancellationToken,
-) {
-    let mut proposed: Vec<Vec<String>> = Vec::new();
-    loop {
-        // The first pass waits too: the embedded agents register meanwhile.
-        if stop
-            .run_until_cancelled(tokio::time::sleep(GAP_CHECK))
-            .await
-            .is_none()
-        {
-            return;
-        }
-        match shared.store.unblock_tool_waiters().await {
-            Ok(0) => {}
-            Ok(n) => eprintln!("{n} task(s) waiting for a tool that exists now are pending again"),
-            Err(e) => tracing::warn!(
-                "cannot unblock tasks waiting for tools: {}",
-                error_chain(&e)
-            ),
-        }
-        let (tasks, agents) = match shared.store.capability_needs().await {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!("cannot look for missing specialists: {}", error_chain(&e));
-                continue;
+impl<V: Services> Worker<V> {
+    /// The Seed's search for missing specialists: when pending work needs capabilities no
+    /// agent has, it drafts a specialist `Agent` spec and proposes it (branch, and pull
+    /// request with a forge). Each capability set is proposed once per run; once the spec is
+    /// merged, the specialist can run (embedded in the next `up`, or as `agentops agent NAME`)
+    /// and the task is claimed.
+    pub(super) async fn draft_specialists(&self, line: AgentLine, claiming: CancellationToken) {
+        let mut proposed: Vec<Vec<String>> = Vec::new();
+        loop {
+            // The first pass waits too: the other agents register meanwhile.
+            if claiming
+                .run_until_cancelled(tokio::time::sleep(GAP_CHECK))
+                .await
+                .is_none()
+            {
+                return;
             }
-        };
-        for gap in gaps(&tasks, &agents) {
-            let mut key = gap.capabilities.clone();
-            key.sort();
-            if proposed.contains(&key) {
-                continue;
-            }
-            proposed.push(key);
-            let need = AgentNeed {
-                capabilities: gap.capabilities.clone(),
-                task_title: gap.title.clone(),
-                task_description: gap.description.clone(),
-                taken: agents.iter().map(|a| a.name.clone()).collect(),
-                models: shared
-                    .llm
-                    .as_ref()
-                    .map(|l| l.models.clone())
-                    .unwrap_or_default(),
-            };
-            let caller = Caller {
-                agent: "seed",
-                task_id: None,
-                usage: &shared.usage,
-            };
-            let draft = match shared.provider.draft_agent(&caller, &need).await {
-                Ok(draft) => draft,
+            let found = match self.shared.specialist_gaps(&line).await {
+                Ok(found) => found,
                 Err(e) => {
-                    tracing::warn!("cannot draft a specialist: {}", error_chain(&e));
+                    tracing::warn!(agent = %self.name, "cannot look for missing specialists: {e}");
                     continue;
                 }
             };
-            match shared
-                .proposer
-                .propose_checked(&agent_proposal(&draft))
-                .await
-            {
-                Ok(done) => eprintln!(
-                    "no agent has {}: proposed the specialist {} as {}",
-                    gap.capabilities.join(", "),
-                    draft.name,
-                    done.describe()
-                ),
-                Err(e) => tracing::warn!("cannot propose a specialist: {}", error_chain(&e)),
+            for gap in found.gaps {
+                let mut key = gap.capabilities.clone();
+                key.sort();
+                if proposed.contains(&key) {
+                    continue;
+                }
+                proposed.push(key);
+                let need = AgentNeed {
+                    capabilities: gap.capabilities.clone(),
+                    task_title: gap.title,
+                    task_description: gap.description,
+                    taken: found.taken.clone(),
+                    models: self.provider.models(),
+                };
+                let caller = Caller {
+                    agent: &self.name,
+                    task_id: None,
+                    usage: self.shared.usage(&line),
+                };
+                let draft = match self.provider.draft_agent(&caller, &need).await {
+                    Ok(draft) => draft,
+                    Err(e) => {
+                        tracing::warn!(agent = %self.name, "cannot draft a specialist: {}", error_chain(&e));
+                        continue;
+                    }
+                };
+                match self.shared.propose(&line, &agent_proposal(&draft)).await {
+                    Ok(done) => eprintln!(
+                        "no agent has {}: proposed the specialist {} as {}",
+                        gap.capabilities.join(", "),
+                        draft.name,
+                        describe(&done)
+                    ),
+                    Err(e) => {
+                        tracing::warn!(agent = %self.name, "cannot propose a specialist: {}", e.message)
+                    }
+                }
             }
         }
     }

@@ -10,8 +10,9 @@ use agentops_agents::llm::Caller;
 use agentops_agents::prompt::{PromptWork, is_within, outside_outputs};
 use agentops_agents::protocol::{ProposalKind, ProposalRequest};
 use agentops_agents::provider::{AnyProvider, PlanRequest, Provider};
-use agentops_agents::runtime::{Assignment, Handler, Outcome, OutputFile, TaskContext};
+use agentops_agents::runtime::{AgentLine, Assignment, Handler, Outcome, OutputFile, TaskContext};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use crate::error_chain;
 
@@ -26,6 +27,9 @@ pub struct Worker<V> {
     /// A specialist's instructions (its `Agent` spec), given to the provider with each
     /// `prompt` task; `None` for the Seed and the Chief of Staff.
     pub instructions: Option<String>,
+    /// Whether this agent drafts specialists for work no agent can take: one Seed of an
+    /// installation's agents does, beside its tasks.
+    pub drafts_specialists: bool,
 }
 
 impl<V: Services> Handler for Worker<V> {
@@ -45,6 +49,12 @@ impl<V: Services> Handler for Worker<V> {
             "tool" => self.tool(ctx, &task).await,
             "plan" => self.plan(ctx, &task).await,
             other => Outcome::fail(format!("unknown action `{other}`"), false),
+        }
+    }
+
+    async fn beside(&self, line: AgentLine, claiming: CancellationToken) {
+        if self.drafts_specialists {
+            self.draft_specialists(line, claiming).await;
         }
     }
 }
@@ -99,7 +109,7 @@ impl<V: Services> Worker<V> {
         Caller {
             agent: &self.name,
             task_id: Some(&task.id),
-            usage: self.shared.usage(ctx),
+            usage: self.shared.usage(ctx.line()),
         }
     }
 
@@ -173,7 +183,7 @@ impl<V: Services> Worker<V> {
             body: draft.summary.clone(),
             files: proposal_files(&draft.files),
         };
-        let proposed = match self.shared.propose(ctx, &request).await {
+        let proposed = match self.shared.propose(ctx.line(), &request).await {
             Ok(proposed) => proposed,
             Err(failed) => return Outcome::fail(failed.message, failed.retryable),
         };
@@ -200,7 +210,7 @@ impl<V: Services> Worker<V> {
         };
         match self
             .shared
-            .propose(ctx, &project_proposal(&request, &proposal))
+            .propose(ctx.line(), &project_proposal(&request, &proposal))
             .await
         {
             Ok(proposed) => Outcome::complete(json!({

@@ -454,6 +454,24 @@ impl Parts {
             config.dispatch.agent_secrets.as_deref(),
         )
         .map_err(RuntimeError::Enrollment)?;
+        let token_reviewer = if config.dispatch.agent_service_accounts.is_empty() {
+            None
+        } else {
+            let refused = |message: String| {
+                RuntimeError::Enrollment(crate::api::enroll::EnrollmentError::ServiceAccounts {
+                    message,
+                })
+            };
+            let Some(client) = kube.clone() else {
+                return Err(refused(
+                    "needs --kube: the Kubernetes API server checks the tokens".to_owned(),
+                ));
+            };
+            enrollment
+                .allow_service_accounts(&config.dispatch.agent_service_accounts)
+                .map_err(refused)?;
+            Some(crate::api::enroll::TokenReviewer::new(client))
+        };
         if !enrollment.requires_secret() {
             eprintln!(
                 "agent registration: from this machine only (--agent-secret or --agent-secrets \
@@ -478,6 +496,7 @@ impl Parts {
             ),
             proposer: Some(proposer.clone()),
             tools: Some(Arc::new(store.clone())),
+            token_reviewer,
         });
         let reviews = Reviews {
             store: store.clone(),
@@ -685,19 +704,24 @@ async fn after_sync<S: ControllerStore>(
     if report.events > 0 {
         dispatcher.events_recorded();
     }
-    if report.object_writes > 0 {
-        // A tool that a blocked task waited for may have arrived with it.
-        match store.unblock_tool_waiters().await {
-            Ok(0) => {}
-            Ok(n) => {
-                eprintln!("{n} task(s) waiting for a tool can run now");
-                dispatcher.events_recorded();
-            }
-            Err(e) => tracing::warn!(
+    // A tool that a blocked task waited for may have arrived with this sync, or with an
+    // earlier one while the agent was still asking about it: every pass looks.
+    let unblocked = match store.unblock_tool_waiters().await {
+        Ok(0) => false,
+        Ok(n) => {
+            eprintln!("{n} task(s) waiting for a tool can run now");
+            dispatcher.events_recorded();
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
                 "cannot unblock tasks waiting for tools: {}",
                 crate::error_chain(&e)
-            ),
+            );
+            false
         }
+    };
+    if report.object_writes > 0 || unblocked {
         dispatcher.wake();
     }
 }

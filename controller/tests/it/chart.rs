@@ -713,21 +713,18 @@ fn every_option_reaches_the_objects_it_configures() {
             "runner",
             3,
             vec![
+                "agent".into(),
+                "seed".into(),
                 format!("--api={api}"),
-                "--type=seed".into(),
                 "--concurrency=8".into(),
                 "--capabilities=code,writing".into(),
             ],
         ),
+        // A specialist runs its Agent spec, which brings its capabilities and concurrency.
         (
             "researcher",
             1,
-            vec![
-                format!("--api={api}"),
-                "--type=specialist".into(),
-                "--concurrency=4".into(),
-                "--capabilities=research".into(),
-            ],
+            vec!["agent".into(), "researcher".into(), format!("--api={api}")],
         ),
     ] {
         let agent: Deployment =
@@ -741,10 +738,7 @@ fn every_option_reaches_the_objects_it_configures() {
         let pod = spec.template.spec.as_ref().unwrap();
         assert_eq!(pod.automount_service_account_token, Some(false), "{name}");
         let c = container(&agent, "agent");
-        assert_eq!(
-            c.command.as_deref(),
-            Some(&["agentops-agent-run".to_owned()][..])
-        );
+        assert_eq!(c.command.as_deref(), Some(&["agentops".to_owned()][..]));
         assert_eq!(c.args.as_deref(), Some(&args[..]), "{name}");
         assert_eq!(env_field(c, "AGENTOPS_AGENT_NAME"), "metadata.name");
         assert_eq!(
@@ -876,10 +870,18 @@ fn check_controller_values_parse(agentops: &Path, c: &Container) {
 fn the_containers_get_only_flags_and_variables_the_binaries_take() {
     let agentops = Path::new(env!("CARGO_BIN_EXE_agentops"));
     let up = help(agentops, &["up", "--help"]);
-    let agent_run = help(&agent_run_bin(), &["--help"]);
+    let agent = help(agentops, &["agent", "--help"]);
     let options = all_options();
     let mut checked = 0;
-    for values in [vec![], vec!["-f", options.as_str()]] {
+    for values in [
+        vec![],
+        vec!["-f", options.as_str()],
+        vec![
+            "-f",
+            options.as_str(),
+            "--set=agentEnrollment=serviceAccount",
+        ],
+    ] {
         let rendered = Rendered::new(&values);
         for deployment in rendered.all::<Deployment>("Deployment") {
             let pod = deployment.spec.unwrap().template.spec.unwrap();
@@ -890,7 +892,10 @@ fn the_containers_get_only_flags_and_variables_the_binaries_take() {
                         check_controller_values_parse(agentops, c);
                         ("agentops up", &up)
                     }
-                    Some([bin]) if bin == "agentops-agent-run" => (bin.as_str(), &agent_run),
+                    Some([bin]) if bin == "agentops" => {
+                        assert_eq!(c.args.as_ref().unwrap()[0], "agent", "{values:?}");
+                        ("agentops agent", &agent)
+                    }
                     Some(other) => panic!("a container runs {other:?}"),
                 };
                 for name in names_given(c) {
@@ -939,6 +944,7 @@ fn bad_values_are_refused_by_helm_template_and_helm_install() {
             "'PATH' does not match pattern",
         ),
         (&["secrets.gitToken.nmae=x"], "'nmae' not allowed"),
+        (&["agentEnrollment=token"], "/agentEnrollment"),
     ];
     // Values the schema cannot judge alone, which the templates refuse.
     let template_errors: &[(&[&str], &str)] = &[
@@ -1003,6 +1009,11 @@ fn bad_values_are_refused_by_helm_template_and_helm_install() {
             "--set=agents[0].name=runner",
             "--set=agents[0].type=seed",
             "--set=secrets.agentSecret.existingSecret=agentops",
+        ],
+        vec![
+            "--set=agents[0].name=runner",
+            "--set=agents[0].type=seed",
+            "--set=agentEnrollment=serviceAccount",
         ],
     ] {
         template(&set).unwrap_or_else(|e| panic!("{set:?}: {e}"));
@@ -1207,5 +1218,87 @@ fn the_dockerfile_builds_and_ships_the_workspace_binaries_as_a_non_root_user() {
     }
     for heavy in ["target", ".git"] {
         assert!(ignored.contains(heavy), ".dockerignore keeps {heavy}");
+    }
+}
+
+/// `agentEnrollment: serviceAccount`: the agents run as an account of their own, bound to no
+/// role, and present its token from the pod's projected file; the controller lists that
+/// account and may create TokenReviews, cluster-wide, and nothing more.
+#[test]
+fn agents_may_enroll_with_their_service_account_token() {
+    let rendered = Rendered::new(&[
+        "--set=agentEnrollment=serviceAccount",
+        "--set=agents[0].name=runner",
+        "--set=agents[0].type=seed",
+        "--set=agents[1].name=researcher",
+        "--set=agents[1].type=specialist",
+    ]);
+    let full = format!("{RELEASE}-agentops");
+    let accounts: Vec<String> = rendered
+        .all::<ServiceAccount>("ServiceAccount")
+        .into_iter()
+        .filter_map(|a| a.metadata.name)
+        .collect();
+    let agents_account = format!("{full}-agents");
+    assert!(accounts.contains(&agents_account), "{accounts:?}");
+
+    let controller_deployment = controller(&rendered);
+    let c = container(&controller_deployment, "controller");
+    assert_eq!(
+        env_value(c, "AGENTOPS_AGENT_SERVICE_ACCOUNTS"),
+        Some(format!("{NAMESPACE}:{agents_account}"))
+    );
+    assert!(env(c, "AGENTOPS_AGENT_SECRET").is_none());
+
+    let role: ClusterRole = rendered.named("ClusterRole", &format!("{full}-tokenreview"));
+    assert_eq!(
+        rules(&role.rules),
+        BTreeSet::from([rule(
+            &["authentication.k8s.io"],
+            &["tokenreviews"],
+            &[],
+            &["create"]
+        )])
+    );
+    let binding: ClusterRoleBinding =
+        rendered.named("ClusterRoleBinding", &format!("{full}-tokenreview"));
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str()),
+        ("ServiceAccount", full.as_str()),
+        "the controller reviews the tokens"
+    );
+    // No role names the agents' account.
+    for binding in rendered.all::<RoleBinding>("RoleBinding") {
+        for s in binding.subjects.unwrap_or_default() {
+            assert_ne!(
+                s.name, agents_account,
+                "a RoleBinding grants the agents rights"
+            );
+        }
+    }
+    for binding in rendered.all::<ClusterRoleBinding>("ClusterRoleBinding") {
+        for s in binding.subjects.unwrap_or_default() {
+            assert_ne!(
+                s.name, agents_account,
+                "a ClusterRoleBinding grants the agents rights"
+            );
+        }
+    }
+
+    for name in ["runner", "researcher"] {
+        let agent: Deployment = rendered.named("Deployment", &format!("{full}-agent-{name}"));
+        let pod = agent.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        assert_eq!(
+            pod.service_account_name.as_deref(),
+            Some(agents_account.as_str())
+        );
+        assert_eq!(pod.automount_service_account_token, Some(true), "{name}");
+        let c = container(&agent, "agent");
+        assert_eq!(
+            env_value(c, "AGENTOPS_AGENT_SECRET_FILE").as_deref(),
+            Some("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
+        assert!(env(c, "AGENTOPS_AGENT_SECRET").is_none(), "{name}");
     }
 }

@@ -393,3 +393,111 @@ async fn an_object_of_git_and_of_a_namespace_is_an_error_on_both_and_is_not_over
     .await;
     kube.check_requests();
 }
+
+/// With `--agent-service-accounts`, an agent in the cluster registers with its ServiceAccount
+/// token: the controller asks the API server (a TokenReview) whose it is, and admits only the
+/// accounts listed. An unknown token is a `401`, another account a `403`, and neither
+/// registers; a registration without a bearer asks the API server nothing. `agentops agent`
+/// reads the token from a file, as from a pod's projected token.
+#[tokio::test]
+async fn a_service_account_token_enrolls_only_the_listed_accounts() {
+    let (kube, repo, db) = setup().await;
+    kube.fake
+        .authenticate("token-of-agents", "system:serviceaccount:team:agents");
+    kube.fake
+        .authenticate("token-of-intruder", "system:serviceaccount:team:intruder");
+    let _controller = kube.start(
+        repo.path(),
+        &db.url,
+        &["--no-agents", "--agent-service-accounts", "team:agents"],
+    );
+    let api = format!("http://{}", kube.addr);
+    let http = reqwest::Client::new();
+    // Ready: it leads, and serves the API rather than a standby's health checks.
+    eventually("the controller is ready", WAIT, || async {
+        let answer = http.get(format!("{api}/readyz")).send().await.ok()?;
+        answer.status().is_success().then_some(())
+    })
+    .await;
+    let register = |name: &'static str, bearer: Option<&'static str>| {
+        let (http, api) = (http.clone(), api.clone());
+        async move {
+            let mut request = http
+                .post(format!("{api}/api/v1/agents/register"))
+                .json(&json!({"name": name, "type": "seed"}));
+            if let Some(token) = bearer {
+                request = request.bearer_auth(token);
+            }
+            let answer = request.send().await.unwrap();
+            let status = answer.status().as_u16();
+            let text = answer.text().await.unwrap();
+            let body = serde_json::from_str::<Value>(&text)
+                .unwrap_or_else(|_| panic!("register {name}: {status} {text}"));
+            (status, body)
+        }
+    };
+
+    let (status, answer) = register("seed-pod", Some("token-of-agents")).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["token"].as_str().is_some_and(|t| !t.is_empty()),
+        "{answer}"
+    );
+    let (status, answer) = register("intruder", Some("token-of-intruder")).await;
+    assert_eq!(
+        (status, answer["reason"].as_str()),
+        (403, Some("account_not_allowed")),
+        "{answer}"
+    );
+    let (status, answer) = register("guesser", Some("a-guess")).await;
+    assert_eq!(
+        (status, answer["reason"].as_str()),
+        (401, Some("wrong_secret")),
+        "{answer}"
+    );
+    let (status, answer) = register("anonymous", None).await;
+    assert_eq!(
+        (status, answer["reason"].as_str()),
+        (401, Some("no_secret")),
+        "{answer}"
+    );
+    let reviewed: Vec<String> = kube
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/apis/authentication.k8s.io/v1/tokenreviews")
+        .map(|r| {
+            assert_eq!((r.method.as_str(), r.status), ("POST", 201), "{r:?}");
+            r.body["spec"]["token"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(
+        reviewed,
+        ["token-of-agents", "token-of-intruder", "a-guess"],
+        "one review per token, none without one"
+    );
+    let registered: Vec<(String,)> = db
+        .rows("SELECT agent_name FROM agent_sessions ORDER BY 1")
+        .await;
+    assert_eq!(registered, [("seed-pod".to_owned(),)]);
+
+    // The agent process, its token in a file.
+    let token_file = kube.dir.path().join("token");
+    std::fs::write(&token_file, "token-of-agents\n").unwrap();
+    let mut agent = crate::common::spawn_agentops_agent(
+        &api,
+        "seed",
+        "seed-from-file",
+        &["--agent-secret-file", token_file.to_str().unwrap()],
+        &kube.dir.path().join("agent.log"),
+    );
+    eventually("the agent process registers", WAIT, || async {
+        let n = db
+            .scalar("SELECT count(*) FROM agent_sessions WHERE agent_name = 'seed-from-file'")
+            .await;
+        (n == 1).then_some(())
+    })
+    .await;
+    agent.kill();
+    kube.check_requests();
+}

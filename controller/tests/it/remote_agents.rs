@@ -826,3 +826,180 @@ async fn agent_processes_complete_the_example_offline() {
         );
     }
 }
+
+/// Work that needs a capability no agent has, with the agents off the controller: an
+/// `agentops agent seed` process learns of it from the controller, drafts a specialist and
+/// proposes it through `POST /api/v1/proposals`; once a person merges the spec, an
+/// `agentops agent NAME` process runs it and completes the task. Only a `seed` agent may ask
+/// what no agent can take.
+#[tokio::test]
+async fn a_remote_seed_proposes_a_missing_specialist_that_then_runs() {
+    let db = TestDb::new(Backend::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(work.join("projects/words/tasks")).unwrap();
+    std::fs::write(
+        work.join("projects/words/project.yaml"),
+        format!("{API}\nkind: Project\nmetadata:\n  name: words\nspec:\n  title: Words\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        work.join("projects/words/tasks/translate.yaml"),
+        format!(
+            "{API}\nkind: Task\nmetadata:\n  name: translate\nspec:\n  title: Translate the \
+             greeting\n  assignee: specialist\n  capabilities: [translation]\n  action:\n    \
+             prompt: Translate hello into French and write out/hello-fr.md\n  output: {{mode: \
+             commit, paths: [out/]}}\n"
+        ),
+    )
+    .unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-qm", "specs"]);
+    let remote = dir.path().join("remote.git");
+    git(
+        dir.path(),
+        &["clone", "-q", "--bare", "work", remote.to_str().unwrap()],
+    );
+    let clone = dir.path().join("clone");
+    git(
+        dir.path(),
+        &["clone", "-q", remote.to_str().unwrap(), "clone"],
+    );
+    let url = format!("file://{}", remote.display());
+    let mut controller = Controller::start_with(
+        &db.url,
+        url.as_str(),
+        dir.path(),
+        "30s",
+        "1s",
+        &["--agent-secret", SECRET, "--poll-interval", "1s"],
+    );
+    controller.wait_ready(Duration::from_secs(60)).await;
+    let http = Http::new(&controller.url);
+
+    // Asking as another role is refused, and counted.
+    let (status, answer) = http
+        .post(
+            "/api/v1/agents/register",
+            Some(SECRET),
+            &json!({"name": "cos-probe", "type": "cos"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let cos_token = answer["token"].as_str().unwrap().to_owned();
+    let (status, _, body) = http.get("/api/v1/specialists/gaps", &cos_token).await;
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        String::from_utf8_lossy(&body).contains("only a seed agent"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(
+        metric(
+            &http.metrics().await,
+            "agentops_api_refusals_total{reason=\"forbidden\"}"
+        ),
+        1.0
+    );
+    // A seed is told the gap, and the names it may not take.
+    let seed_token = http.token("seed-probe").await;
+    let (status, _, body) = http.get("/api/v1/specialists/gaps", &seed_token).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let gaps: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        gaps["gaps"][0]["capabilities"],
+        json!(["translation"]),
+        "{gaps}"
+    );
+    assert_eq!(gaps["gaps"][0]["title"], "Translate the greeting", "{gaps}");
+    assert!(
+        gaps["taken"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "seed-probe"),
+        "{gaps}"
+    );
+
+    let mut seed = spawn_agentops_agent(
+        &controller.url,
+        "seed",
+        "seed-remote",
+        &["--agent-secret", SECRET],
+        &dir.path().join("seed.log"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let branch = loop {
+        if let Some(b) = branches(&clone)
+            .into_iter()
+            .find(|b| b.starts_with("agentops/proposals/agent-"))
+        {
+            break b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no specialist was proposed:\n{}\n{}",
+            seed.log_tail(20),
+            controller.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        lease_of(&db, "translate").await.0,
+        "pending",
+        "nobody could take it"
+    );
+    let name = branch
+        .trim_start_matches("agentops/proposals/agent-")
+        .to_owned();
+    git(&clone, &["checkout", "-q", &format!("origin/{branch}")]);
+    let spec = std::fs::read_to_string(clone.join(format!("agents/{name}.yaml"))).unwrap();
+    assert!(
+        spec.contains("kind: Agent") && spec.contains("translation"),
+        "{spec}"
+    );
+    git(&clone, &["checkout", "-q", "main"]);
+    merge(&clone, &branch);
+
+    // Once the controller has synced the merged spec, the specialist runs as its own process.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut specialist = None;
+    while lease_of(&db, "translate").await.0 != "completed" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the specialist did not complete the task:\n{}",
+            controller.log_tail(20)
+        );
+        if specialist.is_none() {
+            let synced = db
+                .scalar(&format!(
+                    "SELECT count(*) FROM agents WHERE name = '{name}' AND pruned_at IS NULL"
+                ))
+                .await;
+            if synced == 1 {
+                specialist = Some(spawn_agentops_agent(
+                    &controller.url,
+                    &name,
+                    &name,
+                    &["--agent-secret", SECRET],
+                    &dir.path().join("specialist.log"),
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let by: Vec<(Option<String>,)> = db
+        .rows("SELECT assigned_to FROM tasks WHERE name = 'translate'")
+        .await;
+    assert_eq!(
+        by[0].0.as_deref(),
+        Some(name.as_str()),
+        "the specialist did it"
+    );
+    seed.kill();
+    if let Some(mut specialist) = specialist {
+        specialist.kill();
+    }
+    controller.kill();
+}

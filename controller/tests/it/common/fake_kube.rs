@@ -164,6 +164,12 @@ impl KubeEnv {
                         r.body
                     );
                 }
+                "POST" if r.path == "/apis/authentication.k8s.io/v1/tokenreviews" => {
+                    // An agent's ServiceAccount token, asked about as the API server expects.
+                    assert_eq!(r.status, 201, "{what}");
+                    assert_eq!(r.body["kind"], "TokenReview", "{what}: {}", r.body);
+                    assert!(r.body["spec"]["token"].is_string(), "{what}: {}", r.body);
+                }
                 "POST" => {
                     assert_eq!(
                         r.path, "/apis/events.k8s.io/v1/namespaces/team/events",
