@@ -263,6 +263,23 @@ impl<S: Store + Writeback + Clone> KubeLoop<S> {
                     continue;
                 }
             };
+            let (agents, tools) = match self
+                .syncer
+                .store()
+                .agents_and_tools(&source_name(namespace))
+                .await
+            {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot read the agents and tools of {namespace}: {}",
+                        crate::error_chain(&e)
+                    );
+                    continue;
+                }
+            };
+            let agents: HashMap<&str, _> = agents.iter().map(|a| (a.name.as_str(), a)).collect();
+            let tools: HashMap<&str, _> = tools.iter().map(|t| (t.name.as_str(), t)).collect();
             let mut tasks: HashMap<(&str, &str), &StatusTask> = HashMap::new();
             let mut of_project: HashMap<&str, Vec<&StatusTask>> = HashMap::new();
             for task in &snapshot.tasks {
@@ -302,13 +319,22 @@ impl<S: Store + Writeback + Clone> KubeLoop<S> {
                             row, list, generation, problems, &previous, &now,
                         ))
                     }
-                    Kind::Agent | Kind::Tool => Ok(ready_status(
-                        self.syncer.settled(cr) == crate::reconcile::kube::Settled::Live,
-                        generation,
-                        problems,
-                        &previous,
-                        &now,
-                    )),
+                    Kind::Agent | Kind::Tool => {
+                        let mut status = ready_status(
+                            self.syncer.settled(cr) == crate::reconcile::kube::Settled::Live,
+                            generation,
+                            problems,
+                            &previous,
+                            &now,
+                        );
+                        let name = cr.name.as_str();
+                        if cr.kind == Kind::Agent {
+                            resource_fields(&mut status, agents.get(name).map(|a| agent_fields(a)));
+                        } else {
+                            resource_fields(&mut status, tools.get(name).map(|t| tool_fields(t)));
+                        }
+                        Ok(status)
+                    }
                 };
                 let Ok(status) = status else { continue };
                 let patch = status_patch(cr.kind, &status);
@@ -349,5 +375,28 @@ async fn claims_changed(claims: &mut Option<tokio::sync::watch::Receiver<u64>>) 
     match claims {
         Some(rx) => rx.changed().await.ok(),
         None => std::future::pending().await,
+    }
+}
+
+/// What an `Agent` resource's status says of its agent (`kubectl get agents` shows `phase`).
+fn agent_fields(agent: &crate::store::writeback::StatusAgent) -> serde_json::Value {
+    serde_json::json!({
+        "phase": agent.status,
+        "running": agent.running,
+        "lastSeen": agent.last_seen,
+    })
+}
+
+/// What a `Tool` resource's status says of its tool: synced tools may be called.
+fn tool_fields(tool: &crate::store::writeback::StatusTool) -> serde_json::Value {
+    serde_json::json!({"phase": "available", "usageCount": tool.usage_count})
+}
+
+/// `fields` merged into `status`, leaving out those that are null.
+fn resource_fields(status: &mut serde_json::Value, fields: Option<serde_json::Value>) {
+    if let (Some(status), Some(serde_json::Value::Object(fields))) =
+        (status.as_object_mut(), fields)
+    {
+        status.extend(fields.into_iter().filter(|(_, v)| !v.is_null()));
     }
 }

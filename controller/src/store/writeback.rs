@@ -43,6 +43,24 @@ pub struct StatusTask {
     pub result: Option<String>,
 }
 
+/// An agent of a source as its resource's status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StatusAgent {
+    pub name: String,
+    /// `idle`, `busy`, `offline` or `error`.
+    pub status: String,
+    pub last_seen: Option<String>,
+    /// Tasks it holds a lease on now.
+    pub running: i64,
+}
+
+/// A tool of a source as its resource's status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StatusTool {
+    pub name: String,
+    pub usage_count: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, sqlx::FromRow)]
 pub struct StatusArtifact {
     pub task_id: String,
@@ -117,6 +135,12 @@ pub trait Writeback: Send + Sync + 'static {
         source: &str,
     ) -> impl Future<Output = Result<StatusSnapshot, StoreError>> + Send;
 
+    /// The live agents and tools of `source`, for their resources' status.
+    fn agents_and_tools(
+        &self,
+        source: &str,
+    ) -> impl Future<Output = Result<(Vec<StatusAgent>, Vec<StatusTool>), StoreError>> + Send;
+
     /// Record a controller event (`events` row), e.g. a push that was refused.
     fn record_event(
         &self,
@@ -173,6 +197,12 @@ statements! {
             FROM tasks t JOIN projects p ON p.id = t.project_id \
             WHERE p.source = $1 AND p.pruned_at IS NULL AND t.pruned_at IS NULL AND t.name IS NOT NULL \
             ORDER BY p.name, t.name",
+        status_agents = "SELECT a.name, a.status, {ts:a.last_active_at} AS last_seen, \
+            CAST((SELECT count(*) FROM tasks t WHERE t.lease_owner = a.name \
+            AND t.status = 'in_progress') AS bigint) AS running \
+            FROM agents a WHERE a.source = $1 AND a.pruned_at IS NULL ORDER BY a.name",
+        status_tools = "SELECT name, CAST(COALESCE(usage_count, 0) AS bigint) AS usage_count \
+            FROM tools WHERE source = $1 AND pruned_at IS NULL ORDER BY name",
         status_artifacts = "SELECT {text:a.task_id} AS task_id, a.name, a.artifact_type, \
             a.s3_key AS key FROM artifacts a JOIN tasks t ON t.id = a.task_id \
             JOIN projects p ON p.id = t.project_id \
@@ -313,6 +343,20 @@ impl<B: Backend> Writeback for Db<B> {
                 .rows(&sql.status_artifacts, args, "reading artifacts for status")
                 .await?,
         })
+    }
+
+    async fn agents_and_tools(
+        &self,
+        source: &str,
+    ) -> Result<(Vec<StatusAgent>, Vec<StatusTool>), StoreError> {
+        let sql = &self.sql.writeback;
+        let args = args![source];
+        Ok((
+            self.rows(&sql.status_agents, args, "reading agents for status")
+                .await?,
+            self.rows(&sql.status_tools, args, "reading tools for status")
+                .await?,
+        ))
     }
 
     async fn record_event(&self, event_type: &str, payload: &Value) -> Result<(), StoreError> {

@@ -501,3 +501,86 @@ async fn a_service_account_token_enrolls_only_the_listed_accounts() {
     agent.kill();
     kube.check_requests();
 }
+
+/// An Agent resource's status says what its agent is doing (`phase` idle, then busy while it
+/// holds a task, with the count), and a Tool's that it is available and how often it was
+/// used; both with the kstatus conditions.
+#[tokio::test]
+async fn agent_and_tool_resources_show_their_phase() {
+    let (kube, repo, db) = setup().await;
+    kube.fake.apply(
+        Kind::Agent,
+        "team",
+        "writer",
+        json!({"type": "specialist", "capabilities": ["writing"], "concurrency": 1}),
+    );
+    kube.fake.apply(
+        Kind::Tool,
+        "team",
+        "shout",
+        json!({"type": "script", "description": "Shout.", "command": ["echo", "{text}"]}),
+    );
+    let _controller = kube.start(repo.path(), &db.url, &["--no-agents"]);
+
+    let tool = eventually("the tool is available", WAIT, || async {
+        let status = kube.status("tools", "shout")?;
+        (status["phase"] == "available").then_some(status)
+    })
+    .await;
+    assert_eq!(tool["usageCount"], 0, "{tool}");
+    assert_eq!(
+        condition(&tool, "Ready").unwrap()["status"],
+        "True",
+        "{tool}"
+    );
+    let agent = eventually("the agent is idle", WAIT, || async {
+        let status = kube.status("agents", "writer")?;
+        (status["phase"] == "idle").then_some(status)
+    })
+    .await;
+    assert_eq!(agent["running"], 0, "{agent}");
+
+    // The agent registers (from this machine: no enrollment is configured) and takes a task
+    // assigned to it.
+    kube.fake.apply(
+        Kind::Task,
+        "team",
+        "draft",
+        json!({"project": "web", "title": "Draft", "assignee": "writer",
+               "action": {"prompt": "go"}}),
+    );
+    let api = format!("http://{}", kube.addr);
+    let http = reqwest::Client::new();
+    let registered: Value = http
+        .post(format!("{api}/api/v1/agents/register"))
+        .json(&json!({"name": "writer", "type": "specialist", "capabilities": ["writing"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = registered["token"].as_str().unwrap().to_owned();
+    eventually("the agent claims the task", WAIT, || async {
+        let answer: Value = http
+            .post(format!("{api}/api/v1/claim"))
+            .bearer_auth(&token)
+            .json(&json!({"max": 1, "wait_ms": 1000}))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (answer["tasks"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    let busy = eventually("the agent is busy", WAIT, || async {
+        let status = kube.status("agents", "writer")?;
+        (status["phase"] == "busy").then_some(status)
+    })
+    .await;
+    assert_eq!(busy["running"], 1, "{busy}");
+    assert!(busy["lastSeen"].is_string(), "{busy}");
+    kube.check_requests();
+}
