@@ -8,25 +8,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_agentops");
+use crate::common::{git, published_repo};
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "person")
-        .env("GIT_AUTHOR_EMAIL", "person@example.com")
-        .env("GIT_COMMITTER_NAME", "person")
-        .env("GIT_COMMITTER_EMAIL", "person@example.com")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+const BIN: &str = env!("CARGO_BIN_EXE_agentops");
 
 /// The Git examples: `examples/` but for `kubernetes/`, which declares the same objects as
 /// custom resources.
@@ -56,22 +40,7 @@ impl Setup {
     /// `fill` writes the repository's first commit into the folder it is given.
     fn new(fill: impl FnOnce(&Path)) -> Setup {
         let dir = tempfile::tempdir().unwrap();
-        let work = dir.path().join("work");
-        std::fs::create_dir_all(&work).unwrap();
-        fill(&work);
-        git(&work, &["init", "-q", "-b", "main"]);
-        git(&work, &["add", "-A"]);
-        git(&work, &["commit", "-qm", "specs"]);
-        let remote = dir.path().join("remote.git");
-        git(
-            dir.path(),
-            &["clone", "-q", "--bare", "work", remote.to_str().unwrap()],
-        );
-        let clone = dir.path().join("clone");
-        git(
-            dir.path(),
-            &["clone", "-q", remote.to_str().unwrap(), "clone"],
-        );
+        let (remote, clone) = published_repo(dir.path(), fill);
         Setup {
             db: format!("sqlite://{}", dir.path().join("db.sqlite").display()),
             data: dir.path().join("data"),

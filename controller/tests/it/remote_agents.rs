@@ -611,65 +611,39 @@ async fn remote_agents_finish_every_task_once_across_controller_kills() {
     controller.kill();
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "person")
-        .env("GIT_AUTHOR_EMAIL", "person@example.com")
-        .env("GIT_COMMITTER_NAME", "person")
-        .env("GIT_COMMITTER_EMAIL", "person@example.com")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The example repository, plus a task that needs a tool nobody wrote yet.
 fn example_repo(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let work = dir.join("work");
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    for entry in walkdir::WalkDir::new(&examples).min_depth(1) {
-        let entry = entry.unwrap();
-        let target = work.join(entry.path().strip_prefix(&examples).unwrap());
-        if entry.file_type().is_dir() {
-            std::fs::create_dir_all(&target).unwrap();
-        } else {
-            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-            std::fs::copy(entry.path(), &target).unwrap();
+    published_repo(dir, |work| {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for entry in walkdir::WalkDir::new(&examples).min_depth(1) {
+            let entry = entry.unwrap();
+            let target = work.join(entry.path().strip_prefix(&examples).unwrap());
+            if entry.file_type().is_dir() {
+                std::fs::create_dir_all(&target).unwrap();
+            } else {
+                std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
         }
-    }
-    let tasks = work.join("projects/shouting/tasks");
-    std::fs::create_dir_all(&tasks).unwrap();
-    std::fs::write(
-        work.join("projects/shouting/project.yaml"),
-        format!("{API}\nkind: Project\nmetadata:\n  name: shouting\nspec:\n  title: Shouting\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        tasks.join("shout.yaml"),
-        format!(
-            "{API}\nkind: Task\nmetadata:\n  name: shout\nspec:\n  title: Shout the greeting\n  \
-             action:\n    tool:\n      name: shout\n      with: {{text: hello, out: out/shout.txt}}\n  \
-             output: {{mode: commit, paths: [out/]}}\n"
-        ),
-    )
-    .unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
-    git(&work, &["add", "-A"]);
-    git(&work, &["commit", "-qm", "specs"]);
-    let remote = dir.join("remote.git");
-    git(
-        dir,
-        &["clone", "-q", "--bare", "work", remote.to_str().unwrap()],
-    );
-    let clone = dir.join("clone");
-    git(dir, &["clone", "-q", remote.to_str().unwrap(), "clone"]);
-    (remote, clone)
+        let tasks = work.join("projects/shouting/tasks");
+        std::fs::create_dir_all(&tasks).unwrap();
+        std::fs::write(
+            work.join("projects/shouting/project.yaml"),
+            format!(
+                "{API}\nkind: Project\nmetadata:\n  name: shouting\nspec:\n  title: Shouting\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            tasks.join("shout.yaml"),
+            format!(
+                "{API}\nkind: Task\nmetadata:\n  name: shout\nspec:\n  title: Shout the greeting\n  \
+                 action:\n    tool:\n      name: shout\n      with: {{text: hello, out: out/shout.txt}}\n  \
+                 output: {{mode: commit, paths: [out/]}}\n"
+            ),
+        )
+        .unwrap();
+    })
 }
 
 fn branches(clone: &Path) -> Vec<String> {
@@ -836,36 +810,24 @@ async fn agent_processes_complete_the_example_offline() {
 async fn a_remote_seed_proposes_a_missing_specialist_that_then_runs() {
     let db = TestDb::new(Backend::Postgres).await;
     let dir = tempfile::tempdir().unwrap();
-    let work = dir.path().join("work");
-    std::fs::create_dir_all(work.join("projects/words/tasks")).unwrap();
-    std::fs::write(
-        work.join("projects/words/project.yaml"),
-        format!("{API}\nkind: Project\nmetadata:\n  name: words\nspec:\n  title: Words\n"),
-    )
-    .unwrap();
-    std::fs::write(
-        work.join("projects/words/tasks/translate.yaml"),
-        format!(
-            "{API}\nkind: Task\nmetadata:\n  name: translate\nspec:\n  title: Translate the \
-             greeting\n  assignee: specialist\n  capabilities: [translation]\n  action:\n    \
-             prompt: Translate hello into French and write out/hello-fr.md\n  output: {{mode: \
-             commit, paths: [out/]}}\n"
-        ),
-    )
-    .unwrap();
-    git(&work, &["init", "-q", "-b", "main"]);
-    git(&work, &["add", "-A"]);
-    git(&work, &["commit", "-qm", "specs"]);
-    let remote = dir.path().join("remote.git");
-    git(
-        dir.path(),
-        &["clone", "-q", "--bare", "work", remote.to_str().unwrap()],
-    );
-    let clone = dir.path().join("clone");
-    git(
-        dir.path(),
-        &["clone", "-q", remote.to_str().unwrap(), "clone"],
-    );
+    let (remote, clone) = published_repo(dir.path(), |work| {
+        std::fs::create_dir_all(work.join("projects/words/tasks")).unwrap();
+        std::fs::write(
+            work.join("projects/words/project.yaml"),
+            format!("{API}\nkind: Project\nmetadata:\n  name: words\nspec:\n  title: Words\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            work.join("projects/words/tasks/translate.yaml"),
+            format!(
+                "{API}\nkind: Task\nmetadata:\n  name: translate\nspec:\n  title: Translate the \
+                 greeting\n  assignee: specialist\n  capabilities: [translation]\n  action:\n    \
+                 prompt: Translate hello into French and write out/hello-fr.md\n  output: {{mode: \
+                 commit, paths: [out/]}}\n"
+            ),
+        )
+        .unwrap();
+    });
     let url = format!("file://{}", remote.display());
     let mut controller = Controller::start_with(
         &db.url,

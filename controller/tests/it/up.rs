@@ -4,32 +4,14 @@
 
 use crate::common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Backend, Proc, TestDb, eventually, free_port};
+use common::{Backend, Proc, TestDb, eventually, free_port, git};
 
 const BIN: &str = env!("CARGO_BIN_EXE_agentops");
 const API: &str = "apiVersion: agentops.dev/v1alpha1";
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "person")
-        .env("GIT_AUTHOR_EMAIL", "person@example.com")
-        .env("GIT_COMMITTER_NAME", "person")
-        .env("GIT_COMMITTER_EMAIL", "person@example.com")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// A task the embedded Seed runs for two minutes: longer than any grace period here.
 fn sleeping_task(name: &str) -> String {

@@ -149,3 +149,42 @@ impl GitRepo {
             .expect("git checkout");
     }
 }
+
+/// `git ARGS` in `dir` as a person would run it (author and committer `person`); its stdout.
+/// Fails the test, with git's stderr, when git fails.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "person")
+        .env("GIT_AUTHOR_EMAIL", "person@example.com")
+        .env("GIT_COMMITTER_NAME", "person")
+        .env("GIT_COMMITTER_EMAIL", "person@example.com")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What `fill` writes into `dir/work`, committed on `main` as the bare remote
+/// `dir/remote.git`, and a person's clone of it in `dir/clone`: (remote, clone).
+pub fn published_repo(dir: &Path, fill: impl FnOnce(&Path)) -> (PathBuf, PathBuf) {
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    fill(&work);
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-qm", "specs"]);
+    let remote = dir.join("remote.git");
+    git(
+        dir,
+        &["clone", "-q", "--bare", "work", remote.to_str().unwrap()],
+    );
+    let clone = dir.join("clone");
+    git(dir, &["clone", "-q", remote.to_str().unwrap(), "clone"]);
+    (remote, clone)
+}
