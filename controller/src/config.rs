@@ -80,8 +80,9 @@ pub struct DispatchArgs {
     #[arg(long, env = "AGENTOPS_NATS")]
     pub nats: Option<String>,
     /// The prefix of every NATS name: subjects `<prefix>.events.…` and `<prefix>.dispatch.…`,
-    /// streams `<PREFIX>_EVENTS` and `<PREFIX>_DISPATCH`, consumers `<prefix>-<pool>`. Give
-    /// each installation sharing a NATS server its own; agents take the same one.
+    /// streams `<PREFIX>_EVENTS` and `<PREFIX>_DISPATCH`, consumers `<prefix>-<pool>`; and of
+    /// the agents' Redis keys (`<prefix>:agent:<name>`). Give each installation sharing a NATS
+    /// or Redis server its own; agents take the same one.
     #[arg(long, env = "AGENTOPS_BUS_PREFIX", default_value = crate::bus::DEFAULT_BUS_PREFIX)]
     pub bus_prefix: crate::bus::BusNames,
     /// Redis for agent presence, live progress and rate limits, e.g. `redis://127.0.0.1/`;

@@ -720,8 +720,12 @@ mod tests {
     /// Nothing listens on port 1: each call fails, and is counted under its error's label.
     #[tokio::test]
     async fn a_failed_presence_call_is_counted_by_its_reason() {
-        let presence =
-            RedisPresence::connect("redis://127.0.0.1:1", Duration::from_millis(500)).unwrap();
+        let presence = RedisPresence::connect(
+            "redis://127.0.0.1:1",
+            "agentops",
+            Duration::from_millis(500),
+        )
+        .unwrap();
         let counted = |reason: &str| {
             series(&format!(
                 "agentops_presence_errors_total{{reason=\"{reason}\"}}"

@@ -1,10 +1,15 @@
 //! Presence: short-lived facts that need no database and may be lost without harm.
 //!
-//! - Agent presence: `agentops:agent:<name>`, set whenever the agent registers, claims or
+//! - Agent presence: `<prefix>:agent:<name>`, set whenever the agent registers, claims or
 //!   heartbeats, expiring after three heartbeats. The controller's liveness pass marks agents
 //!   whose presence expired `offline` in the store.
-//! - Live progress: `agentops:progress:<task>` = the task's last progress message.
-//! - A shared rate limiter: a fixed-window counter per key, for the LLM client.
+//! - Live progress: `<prefix>:progress:<task>` = the task's last progress message.
+//! - A shared rate limiter: a fixed-window counter per key, for the LLM client
+//!   (`agentops:rate:<key>`, whatever the prefix: every agent on the Redis shares a provider's
+//!   budget).
+//!
+//! `<prefix>` is the installation's `--bus-prefix` (`agentops` by default), so installations
+//! (and benchmarks) that share a Redis keep their agents' names apart.
 //!
 //! [`RedisPresence`] keeps them in Redis (shared by every controller); [`MemoryPresence`] in
 //! the process. Nothing here is the record of anything: the store is. Callers bound every call
@@ -21,14 +26,14 @@ use uuid::Uuid;
 pub use self::redis::RedisPresence;
 pub use crate::bus::BoxFuture;
 
-/// Key of an agent's presence.
-pub fn agent_key(name: &str) -> String {
-    format!("agentops:agent:{name}")
+/// Key of an agent's presence in the installation of `prefix`.
+pub fn agent_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}:agent:{name}")
 }
 
-/// Key of a task's live progress.
-pub fn progress_key(task: Uuid) -> String {
-    format!("agentops:progress:{task}")
+/// Key of a task's live progress in the installation of `prefix`.
+pub fn progress_key(prefix: &str, task: Uuid) -> String {
+    format!("{prefix}:progress:{task}")
 }
 
 /// Key of a rate limiter.

@@ -15,6 +15,8 @@ use crate::telemetry::{InternalEvent, PresenceFailed};
 
 pub struct RedisPresence {
     url: String,
+    /// Of the keys: the installation's bus prefix.
+    prefix: String,
     manager: ConnectionManager,
     timeout: Duration,
     acquire: redis::Script,
@@ -22,7 +24,12 @@ pub struct RedisPresence {
 
 impl RedisPresence {
     /// Checks the URL; connects on first use. `timeout` bounds every call.
-    pub fn connect(url: &str, timeout: Duration) -> Result<RedisPresence, PresenceError> {
+    /// `prefix` starts the installation's keys (its `--bus-prefix`).
+    pub fn connect(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<RedisPresence, PresenceError> {
         let agentops_agents::redis_client::Redis { shown, manager } =
             agentops_agents::redis_client::connect(url, timeout).map_err(|e| {
                 PresenceError::Url {
@@ -32,6 +39,7 @@ impl RedisPresence {
             })?;
         Ok(RedisPresence {
             url: shown,
+            prefix: prefix.to_owned(),
             manager,
             timeout,
             acquire: redis::Script::new(agentops_agents::redis_client::WINDOW_ACQUIRE),
@@ -85,7 +93,7 @@ impl Presence for RedisPresence {
             let mut pipe = redis::pipe();
             for agent in agents {
                 pipe.cmd("SET")
-                    .arg(agent_key(agent))
+                    .arg(agent_key(&self.prefix, agent))
                     .arg(&now)
                     .arg("PX")
                     .arg(millis(ttl))
@@ -108,7 +116,7 @@ impl Presence for RedisPresence {
             }
             let mut pipe = redis::pipe();
             for agent in agents {
-                pipe.cmd("EXISTS").arg(agent_key(agent));
+                pipe.cmd("EXISTS").arg(agent_key(&self.prefix, agent));
             }
             let found: Vec<i64> = self
                 .run("reading agent presence", |mut c| async move {
@@ -124,7 +132,7 @@ impl Presence for RedisPresence {
         agent: &'a str,
     ) -> BoxFuture<'a, Result<Option<chrono::DateTime<chrono::Utc>>, PresenceError>> {
         Box::pin(async move {
-            let key = agent_key(agent);
+            let key = agent_key(&self.prefix, agent);
             let value: Option<String> = self
                 .run("reading agent presence", |mut c| async move {
                     redis::cmd("GET").arg(key).query_async(&mut c).await
@@ -152,7 +160,7 @@ impl Presence for RedisPresence {
             let mut pipe = redis::pipe();
             for (task, message) in progress {
                 pipe.cmd("SET")
-                    .arg(progress_key(*task))
+                    .arg(progress_key(&self.prefix, *task))
                     .arg(message)
                     .arg("PX")
                     .arg(millis(ttl))
@@ -169,7 +177,7 @@ impl Presence for RedisPresence {
         Box::pin(async move {
             self.run("reading progress", |mut c| async move {
                 redis::cmd("GET")
-                    .arg(progress_key(task))
+                    .arg(progress_key(&self.prefix, task))
                     .query_async(&mut c)
                     .await
             })

@@ -203,7 +203,11 @@ pub async fn backends(args: &DispatchArgs) -> Result<Backends, RuntimeError> {
     };
     let presence: Arc<dyn Presence> = match &args.redis {
         Some(url) => {
-            Arc::new(RedisPresence::connect(url, PRESENCE_TIMEOUT).map_err(RuntimeError::Presence)?)
+            let prefix = args.bus_prefix.prefix();
+            Arc::new(
+                RedisPresence::connect(url, prefix, PRESENCE_TIMEOUT)
+                    .map_err(RuntimeError::Presence)?,
+            )
         }
         None => Arc::new(MemoryPresence::default()),
     };

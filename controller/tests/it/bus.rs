@@ -1148,13 +1148,16 @@ async fn a_run_survives_redis_going_away() {
 async fn presence_progress_and_rate_limits_on_redis() {
     let mut redis = Server::redis();
     let timeout = Duration::from_millis(250);
-    let presence = RedisPresence::connect(&redis.url(), timeout).unwrap();
+    let presence = RedisPresence::connect(&redis.url(), "agentops", timeout).unwrap();
     let names = ["here".to_owned(), "gone".to_owned()];
     presence
         .seen(&names[..1], Duration::from_millis(300))
         .await
         .unwrap();
     assert_eq!(presence.alive(&names).await.unwrap(), [true, false]);
+    // Another installation on the same Redis (another bus prefix) has agents of its own.
+    let other = RedisPresence::connect(&redis.url(), "other", timeout).unwrap();
+    assert_eq!(other.alive(&names).await.unwrap(), [false, false]);
     let task = Uuid::new_v4();
     presence
         .set_progress(&[(task, "halfway".to_owned())], Duration::from_secs(60))
@@ -1208,8 +1211,9 @@ async fn presence_progress_and_rate_limits_on_redis() {
 async fn agents_without_presence_go_offline_and_come_back() {
     let redis = Server::redis();
     let env = load_env(0).await;
-    let presence =
-        Arc::new(RedisPresence::connect(&redis.url(), Duration::from_millis(250)).unwrap());
+    let presence = Arc::new(
+        RedisPresence::connect(&redis.url(), "agentops", Duration::from_millis(250)).unwrap(),
+    );
     let backends = Backends {
         bus: Arc::new(agentops::bus::InProcessBus::default()),
         presence: presence.clone(),
