@@ -27,9 +27,6 @@ use crate::runtime::leases::Leases;
 /// The longest a claim waits for work (the protocol's cap).
 pub(crate) const MAX_CLAIM_WAIT: Duration = Duration::from_secs(60);
 
-/// A proposal is committed on the controller's side before it answers.
-const PROPOSE_TIMEOUT: Duration = Duration::from_secs(120);
-
 pub(crate) struct Session {
     pub name: String,
     client: Client,
@@ -232,7 +229,11 @@ impl Session {
     /// commits them on the proposal's branch and opens the pull request.
     pub async fn propose(&self, request: &ProposalRequest) -> Result<ProposalResponse, Error> {
         self.client
-            .post("/api/v1/proposals", request, PROPOSE_TIMEOUT)
+            .post(
+                "/api/v1/proposals",
+                request,
+                crate::runtime::PROPOSE_TIMEOUT,
+            )
             .await
     }
 

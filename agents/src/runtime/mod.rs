@@ -334,7 +334,7 @@ impl TaskContext {
 }
 
 /// Proposals and checkouts write or read a Git tree on the controller's side.
-const PROPOSE_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const PROPOSE_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl std::fmt::Debug for TaskContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -107,14 +107,9 @@ impl<S: ToolRegistry + UsageLog + Clone> Services for Embedded<S> {
         &'a self,
         _line: &'a AgentLine,
     ) -> BoxFuture<'a, Result<SpecialistGaps, String>> {
-        Box::pin(async move {
-            let (tasks, agents) = self
-                .store
-                .capability_needs()
-                .await
-                .map_err(|e| error_chain(&e))?;
-            Ok(specialist_gaps(&tasks, &agents))
-        })
+        // What the API answers a remote Seed, asked of the store directly.
+        let gaps = crate::api::reads::Tools::specialist_gaps(&self.store);
+        Box::pin(async move { gaps.await.map_err(|e| error_chain(&e)) })
     }
 
     fn check_out<'a>(

@@ -263,12 +263,18 @@ impl<S: Store + Writeback + Clone> KubeLoop<S> {
                     continue;
                 }
             };
-            let (agents, tools) = match self
-                .syncer
-                .store()
-                .agents_and_tools(&source_name(namespace))
-                .await
-            {
+            let declares_agents_or_tools = resources
+                .iter()
+                .any(|r| matches!(r.cr.kind, Kind::Agent | Kind::Tool));
+            let found = if declares_agents_or_tools {
+                self.syncer
+                    .store()
+                    .agents_and_tools(&source_name(namespace))
+                    .await
+            } else {
+                Ok(Default::default())
+            };
+            let (agents, tools) = match found {
                 Ok(found) => found,
                 Err(e) => {
                     tracing::warn!(
